@@ -47,3 +47,7 @@ from spmdnnx.variables import RngState as RngState
 from spmdnnx.variables import Variable as Variable
 from spmdnnx.variables import with_metadata as with_metadata
 from spmdnnx.variables import with_partitioning as with_partitioning
+from spmdnnx.transforms import DiffState as DiffState
+from spmdnnx.transforms import grad as grad
+from spmdnnx.transforms import jit as jit
+from spmdnnx.transforms import value_and_grad as value_and_grad

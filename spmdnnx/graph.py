@@ -266,7 +266,7 @@ def detach(var: Variable) -> Variable:
   init(new, "raw_value", var.raw_value)
   init(new, "_meta", var._meta)
   init(new, "_frozen", var._frozen)
-  init(new, "_trace", var._trace)
+  init(new, "_trace", tracectx.current_frame())
   init(new, "_watched", False)
   return new
 

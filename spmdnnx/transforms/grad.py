@@ -1,0 +1,179 @@
+"""`grad` and `value_and_grad` over graph objects.
+
+For an argument that is a graph node (a Module, say), the gradient is a
+State of the node's Variables selected by a filter (`Param` by default; pick
+another per argument with ``DiffState(argnum, filter)`` or for all with
+``wrt=``). Plain array arguments get plain gradients. Mutations made inside
+(BatchNorm statistics, Rngs counters) propagate to the originals.
+
+>>> import jax.numpy as jnp
+>>> from spmdnnx.module import Module
+>>> from spmdnnx.variables import Param
+>>> class Lin(Module):
+...   def __init__(self):
+...     self.w = Param(jnp.array([2.0]))
+>>> g = grad(lambda m, x: (m.w.value * x).sum())(Lin(), jnp.array([3.0]))
+>>> g["w"].value
+Array([3.], dtype=float32)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+
+from spmdnnx import errors
+from spmdnnx import filters as filterlib
+from spmdnnx import graph
+from spmdnnx import tracectx
+from spmdnnx.state import State
+from spmdnnx.transforms import lift
+from spmdnnx.variables import Param
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffState:
+  """Differentiate argument `argnum` with respect to Variables matching `filter`."""
+  argnum: int
+  filter: Any = Param
+
+
+def _normalize_argnums(argnums, wrt) -> tuple[tuple[DiffState, ...], bool]:
+  single = isinstance(argnums, (int, DiffState))
+  items = (argnums,) if single else tuple(argnums)
+  out = []
+  for a in items:
+    if isinstance(a, DiffState):
+      out.append(a)
+    elif isinstance(a, int):
+      out.append(DiffState(a, wrt))
+    else:
+      raise errors.TransformError(
+          f"grad: argnums entries must be ints or DiffState, got {a!r}.")
+  return tuple(out), single
+
+
+def _grad_transform(f: Callable, argnums, has_aux: bool, wrt, return_value: bool,
+                    holomorphic: bool = False, allow_int: bool = False) -> Callable:
+  diffs, single = _normalize_argnums(argnums, wrt)
+
+  @functools.wraps(f)
+  def wrapper(*args):
+    for d in diffs:
+      if d.argnum >= len(args):
+        raise errors.TransformError(
+            f"grad({_name(f)}): argnum {d.argnum} is out of range for "
+            f"{len(args)} positional argument(s).")
+    ex = lift.extract(tuple(args))
+    node_arg = _node_arg_index(args, len(ex.nodes))
+    selections = []  # per diff entry: ("node", leaf indices) or ("plain", None)
+    for d in diffs:
+      arg = args[d.argnum]
+      if graph.is_graph_node(arg):
+        pred = filterlib.to_predicate(d.filter)
+        idx = [i for i, p in enumerate(ex.paths)
+               if node_arg[p[0]] == d.argnum and pred(p[1:], ex.leaves[i])]
+        selections.append(("node", idx))
+      else:
+        if any(graph.is_graph_node(x) for x in
+               jax.tree_util.tree_leaves(arg, is_leaf=graph.is_graph_node)):
+          raise errors.TransformError(
+              f"grad({_name(f)}): argument {d.argnum} is a {type(arg).__name__} "
+              "holding graph objects; differentiate with respect to each Module "
+              "by passing it as its own positional argument.")
+        selections.append(("plain", None))
+
+    slot_pos = {}
+    for k, d in enumerate(diffs):
+      if selections[k][0] == "plain":
+        slot_pos[d.argnum] = k
+
+    def inner(*diff_inputs):
+      leaves = list(ex.leaves)
+      for (kind, idx), inp in zip(selections, diff_inputs):
+        if kind == "node":
+          for i, leaf in zip(idx, inp):
+            leaves[i] = leaf
+      arg_leaves = list(ex.arg_leaves)
+      with tracectx.frame(f"grad({_name(f)})"):
+        call_args, nodes = lift.rebuild(ex.graphdef, leaves, ex.treedef, arg_leaves)
+        call_args = list(call_args)
+        for argnum, k in slot_pos.items():
+          call_args[argnum] = diff_inputs[k]
+        out = f(*call_args)
+        if has_aux:
+          if not (isinstance(out, tuple) and len(out) == 2):
+            raise errors.TransformError(
+                f"grad({_name(f)}, has_aux=True): the function must return a "
+                f"(loss, aux) pair, got {type(out).__name__}.")
+          loss, aux = out
+        else:
+          loss, aux = out, None
+        new_leaves, new_state, aux, has_nodes = lift.collect(ex.graphdef, nodes, aux)
+      return loss, (aux, new_leaves, new_state, has_nodes)
+
+    diff_inputs = []
+    for (kind, idx), d in zip(selections, diffs):
+      diff_inputs.append([ex.leaves[i] for i in idx] if kind == "node" else args[d.argnum])
+    vg = jax.value_and_grad(inner, argnums=tuple(range(len(diffs))), has_aux=True,
+                            holomorphic=holomorphic, allow_int=allow_int)
+    (loss, (aux, new_leaves, new_state, has_nodes)), grads = vg(*diff_inputs)
+    lift.apply_updates(ex.nodes, ex.live, new_leaves, new_state, ex.has_raw)
+    if has_nodes:
+      aux = lift.resolve_outputs(ex.nodes, aux)
+    out_grads = []
+    for (kind, idx), g in zip(selections, grads):
+      if kind == "node":
+        out_grads.append(State.from_flat_path(
+            [(ex.paths[i][1:], gi) for i, gi in zip(idx, g)]))
+      else:
+        out_grads.append(g)
+    grads_out = out_grads[0] if single else tuple(out_grads)
+    if return_value:
+      return ((loss, aux) if has_aux else loss), grads_out
+    return (grads_out, aux) if has_aux else grads_out
+
+  return wrapper
+
+
+def _node_arg_index(args: Sequence, n_nodes: int) -> list[int]:
+  """For each extracted node (in order of appearance), the arg it first appears in."""
+  out: list[int] = []
+  seen: set = set()
+  for i, arg in enumerate(args):
+    for leaf in jax.tree_util.tree_leaves(arg, is_leaf=graph.is_graph_node):
+      if graph.is_graph_node(leaf) and id(leaf) not in seen:
+        seen.add(id(leaf))
+        out.append(i)
+  return out
+
+
+def _name(f) -> str:
+  return getattr(f, "__qualname__", getattr(f, "__name__", "fun"))
+
+
+def grad(f: Callable | None = None, argnums: int | DiffState | Sequence = 0,
+         has_aux: bool = False, *, wrt: Any = Param, holomorphic: bool = False,
+         allow_int: bool = False) -> Callable:
+  """Gradient of `f` with respect to argument(s) `argnums`.
+
+  Graph-node arguments get a State of the Variables matching `wrt` (or the
+  DiffState's filter); other arguments get plain gradients.
+  """
+  if f is None:
+    return lambda fn: grad(fn, argnums, has_aux, wrt=wrt, holomorphic=holomorphic,
+                           allow_int=allow_int)
+  return _grad_transform(f, argnums, has_aux, wrt, False, holomorphic, allow_int)
+
+
+def value_and_grad(f: Callable | None = None, argnums: int | DiffState | Sequence = 0,
+                   has_aux: bool = False, *, wrt: Any = Param, holomorphic: bool = False,
+                   allow_int: bool = False) -> Callable:
+  """Like `grad`, returning ``(value, grads)`` (value is ``(loss, aux)`` with has_aux)."""
+  if f is None:
+    return lambda fn: value_and_grad(fn, argnums, has_aux, wrt=wrt,
+                                     holomorphic=holomorphic, allow_int=allow_int)
+  return _grad_transform(f, argnums, has_aux, wrt, True, holomorphic, allow_int)

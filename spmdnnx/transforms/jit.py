@@ -1,0 +1,418 @@
+"""`jit` over graph objects, at the cost of a plain `jax.jit` call.
+
+Modules, Optimizers, Rngs (any graph node) may be passed in any argument;
+their state goes in, every mutation made inside comes back out.
+
+How it stays cheap: the first call walks the arguments' graphs once and keeps
+a *plan*: the GraphDef, the live Variables in walk order, and a `jax.jit` of
+an inner function specialised to that GraphDef. The graph's objects are then
+*watched*: any structural change to them (attribute set/deleted, list or dict
+mutated, Variable metadata changed) bumps a global epoch. A later call with
+the same objects and an unchanged epoch skips the walk: it reads the
+Variables' values into a list, calls the compiled function, and writes the
+new values back. Anything else (other objects, changed structure, nodes
+nested inside containers) takes the general path, which re-walks the graph.
+
+>>> import jax.numpy as jnp
+>>> from spmdnnx.module import Module
+>>> from spmdnnx.variables import Variable
+>>> class Counter(Module):
+...   def __init__(self):
+...     self.n = Variable(jnp.array(0))
+>>> @jit
+... def step(c):
+...   c.n += 1
+>>> c = Counter(); step(c); step(c)
+>>> int(c.n.value)
+2
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import weakref
+from typing import Any, Callable, Sequence
+
+import jax
+
+from spmdnnx import errors
+from spmdnnx import graph
+from spmdnnx import tracectx
+from spmdnnx.object import Dict, List, Object
+from spmdnnx.transforms import lift
+from spmdnnx.variables import EPOCH, Variable
+
+_RAW_SET = Variable.raw_value.__set__
+_NODE_TYPES = (Object, Variable)
+_UNSPECIFIED = object()
+
+
+def _as_tuple(x: int | Sequence[int] | None) -> tuple:
+  if x is None:
+    return ()
+  if isinstance(x, int):
+    return (x,)
+  return tuple(x)
+
+
+def watch(nodes: list) -> None:
+  """Marks nodes so that structural changes to them bump the epoch."""
+  for node in nodes:
+    if isinstance(node, Variable):
+      object.__setattr__(node, "_watched", True)
+    elif isinstance(node, Object):
+      object.__setattr__(node, "_object__watched", True)
+    elif isinstance(node, (List, Dict)):
+      node._object__watched = True
+
+
+class _Plan:
+  """A cached traversal for one set of argument objects (see module doc)."""
+
+  __slots__ = ("epoch", "nargs", "node_pos", "node_refs", "other_pos", "kw_nodes",
+               "live", "live_d", "live_k", "jitted", "nodes_ref", "cell", "fast",
+               "has_raw", "prefix", "nones")
+
+
+class _Cell:
+  """Trace-time facts about the inner function (set while tracing)."""
+  __slots__ = ("has_nodes",)
+
+  def __init__(self):
+    self.has_nodes = False
+
+
+class JitWrapped:
+  """The callable returned by `jit`."""
+
+  def __init__(self, fun: Callable, *, in_shardings: Any = _UNSPECIFIED,
+               out_shardings: Any = _UNSPECIFIED, static_argnums=None,
+               static_argnames=None, donate_argnums=None, donate_argnames=None,
+               **jit_kwargs: Any):
+    functools.update_wrapper(self, fun)
+    self.fun = fun
+    self.in_shardings = in_shardings
+    self.out_shardings = out_shardings
+    self.static_argnames = tuple(
+        (static_argnames,) if isinstance(static_argnames, str) else static_argnames or ())
+    self.donate_argnames = tuple(
+        (donate_argnames,) if isinstance(donate_argnames, str) else donate_argnames or ())
+    self.jit_kwargs = jit_kwargs
+    self._static_raw = _as_tuple(static_argnums)
+    self._donate_raw = _as_tuple(donate_argnums)
+    try:
+      self._nparams = len([p for p in inspect.signature(fun).parameters.values()
+                           if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)])
+    except (TypeError, ValueError):
+      self._nparams = None
+    self._plan: _Plan | None = None
+    self._inner: dict = {}
+
+  # --- method decorator ------------------------------------------------------
+  def __get__(self, obj, objtype=None):
+    if obj is None:
+      return self
+    return functools.partial(self, obj)
+
+  # --- call ------------------------------------------------------------------
+  def __call__(self, *args, **kwargs):
+    plan = self._plan
+    if plan is not None and plan.epoch == EPOCH[0] and len(args) == plan.nargs:
+      for i, ref in plan.node_refs:
+        if args[i] is not ref():
+          break
+      else:
+        for i in plan.other_pos:
+          if isinstance(args[i], _NODE_TYPES):
+            break
+        else:
+          if not kwargs or not any(isinstance(v, _NODE_TYPES) for v in kwargs.values()):
+            return self._fast_call(plan, args, kwargs)
+    return self._slow_call(args, kwargs)
+
+  def _fast_call(self, plan: _Plan, args: tuple, kwargs: dict):
+    vals_d = [v.raw_value for v in plan.live_d] if plan.live_d else ()
+    vals_k = [v.raw_value for v in plan.live_k]
+    if plan.prefix >= 0:  # graph nodes are the first `prefix` arguments
+      call_args = plan.nones + args[plan.prefix:]
+    else:
+      node_pos = plan.node_pos
+      call_args = [None if i in node_pos else a for i, a in enumerate(args)]
+    try:
+      new_vals, new_state, out = plan.jitted(vals_d, vals_k, *call_args, **kwargs)
+    except (ValueError, TypeError) as e:
+      _reraise_static(e, self.fun)
+      raise
+    for var, val in zip(plan.live, new_vals):
+      _RAW_SET(var, val)
+    if new_state is not None:
+      graph.update(plan.nodes_ref(), new_state)
+    if plan.cell.has_nodes:
+      out = lift.resolve_outputs(plan.nodes_ref(), out)
+    return out
+
+  def _resolve(self, nargs: int, seq: tuple) -> frozenset:
+    return frozenset(i + nargs if i < 0 else i for i in seq)
+
+  def _slow_call(self, args: tuple, kwargs: dict):
+    nargs = len(args)
+    static = self._resolve(nargs, self._static_raw)
+    donate = self._resolve(nargs, self._donate_raw)
+    for i in static:
+      if i < nargs:
+        _check_hashable(args[i], f"positional argument {i}", self.fun)
+    for k in self.static_argnames:
+      if k in kwargs:
+        _check_hashable(kwargs[k], f"argument {k!r}", self.fun)
+    node_pos = tuple(i for i, a in enumerate(args)
+                     if i not in static and isinstance(a, _NODE_TYPES))
+    kw_nodes = tuple(k for k, v in kwargs.items()
+                     if k not in self.static_argnames and isinstance(v, _NODE_TYPES))
+    other_pos = tuple(i for i in range(nargs) if i not in static and i not in node_pos)
+    nested = any(_has_nested_nodes(args[i]) for i in other_pos) or any(
+        _has_nested_nodes(v) for k, v in kwargs.items()
+        if k not in kw_nodes and k not in self.static_argnames)
+    if nested:
+      return self._general_call(args, kwargs, static)
+
+    nodes = tuple(args[i] for i in node_pos) + tuple(kwargs[k] for k in kw_nodes)
+    graphdef, f = graph.flatten(nodes, detach_variables=False)
+    watch(f.nodes)
+    owner = [p[0] for p, _ in f.pairs]
+    donated_nodes = {j for j, i in enumerate(node_pos) if i in donate}
+    donated_nodes |= {len(node_pos) + j for j, k in enumerate(kw_nodes)
+                      if k in self.donate_argnames}
+    mask = tuple(o in donated_nodes for o in owner)
+    live = f.variables
+    plan = _Plan()
+    plan.nargs = nargs
+    plan.node_pos = frozenset(node_pos)
+    plan.node_refs = tuple((i, weakref.ref(args[i])) for i in node_pos)
+    plan.other_pos = other_pos
+    plan.kw_nodes = kw_nodes
+    plan.live = live
+    plan.has_raw = f.has_raw
+    plan.live_d = [v for v, m in zip(live, mask) if m]
+    plan.live_k = [v for v, m in zip(live, mask) if not m]
+    plan.nodes_ref = _NodesRef(nodes)
+    plan.prefix = len(node_pos) if node_pos == tuple(range(len(node_pos))) else -1
+    plan.nones = (None,) * len(node_pos)
+    plan.jitted, plan.cell = self._inner_for(graphdef, nargs, node_pos, kw_nodes,
+                                             mask, static, donate)
+    plan.epoch = EPOCH[0]
+    plan.fast = not f.has_raw and not kw_nodes
+    if plan.fast:
+      self._plan = plan
+    if f.has_raw or kw_nodes:
+      return self._call_with_plan(plan, f, args, kwargs, nodes)
+    return self._fast_call(plan, args, kwargs)
+
+  def _call_with_plan(self, plan, f, args, kwargs, nodes):
+    """Slow-path call for plans that hold raw arrays or keyword nodes."""
+    leaves = [v for _, v in f.pairs]
+    vals = [lift._raw(x) for x in leaves]
+    mask_d = {id(v) for v in plan.live_d}
+    vals_d = [x for v, x in zip(plan.live, vals) if v is not None and id(v) in mask_d] or ()
+    vals_k = [x for v, x in zip(plan.live, vals) if v is None or id(v) not in mask_d]
+    call_args = [None if i in plan.node_pos else a for i, a in enumerate(args)]
+    call_kwargs = {k: (None if k in plan.kw_nodes else v) for k, v in kwargs.items()}
+    new_vals, new_state, out = plan.jitted(vals_d, vals_k, *call_args, **call_kwargs)
+    if new_state is None:
+      new_state = lift._state_from(nodes, new_vals)
+    graph.update(nodes, new_state)
+    if plan.cell.has_nodes:
+      out = lift.resolve_outputs(nodes, out)
+    return out
+
+  def _inner_for(self, graphdef, nargs, node_pos, kw_nodes, mask, static, donate):
+    key = (graphdef, nargs, node_pos, kw_nodes, mask, static, donate)
+    hit = self._inner.get(key)
+    if hit is not None:
+      return hit
+    cell = _Cell()
+    fun = self.fun
+    node_pos_l = list(node_pos)
+
+    def inner(vals_d, vals_k, *args, **kwargs):
+      it_d, it_k = iter(vals_d), iter(vals_k)
+      vals = [next(it_d) if m else next(it_k) for m in mask]
+      with tracectx.frame(f"jit({_name(fun)})"):
+        nodes = graph.unflatten_ordered(graphdef, vals)
+        args = list(args)
+        for j, i in enumerate(node_pos_l):
+          args[i] = nodes[j]
+        for j, k in enumerate(kw_nodes):
+          kwargs[k] = nodes[len(node_pos_l) + j]
+        out = fun(*args, **kwargs)
+        new_leaves, new_state, out, has_nodes = lift.collect(graphdef, nodes, out)
+      if has_nodes:
+        cell.has_nodes = True
+      return [lift._raw(x) for x in new_leaves], new_state, out
+
+    jit_kwargs = dict(self.jit_kwargs)
+    donate_inner = tuple(i + 2 for i in donate if i not in node_pos)
+    if any(mask):
+      donate_inner = (0,) + donate_inner
+    jitted = jax.jit(
+        inner,
+        static_argnums=tuple(i + 2 for i in static),
+        static_argnames=self.static_argnames or None,
+        donate_argnums=donate_inner or None,
+        donate_argnames=tuple(k for k in self.donate_argnames if k not in kw_nodes) or None,
+        **self._shardings(nargs, node_pos, static),
+        **jit_kwargs)
+    self._inner[key] = (jitted, cell)
+    return jitted, cell
+
+  def _shardings(self, nargs, node_pos, static) -> dict:
+    out: dict = {}
+    if self.in_shardings is not _UNSPECIFIED:
+      user = self.in_shardings
+      if isinstance(user, (tuple, list)):
+        dyn = [s for i, s in enumerate(user) if i not in static]
+        dyn = [None if i in node_pos else s for i, s in enumerate(dyn)]
+        out["in_shardings"] = (None, None, *dyn)
+      else:
+        out["in_shardings"] = user
+    if self.out_shardings is not _UNSPECIFIED:
+      out["out_shardings"] = (None, None, self.out_shardings)
+    return out
+
+  def _general_call(self, args: tuple, kwargs: dict, static: frozenset):
+    """Arguments with graph nodes nested in containers: re-walk every call."""
+    dyn_idx = [i for i in range(len(args)) if i not in static]
+    dyn_kwargs = {k: v for k, v in kwargs.items() if k not in self.static_argnames}
+    ex = lift.extract(([args[i] for i in dyn_idx], dyn_kwargs))
+    slots = tuple(i for i, x in enumerate(ex.arg_leaves) if isinstance(x, lift.NodeSlot))
+    key = ("general", ex.graphdef, ex.treedef, slots,
+           tuple(ex.arg_leaves[i] for i in slots), tuple(dyn_idx), static)
+    hit = self._inner.get(key)
+    if hit is None:
+      cell = _Cell()
+      fun, graphdef, treedef, arg_slots = self.fun, ex.graphdef, ex.treedef, \
+          [ex.arg_leaves[i] for i in slots]
+      nargs = len(args)
+
+      def inner(vals, arg_leaves, static_args, static_kw):
+        arg_leaves = list(arg_leaves)
+        for i, s in zip(slots, arg_slots):
+          arg_leaves[i] = s
+        with tracectx.frame(f"jit({_name(fun)})"):
+          (dyn_args, dkw), nodes = lift.rebuild(graphdef, vals, treedef, arg_leaves)
+          full, it = [], iter(dyn_args)
+          for i in range(nargs):
+            full.append(static_args[i] if i in static else next(it))
+          out = fun(*full, **dkw, **dict(static_kw))
+          new_leaves, new_state, out, has_nodes = lift.collect(graphdef, nodes, out)
+        if has_nodes:
+          cell.has_nodes = True
+        return [lift._raw(x) for x in new_leaves], new_state, out
+
+      hit = (jax.jit(inner, static_argnums=(2, 3), **self.jit_kwargs), cell)
+      self._inner[key] = hit
+    jitted, cell = hit
+    leaves = [None if isinstance(x, lift.NodeSlot) else x for x in ex.arg_leaves]
+    static_args = _StaticArgs({i: args[i] for i in static if i < len(args)})
+    static_kw = tuple(sorted((k, v) for k, v in kwargs.items() if k in self.static_argnames))
+    new_vals, new_state, out = jitted([lift._raw(x) for x in ex.leaves], leaves,
+                                      static_args, static_kw)
+    lift.apply_updates(ex.nodes, ex.live, new_vals, new_state, ex.has_raw)
+    if cell.has_nodes:
+      out = lift.resolve_outputs(ex.nodes, out)
+    return out
+
+  # --- introspection -----------------------------------------------------------
+  def lower(self, *args, **kwargs):
+    """Lowers like `jax.jit(...).lower` (graph nodes allowed in the arguments)."""
+    nodes = tuple(a for a in args if isinstance(a, _NODE_TYPES))
+    graphdef, f = graph.flatten(nodes, detach_variables=False)
+    node_pos = tuple(i for i, a in enumerate(args) if isinstance(a, _NODE_TYPES))
+    static = self._resolve(len(args), self._static_raw)
+    mask = tuple(False for _ in f.variables)
+    jitted, _ = self._inner_for(graphdef, len(args), node_pos, (), mask, static, frozenset())
+    vals = [lift._raw(v) for _, v in f.pairs]
+    call_args = [None if i in node_pos else a for i, a in enumerate(args)]
+    return jitted.lower([], vals, *call_args, **kwargs)
+
+
+class _NodesRef:
+  """Weak references to a plan's root nodes."""
+  __slots__ = ("refs",)
+
+  def __init__(self, nodes):
+    self.refs = tuple(weakref.ref(n) for n in nodes)
+
+  def __call__(self):
+    return tuple(r() for r in self.refs)
+
+
+class _StaticArgs:
+  """Hashable holder of static positional arguments (by position)."""
+  __slots__ = ("items",)
+
+  def __init__(self, items: dict):
+    self.items = tuple(sorted(items.items()))
+
+  def __getitem__(self, i):
+    return dict(self.items)[i]
+
+  def __hash__(self):
+    return hash(self.items)
+
+  def __eq__(self, other):
+    return isinstance(other, _StaticArgs) and other.items == self.items
+
+
+def _has_nested_nodes(x: Any) -> bool:
+  if isinstance(x, (jax.Array, int, float, bool, str, type(None))):
+    return False
+  leaves = jax.tree_util.tree_leaves(x, is_leaf=graph.is_graph_node)
+  return any(isinstance(v, _NODE_TYPES) for v in leaves)
+
+
+def _name(fun) -> str:
+  return getattr(fun, "__qualname__", getattr(fun, "__name__", repr(fun)))
+
+
+def _check_hashable(value, what: str, fun) -> None:
+  try:
+    hash(value)
+  except TypeError:
+    raise errors.TransformError(
+        f"jit({_name(fun)}): static {what} is a {type(value).__name__}, which is "
+        "not hashable, so it cannot key the compilation cache. Pass a hashable "
+        "value (e.g. a tuple instead of a list, a frozen dataclass) or make the "
+        "argument non-static.") from None
+
+
+def _reraise_static(e: Exception, fun) -> None:
+  if "hashable" in str(e).lower() and "static" in str(e).lower():
+    raise errors.TransformError(
+        f"jit({_name(fun)}): a static argument is not hashable ({e}). Pass a "
+        "hashable value (a tuple instead of a list, ...) or make it non-static."
+    ) from e
+
+
+def jit(fun: Callable | None = None, *, in_shardings: Any = _UNSPECIFIED,
+        out_shardings: Any = _UNSPECIFIED, static_argnums=None, static_argnames=None,
+        donate_argnums=None, donate_argnames=None, **jit_kwargs: Any):
+  """Compiles `fun`; graph objects in its arguments are lifted (see module doc).
+
+  Works as ``@jit``, ``@jit(static_argnums=...)`` and on methods.
+
+  Args:
+    fun: the function to compile.
+    in_shardings / out_shardings: as `jax.jit`; positions holding graph
+      objects take their shardings from metadata (see the SPMD guide).
+    static_argnums / static_argnames: hashable arguments baked into the trace.
+    donate_argnums / donate_argnames: donate these arguments' buffers; for a
+      graph object this donates its state (the object gets the new buffers).
+    **jit_kwargs: passed to `jax.jit` (e.g. ``keep_unused``, ``compiler_options``).
+  """
+  kw = dict(in_shardings=in_shardings, out_shardings=out_shardings,
+            static_argnums=static_argnums, static_argnames=static_argnames,
+            donate_argnums=donate_argnums, donate_argnames=donate_argnames, **jit_kwargs)
+  if fun is None:
+    return lambda f: JitWrapped(f, **kw)
+  return JitWrapped(fun, **kw)

@@ -1,0 +1,241 @@
+"""Moving graph objects across a JAX transform boundary.
+
+A lifted transform takes arguments that may contain graph nodes (Modules,
+Rngs, Optimizers, Variables) anywhere in their pytrees. Outside, `extract`
+finds the nodes, splits them *jointly* (so references shared between
+arguments stay shared) and hands the transform plain pytrees of state leaves.
+Inside, `rebuild` makes fresh objects from those leaves; after the user's
+function ran, `collect` splits them again and marks any graph nodes in the
+output. Outside again, `apply_updates` writes the new state into the original
+objects and `resolve_outputs` turns marked outputs back into objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+
+from spmdnnx import errors
+from spmdnnx import graph
+from spmdnnx.state import State
+from spmdnnx.variables import Variable
+
+_RAW_SET = Variable.raw_value.__set__
+
+
+class NodeSlot:
+  """Stands for a graph node inside a flattened argument list (static)."""
+
+  __slots__ = ("index",)
+
+  def __init__(self, index: int):
+    self.index = index
+
+  def __eq__(self, other):
+    return isinstance(other, NodeSlot) and other.index == self.index
+
+  def __hash__(self):
+    return hash((NodeSlot, self.index))
+
+  def __repr__(self):
+    return f"NodeSlot({self.index})"
+
+
+@dataclasses.dataclass
+class Extraction:
+  """Everything `extract` learned about the graph nodes in some arguments."""
+  treedef: Any                 # treedef of the arguments, nodes as leaves
+  arg_leaves: list             # argument leaves, nodes replaced by NodeSlot
+  nodes: tuple                 # unique live nodes, in order of appearance
+  graphdef: graph.GraphDef     # joint GraphDef of `nodes` (a tuple)
+  paths: list                  # path of every state leaf, DFS order
+  leaves: list                 # detached state leaves (Variables / arrays)
+  live: list                   # live Variables (None for raw arrays)
+  has_raw: bool
+
+  def node_of_leaf(self, i: int) -> int:
+    """Index (into `nodes`) of the node that owns state leaf i."""
+    return self.paths[i][0]
+
+
+def extract(tree: Any) -> Extraction:
+  """Finds the graph nodes in a pytree and splits them jointly."""
+  leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=graph.is_graph_node)
+  nodes: list = []
+  seen: dict[int, int] = {}
+  arg_leaves = []
+  for leaf in leaves:
+    if graph.is_graph_node(leaf):
+      i = seen.get(id(leaf))
+      if i is None:
+        i = seen[id(leaf)] = len(nodes)
+        nodes.append(leaf)
+      arg_leaves.append(NodeSlot(i))
+    else:
+      arg_leaves.append(leaf)
+  nodes_t = tuple(nodes)
+  graphdef, f = graph.flatten(nodes_t)
+  return Extraction(treedef, arg_leaves, nodes_t, graphdef,
+                    [p for p, _ in f.pairs], [v for _, v in f.pairs],
+                    f.variables, f.has_raw)
+
+
+def rebuild(graphdef: graph.GraphDef, leaves: list, treedef: Any,
+            arg_leaves: list) -> tuple[Any, tuple]:
+  """Inside a transform: fresh nodes from state leaves, put back into the args."""
+  nodes = graph.unflatten_ordered(graphdef, [_raw(x) for x in leaves]) \
+      if not _all_variables(leaves) else _rebuild_from_variables(graphdef, leaves)
+  filled = [nodes[x.index] if isinstance(x, NodeSlot) else x for x in arg_leaves]
+  return jax.tree_util.tree_unflatten(treedef, filled), nodes
+
+
+def _all_variables(leaves: list) -> bool:
+  return all(isinstance(x, Variable) for x in leaves)
+
+
+def _rebuild_from_variables(graphdef, leaves):
+  it = iter(leaves)
+
+  def take(path, spec):
+    leaf = next(it)
+    if spec[0] == graph.VAR:
+      return graph.detach(leaf) if isinstance(leaf, Variable) else \
+          graph.make_variable(spec[1], spec[3], leaf)
+    return _raw(leaf)
+
+  return graph._Builder(take).build(graphdef.spec, ())
+
+
+def _raw(x):
+  return x.raw_value if isinstance(x, Variable) else x
+
+
+# --- outputs ---------------------------------------------------------------------
+
+
+class InputRef:
+  """Output marker: this output is (part of) input node `index` at `path`."""
+
+  __slots__ = ("index", "path")
+
+  def __init__(self, index: int, path: tuple):
+    self.index, self.path = index, path
+
+  def __eq__(self, other):
+    return isinstance(other, InputRef) and (other.index, other.path) == (self.index, self.path)
+
+  def __hash__(self):
+    return hash((InputRef, self.index, self.path))
+
+
+class NodeOut:
+  """Output marker carrying a new graph node as (GraphDef, State)."""
+
+  __slots__ = ("graphdef", "state")
+
+  def __init__(self, graphdef, state):
+    self.graphdef, self.state = graphdef, state
+
+
+jax.tree_util.register_pytree_node(InputRef, lambda r: ((), (r.index, r.path)),
+                                   lambda aux, _: InputRef(*aux))
+jax.tree_util.register_pytree_node(NodeOut, lambda n: ((n.state,), n.graphdef),
+                                   lambda g, c: NodeOut(g, c[0]))
+
+
+def collect(graphdef_in: graph.GraphDef, nodes: tuple, out: Any) -> tuple:
+  """Inside a transform, after the user's function: new state and marked outputs.
+
+  Returns:
+    ``(new_leaves, new_state, out, has_nodes)``: if the nodes' structure is
+    unchanged, `new_leaves` lists the new state leaves in DFS order and
+    `new_state` is None; otherwise `new_leaves` is empty and `new_state` is a
+    State to `update` the originals with. Graph nodes in `out` are replaced
+    by InputRef / NodeOut markers.
+  """
+  graphdef, f = graph.flatten(nodes)
+  if graphdef == graphdef_in:
+    new_leaves, new_state = [v for _, v in f.pairs], None
+  else:
+    new_leaves, new_state = [], State.from_flat_path(f.pairs)
+  out, has_nodes = mark_outputs(nodes, out)
+  return new_leaves, new_state, out, has_nodes
+
+
+def mark_outputs(nodes: tuple, out: Any) -> tuple[Any, bool]:
+  """Replaces graph nodes in `out` by InputRef (inputs) or NodeOut (new)."""
+  leaves, treedef = jax.tree_util.tree_flatten(out, is_leaf=graph.is_graph_node)
+  if not any(graph.is_graph_node(x) for x in leaves):
+    return out, False
+  where: dict[int, tuple] = {}
+  for i, node in enumerate(nodes):
+    where[id(node)] = (i, ())
+    for path, sub in graph.iter_graph(node):
+      if graph.is_graph_node(sub):
+        where.setdefault(id(sub), (i, path))
+  marked = []
+  for leaf in leaves:
+    if graph.is_graph_node(leaf):
+      if id(leaf) in where:
+        marked.append(InputRef(*where[id(leaf)]))
+      else:
+        marked.append(NodeOut(*graph.split(leaf)))
+    else:
+      marked.append(leaf)
+  return jax.tree_util.tree_unflatten(treedef, marked), True
+
+
+def apply_updates(nodes: tuple, live: list, new_leaves: list, new_state: State | None,
+                  has_raw: bool) -> None:
+  """Outside: writes the transform's new state into the original objects."""
+  if new_state is not None or has_raw:
+    if new_state is None:
+      return graph.update(nodes, _state_from(nodes, new_leaves))
+    graph.update(nodes, new_state)
+    return None
+  for var, leaf in zip(live, new_leaves):
+    if isinstance(leaf, Variable):
+      _RAW_SET(var, leaf.raw_value)
+      frozen = leaf._frozen if leaf._frozen is not None else leaf.frozen_metadata()
+      if frozen != var.frozen_metadata():
+        var.set_metadata(**leaf.get_metadata())
+    else:
+      _RAW_SET(var, leaf)
+  return None
+
+
+def _state_from(nodes, new_leaves):
+  _, f = graph.flatten(nodes, detach_variables=False)
+  return State.from_flat_path(list(zip([p for p, _ in f.pairs], new_leaves)))
+
+
+def _is_marker(x) -> bool:
+  return isinstance(x, (InputRef, NodeOut))
+
+
+def resolve_outputs(nodes: tuple, out: Any) -> Any:
+  """Outside: turns InputRef / NodeOut markers back into objects."""
+
+  def resolve(x):
+    if isinstance(x, InputRef):
+      node = nodes[x.index]
+      for key in x.path:
+        node = graph._child(node, key)
+      return node
+    if isinstance(x, NodeOut):
+      return graph.merge(x.graphdef, x.state)
+    return x
+
+  return jax.tree.map(resolve, out, is_leaf=_is_marker)
+
+
+def check_no_nodes(tree: Any, what: str) -> None:
+  """Raises if a pytree that must be plain data holds graph nodes."""
+  leaves = jax.tree_util.tree_leaves(tree, is_leaf=graph.is_graph_node)
+  bad = [type(x).__name__ for x in leaves if graph.is_graph_node(x)]
+  if bad:
+    raise errors.TransformError(
+        f"{what} contains graph objects ({errors.format_paths(bad)}); only arrays "
+        "and pytrees of arrays are allowed here.")
