@@ -66,7 +66,8 @@ def _fill(level: str, degrees: tuple[int, ...], count: int, unit: str) -> tuple[
     axis = AXES[degrees.index(-1)]
     if count % fixed:
       raise errors.MeshError(
-          f"MeshConfig {level}: the fixed degrees multiply to {fixed} ({_fmt(degrees)}), "
+          f"MeshConfig {level}: the fixed degrees multiply to {fixed} "
+          f"({_fmt([1 if d == -1 else d for d in degrees])}), "
           f"which does not divide the {count} {unit}, so {axis}=-1 cannot fill the "
           "remainder. Change the fixed degrees so their product divides "
           f"{count}.")

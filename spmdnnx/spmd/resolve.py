@@ -61,17 +61,29 @@ def leaf_specs(paths: Sequence[Any], leaves: Sequence[Any], rules: Any,
   Warns:
     ShardingWarning: once, listing every dimension no rule could divide.
   """
+  axes_list = [leaf_axes(leaf) for leaf in leaves]
+  shapes = [leaf_shape(leaf) for leaf in leaves]
+  return resolve_all(paths, axes_list, shapes, rules, mesh)
+
+
+def resolve_all(paths: Sequence[Any], axes_list: Sequence[Sequence[str | None] | None],
+                shapes: Sequence[Sequence[int] | None], rules: Any,
+                mesh: Any) -> list[PartitionSpec]:
+  """Resolves parallel lists of logical axes and shapes; see `leaf_specs`.
+
+  An entry whose axes or shape is None is replicated (``P()``).
+  """
   rules = rules_lib.as_rules(rules)
   sizes = mesh_axes_lib.axis_sizes(mesh)
   rules.validate(sizes)
   specs: list[PartitionSpec] = []
   results = []
   bad_rank = []
-  for path, leaf in zip(paths, leaves, strict=True):
-    axes, shape = leaf_axes(leaf), leaf_shape(leaf)
+  for path, axes, shape in zip(paths, axes_list, shapes, strict=True):
     if axes is None or shape is None:
       specs.append(REPLICATED)
       continue
+    axes, shape = tuple(axes), tuple(shape)
     if len(axes) != len(shape):
       bad_rank.append(f"{errors.path_str(path)} (axes {axes!r}, shape {shape})")
       specs.append(REPLICATED)
@@ -85,7 +97,6 @@ def leaf_specs(paths: Sequence[Any], leaves: Sequence[Any], rules: Any,
         f"{errors.format_paths(bad_rank)}. Give one name (or None) per dimension.")
   rules_lib.report_problems(results, rules)
   return specs
-
 
 def leaf_shardings(paths: Sequence[Any], variables: Sequence[Any], mesh: Any = None,
                    rules: Any = None) -> list[NamedSharding]:

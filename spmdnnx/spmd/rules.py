@@ -9,8 +9,10 @@ over their product) or None (replicate). One array is resolved at a time:
   when none of its mesh axes is already used by another dimension of the same
   array and the product of its mesh-axis sizes divides that dimension;
 * a ``None`` rule settles its dimension as replicated;
-* a dimension that no rule could take is replicated. When that happened only
-  because the sizes did not divide it, a `ShardingWarning` names the path;
+* a dimension that no rule could take is replicated. When a rule was skipped
+  because its sizes did not divide the dimension and the dimension ended up
+  unsplit anyway (replicated, or on mesh axes of size 1), a `ShardingWarning`
+  names the path; an explicit ``None`` fallback rule silences it;
 * a logical name that no rule mentions is an `AxisRulesError` naming the
   path, unless the rules were made with ``allow_unknown=True``.
 
@@ -42,6 +44,11 @@ from spmdnnx.spmd import mesh_axes as mesh_axes_lib
 #: One rule's right-hand side: an axis, several axes, or None (replicate).
 MeshAxes = Union[str, tuple[str, ...], None]
 Rule = tuple[str, MeshAxes]
+
+#: The documented logical axis vocabulary (see docs/sharding.md); every
+#: shipped rule set has a rule for each of these names.
+LOGICAL_AXES = ("batch", "length", "embed", "mlp", "heads", "kv", "vocab", "norm",
+                "layers", "expert", "conv_in", "conv_out", "spatial")
 
 #: Where the shipped rule sets live (repository `configs/rules/*.json`).
 RULES_DIR = pathlib.Path(
@@ -100,9 +107,9 @@ class Resolution:
   Attributes:
     spec: the PartitionSpec, one entry per dimension.
     unknown: logical names no rule mentions (replicated in ``spec``).
-    undivided: ``(dim, logical_name, size, tried)`` for every dimension that
-      was replicated because no rule's mesh-axes product divided it; ``tried``
-      lists ``(mesh_axes, product)`` of the rules that were skipped.
+    undivided: ``(dim, logical_name, size, tried)`` for every dimension left
+      unsplit after rules were skipped because their mesh-axes product did not
+      divide it; ``tried`` lists ``(mesh_axes, product)`` of those rules.
     missing: mesh axes named by applicable rules that the mesh lacks.
   """
 
@@ -273,6 +280,7 @@ class AxisRules:
       if axes is None:
         for i in dims:
           assigned[i] = None
+          tried.pop(i, None)  # an explicit fallback to replication: no warning
         continue
       axes_t = mesh_axes_lib.entry_axes(axes)
       absent = [a for a in axes_t if a not in sizes]
@@ -288,19 +296,19 @@ class AxisRules:
           continue
         assigned[i] = axes
         used.update(axes_t)
+        if ways > 1:
+          tried.pop(i, None)  # sharded by a fallback rule: no warning
     unknown: list[str] = []
     undivided = []
     for i, name in enumerate(logical_axes):
+      if i in tried:
+        undivided.append((i, name, shape[i], tuple(tried[i])))
       if assigned[i] is not unassigned:
         continue
       assigned[i] = None
-      if name is None:
-        continue
-      if name not in self._names:
+      if name is not None and name not in self._names:
         if not self.allow_unknown and name not in unknown:
           unknown.append(name)
-      elif i in tried:
-        undivided.append((i, name, shape[i], tuple(tried[i])))
     return Resolution(PartitionSpec(*assigned), tuple(unknown), tuple(undivided),
                       tuple(missing))
 
@@ -446,6 +454,7 @@ def report_problems(results: Sequence[tuple[Any, Resolution]], rules: AxisRules)
       undivided.append(f"{errors.path_str(p)} dim {dim} ({name!r}, size {size}; tried {opts})")
   if undivided:
     warnings.warn(errors.ShardingWarning(
-        f"Replicating {len(undivided)} dimension(s) that no axis rule divides: "
+        f"{len(undivided)} dimension(s) stay unsplit (replicated) because no axis "
+        f"rule divides them: "
         f"{errors.format_paths(undivided)}. Pick sizes divisible by the mesh axes, "
         "or add a fallback rule for the logical name."), stacklevel=3)
