@@ -55,12 +55,36 @@ class _Unhashable:
     return isinstance(other, _Unhashable) and other.value is self.value
 
 
+class _Frozen:
+  """Hashable stand-in for a list/dict metadata value; thaws back to the original."""
+
+  __slots__ = ("value", "key")
+
+  def __init__(self, value, key):
+    self.value = value
+    self.key = key
+
+  def __hash__(self):
+    return hash((type(self.value), self.key))
+
+  def __eq__(self, other):
+    return (isinstance(other, _Frozen) and type(other.value) is type(self.value)
+            and other.key == self.key)
+
+
 def freeze(value: Any) -> Any:
-  """Turns a metadata value into a hashable equivalent (lists -> tuples...)."""
-  if isinstance(value, (list, tuple)):
+  """Turns a metadata value into a hashable equivalent that `thaw` undoes.
+
+  Tuples stay tuples; lists and dicts are wrapped so that equal contents give
+  equal (hashable) keys while `thaw` still returns the original container.
+  """
+  if type(value) is tuple:
     return tuple(freeze(v) for v in value)
+  if isinstance(value, list):
+    return _Frozen(value, tuple(freeze(v) for v in value))
   if isinstance(value, dict):
-    return tuple(sorted((k, freeze(v)) for k, v in value.items()))
+    items = sorted(value.items(), key=lambda kv: (type(kv[0]).__name__, str(kv[0])))
+    return _Frozen(value, tuple((k, freeze(v)) for k, v in items))
   try:
     hash(value)
   except TypeError:
@@ -69,8 +93,12 @@ def freeze(value: Any) -> Any:
 
 
 def thaw(value: Any) -> Any:
-  """Inverse of `freeze` for the one lossy case (identity-hashed values)."""
-  return value.value if isinstance(value, _Unhashable) else value
+  """Inverse of `freeze`."""
+  if isinstance(value, (_Unhashable, _Frozen)):
+    return value.value
+  if type(value) is tuple:
+    return tuple(thaw(v) for v in value)
+  return value
 
 
 def _describe(value: Any) -> str:
