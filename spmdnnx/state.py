@@ -173,6 +173,10 @@ class State(MutableMapping):
               f"Path {errors.path_str(path)} goes through a leaf at "
               f"{key!r}; paths must not be prefixes of each other.")
         node = nxt
+      if isinstance(node.get(path[-1]), dict):
+        raise errors.GraphError(
+            f"Path {errors.path_str(path)} is a prefix of other paths in the "
+            "State; paths must not be prefixes of each other.")
       node[path[-1]] = leaf
     return cls(root)
 
