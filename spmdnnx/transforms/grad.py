@@ -91,6 +91,8 @@ def _grad_transform(f: Callable, argnums, has_aux: bool, wrt, return_value: bool
       if selections[k][0] == "plain":
         slot_pos[d.argnum] = k
 
+    cell: dict = {}
+
     def inner(*diff_inputs):
       leaves = list(ex.leaves)
       for (kind, idx), inp in zip(selections, diff_inputs):
@@ -99,7 +101,7 @@ def _grad_transform(f: Callable, argnums, has_aux: bool, wrt, return_value: bool
             leaves[i] = leaf
       arg_leaves = list(ex.arg_leaves)
       with tracectx.frame(f"grad({_name(f)})"):
-        call_args, nodes = lift.rebuild(ex.graphdef, leaves, ex.treedef, arg_leaves)
+        call_args, rebuilt = lift.rebuild(ex.graphdef, leaves, ex.treedef, arg_leaves)
         call_args = list(call_args)
         for argnum, k in slot_pos.items():
           call_args[argnum] = diff_inputs[k]
@@ -112,17 +114,18 @@ def _grad_transform(f: Callable, argnums, has_aux: bool, wrt, return_value: bool
           loss, aux = out
         else:
           loss, aux = out, None
-        new_leaves, new_state, aux, has_nodes = lift.collect(ex.graphdef, nodes, aux)
-      return loss, (aux, new_leaves, new_state, has_nodes)
+        new_leaves, restructure, aux, has_nodes = lift.collect(rebuilt, aux)
+      cell["restructure"], cell["has_nodes"] = restructure, has_nodes
+      return loss, (aux, new_leaves)
 
     diff_inputs = []
     for (kind, idx), d in zip(selections, diffs):
       diff_inputs.append([ex.leaves[i] for i in idx] if kind == "node" else args[d.argnum])
     vg = jax.value_and_grad(inner, argnums=tuple(range(len(diffs))), has_aux=True,
                             holomorphic=holomorphic, allow_int=allow_int)
-    (loss, (aux, new_leaves, new_state, has_nodes)), grads = vg(*diff_inputs)
-    lift.apply_updates(ex.nodes, ex.live, new_leaves, new_state, ex.has_raw)
-    if has_nodes:
+    (loss, (aux, new_leaves)), grads = vg(*diff_inputs)
+    lift.apply_updates(ex, new_leaves, cell["restructure"])
+    if cell["has_nodes"]:
       aux = lift.resolve_outputs(ex.nodes, aux)
     out_grads = []
     for (kind, idx), g in zip(selections, grads):

@@ -30,7 +30,6 @@ nested inside containers) takes the general path, which re-walks the graph.
 from __future__ import annotations
 
 import functools
-import inspect
 import weakref
 from typing import Any, Callable, Sequence
 
@@ -70,17 +69,17 @@ def watch(nodes: list) -> None:
 class _Plan:
   """A cached traversal for one set of argument objects (see module doc)."""
 
-  __slots__ = ("epoch", "nargs", "node_pos", "node_refs", "other_pos", "kw_nodes",
-               "live", "live_d", "live_k", "jitted", "nodes_ref", "cell", "fast",
-               "has_raw", "prefix", "nones")
+  __slots__ = ("epoch", "nargs", "node_pos", "node_refs", "other_pos", "live",
+               "live_d", "live_k", "jitted", "cell", "prefix", "nones", "ex")
 
 
 class _Cell:
   """Trace-time facts about the inner function (set while tracing)."""
-  __slots__ = ("has_nodes",)
+  __slots__ = ("has_nodes", "restructure")
 
   def __init__(self):
     self.has_nodes = False
+    self.restructure = None
 
 
 class JitWrapped:
@@ -101,11 +100,6 @@ class JitWrapped:
     self.jit_kwargs = jit_kwargs
     self._static_raw = _as_tuple(static_argnums)
     self._donate_raw = _as_tuple(donate_argnums)
-    try:
-      self._nparams = len([p for p in inspect.signature(fun).parameters.values()
-                           if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)])
-    except (TypeError, ValueError):
-      self._nparams = None
     self._plan: _Plan | None = None
     self._inner: dict = {}
 
@@ -140,16 +134,18 @@ class JitWrapped:
       node_pos = plan.node_pos
       call_args = [None if i in node_pos else a for i, a in enumerate(args)]
     try:
-      new_vals, new_state, out = plan.jitted(vals_d, vals_k, *call_args, **kwargs)
+      new_vals, out = plan.jitted(vals_d, vals_k, *call_args, **kwargs)
     except (ValueError, TypeError) as e:
       _reraise_static(e, self.fun)
       raise
-    for var, val in zip(plan.live, new_vals):
-      _RAW_SET(var, val)
-    if new_state is not None:
-      graph.update(plan.nodes_ref(), new_state)
-    if plan.cell.has_nodes:
-      out = lift.resolve_outputs(plan.nodes_ref(), out)
+    cell = plan.cell
+    if cell.restructure is None:
+      for var, val in zip(plan.live, new_vals):
+        _RAW_SET(var, val)
+    else:
+      lift.apply_updates(plan.ex, new_vals, cell.restructure)
+    if cell.has_nodes:
+      out = lift.resolve_outputs(plan.ex.nodes, out)
     return out
 
   def _resolve(self, nargs: int, seq: tuple) -> frozenset:
@@ -167,90 +163,60 @@ class JitWrapped:
         _check_hashable(kwargs[k], f"argument {k!r}", self.fun)
     node_pos = tuple(i for i, a in enumerate(args)
                      if i not in static and isinstance(a, _NODE_TYPES))
-    kw_nodes = tuple(k for k, v in kwargs.items()
-                     if k not in self.static_argnames and isinstance(v, _NODE_TYPES))
     other_pos = tuple(i for i in range(nargs) if i not in static and i not in node_pos)
-    nested = any(_has_nested_nodes(args[i]) for i in other_pos) or any(
-        _has_nested_nodes(v) for k, v in kwargs.items()
-        if k not in kw_nodes and k not in self.static_argnames)
-    if nested:
+    dyn_kwargs = [v for k, v in kwargs.items() if k not in self.static_argnames]
+    if (any(_has_nested_nodes(args[i]) for i in other_pos)
+        or any(_has_nested_nodes(v) for v in dyn_kwargs)):
       return self._general_call(args, kwargs, static)
-
-    nodes = tuple(args[i] for i in node_pos) + tuple(kwargs[k] for k in kw_nodes)
-    graphdef, f = graph.flatten(nodes, detach_variables=False)
-    watch(f.nodes)
-    owner = [p[0] for p, _ in f.pairs]
+    ex = lift.extract(tuple(args[i] for i in node_pos))
+    if ex.has_raw:
+      return self._general_call(args, kwargs, static)
+    watch(ex.all_nodes)
+    owner = [p[0] for p in ex.paths]
     donated_nodes = {j for j, i in enumerate(node_pos) if i in donate}
-    donated_nodes |= {len(node_pos) + j for j, k in enumerate(kw_nodes)
-                      if k in self.donate_argnames}
     mask = tuple(o in donated_nodes for o in owner)
-    live = f.variables
     plan = _Plan()
+    plan.ex = ex
     plan.nargs = nargs
     plan.node_pos = frozenset(node_pos)
     plan.node_refs = tuple((i, weakref.ref(args[i])) for i in node_pos)
     plan.other_pos = other_pos
-    plan.kw_nodes = kw_nodes
-    plan.live = live
-    plan.has_raw = f.has_raw
-    plan.live_d = [v for v, m in zip(live, mask) if m]
-    plan.live_k = [v for v, m in zip(live, mask) if not m]
-    plan.nodes_ref = _NodesRef(nodes)
+    plan.live = ex.live
+    plan.live_d = [v for v, m in zip(ex.live, mask) if m]
+    plan.live_k = [v for v, m in zip(ex.live, mask) if not m]
     plan.prefix = len(node_pos) if node_pos == tuple(range(len(node_pos))) else -1
     plan.nones = (None,) * len(node_pos)
-    plan.jitted, plan.cell = self._inner_for(graphdef, nargs, node_pos, kw_nodes,
-                                             mask, static, donate)
+    plan.jitted, plan.cell = self._inner_for(ex.graphdef, nargs, node_pos, mask,
+                                             static, donate)
     plan.epoch = EPOCH[0]
-    plan.fast = not f.has_raw and not kw_nodes
-    if plan.fast:
-      self._plan = plan
-    if f.has_raw or kw_nodes:
-      return self._call_with_plan(plan, f, args, kwargs, nodes)
+    self._plan = plan
     return self._fast_call(plan, args, kwargs)
 
-  def _call_with_plan(self, plan, f, args, kwargs, nodes):
-    """Slow-path call for plans that hold raw arrays or keyword nodes."""
-    leaves = [v for _, v in f.pairs]
-    vals = [lift._raw(x) for x in leaves]
-    mask_d = {id(v) for v in plan.live_d}
-    vals_d = [x for v, x in zip(plan.live, vals) if v is not None and id(v) in mask_d] or ()
-    vals_k = [x for v, x in zip(plan.live, vals) if v is None or id(v) not in mask_d]
-    call_args = [None if i in plan.node_pos else a for i, a in enumerate(args)]
-    call_kwargs = {k: (None if k in plan.kw_nodes else v) for k, v in kwargs.items()}
-    new_vals, new_state, out = plan.jitted(vals_d, vals_k, *call_args, **call_kwargs)
-    if new_state is None:
-      new_state = lift._state_from(nodes, new_vals)
-    graph.update(nodes, new_state)
-    if plan.cell.has_nodes:
-      out = lift.resolve_outputs(nodes, out)
-    return out
-
-  def _inner_for(self, graphdef, nargs, node_pos, kw_nodes, mask, static, donate):
-    key = (graphdef, nargs, node_pos, kw_nodes, mask, static, donate)
+  def _inner_for(self, graphdef, nargs, node_pos, mask, static, donate):
+    key = (graphdef, nargs, node_pos, mask, static, donate)
     hit = self._inner.get(key)
     if hit is not None:
       return hit
     cell = _Cell()
     fun = self.fun
     node_pos_l = list(node_pos)
+    name = f"jit({_name(fun)})"
 
     def inner(vals_d, vals_k, *args, **kwargs):
       it_d, it_k = iter(vals_d), iter(vals_k)
       vals = [next(it_d) if m else next(it_k) for m in mask]
-      with tracectx.frame(f"jit({_name(fun)})"):
-        nodes = graph.unflatten_ordered(graphdef, vals)
+      with tracectx.frame(name):
+        nodes_t, rebuilt = lift.rebuild(graphdef, vals, _TUPLE_TREEDEF[len(node_pos_l)],
+                                        [lift.NodeSlot(j) for j in range(len(node_pos_l))])
         args = list(args)
         for j, i in enumerate(node_pos_l):
-          args[i] = nodes[j]
-        for j, k in enumerate(kw_nodes):
-          kwargs[k] = nodes[len(node_pos_l) + j]
+          args[i] = nodes_t[j]
         out = fun(*args, **kwargs)
-        new_leaves, new_state, out, has_nodes = lift.collect(graphdef, nodes, out)
-      if has_nodes:
-        cell.has_nodes = True
-      return [lift._raw(x) for x in new_leaves], new_state, out
+        new_leaves, restructure, out, has_nodes = lift.collect(rebuilt, out)
+      cell.has_nodes = cell.has_nodes or has_nodes
+      cell.restructure = restructure
+      return [lift._raw(x) for x in new_leaves], out
 
-    jit_kwargs = dict(self.jit_kwargs)
     donate_inner = tuple(i + 2 for i in donate if i not in node_pos)
     if any(mask):
       donate_inner = (0,) + donate_inner
@@ -259,13 +225,13 @@ class JitWrapped:
         static_argnums=tuple(i + 2 for i in static),
         static_argnames=self.static_argnames or None,
         donate_argnums=donate_inner or None,
-        donate_argnames=tuple(k for k in self.donate_argnames if k not in kw_nodes) or None,
-        **self._shardings(nargs, node_pos, static),
-        **jit_kwargs)
+        donate_argnames=self.donate_argnames or None,
+        **self._shardings(node_pos, static),
+        **self.jit_kwargs)
     self._inner[key] = (jitted, cell)
     return jitted, cell
 
-  def _shardings(self, nargs, node_pos, static) -> dict:
+  def _shardings(self, node_pos, static) -> dict:
     out: dict = {}
     if self.in_shardings is not _UNSPECIFIED:
       user = self.in_shardings
@@ -276,11 +242,11 @@ class JitWrapped:
       else:
         out["in_shardings"] = user
     if self.out_shardings is not _UNSPECIFIED:
-      out["out_shardings"] = (None, None, self.out_shardings)
+      out["out_shardings"] = (None, self.out_shardings)
     return out
 
   def _general_call(self, args: tuple, kwargs: dict, static: frozenset):
-    """Arguments with graph nodes nested in containers: re-walk every call."""
+    """Graph nodes nested in containers, in kwargs, or raw arrays: re-walk every call."""
     dyn_idx = [i for i in range(len(args)) if i not in static]
     dyn_kwargs = {k: v for k, v in kwargs.items() if k not in self.static_argnames}
     ex = lift.extract(([args[i] for i in dyn_idx], dyn_kwargs))
@@ -290,24 +256,25 @@ class JitWrapped:
     hit = self._inner.get(key)
     if hit is None:
       cell = _Cell()
-      fun, graphdef, treedef, arg_slots = self.fun, ex.graphdef, ex.treedef, \
-          [ex.arg_leaves[i] for i in slots]
+      fun, graphdef, treedef = self.fun, ex.graphdef, ex.treedef
+      arg_slots = [ex.arg_leaves[i] for i in slots]
       nargs = len(args)
+      name = f"jit({_name(fun)})"
 
       def inner(vals, arg_leaves, static_args, static_kw):
         arg_leaves = list(arg_leaves)
         for i, s in zip(slots, arg_slots):
           arg_leaves[i] = s
-        with tracectx.frame(f"jit({_name(fun)})"):
-          (dyn_args, dkw), nodes = lift.rebuild(graphdef, vals, treedef, arg_leaves)
+        with tracectx.frame(name):
+          (dyn_args, dkw), rebuilt = lift.rebuild(graphdef, vals, treedef, arg_leaves)
           full, it = [], iter(dyn_args)
           for i in range(nargs):
             full.append(static_args[i] if i in static else next(it))
           out = fun(*full, **dkw, **dict(static_kw))
-          new_leaves, new_state, out, has_nodes = lift.collect(graphdef, nodes, out)
-        if has_nodes:
-          cell.has_nodes = True
-        return [lift._raw(x) for x in new_leaves], new_state, out
+          new_leaves, restructure, out, has_nodes = lift.collect(rebuilt, out)
+        cell.has_nodes = cell.has_nodes or has_nodes
+        cell.restructure = restructure
+        return [lift._raw(x) for x in new_leaves], out
 
       hit = (jax.jit(inner, static_argnums=(2, 3), **self.jit_kwargs), cell)
       self._inner[key] = hit
@@ -315,36 +282,36 @@ class JitWrapped:
     leaves = [None if isinstance(x, lift.NodeSlot) else x for x in ex.arg_leaves]
     static_args = _StaticArgs({i: args[i] for i in static if i < len(args)})
     static_kw = tuple(sorted((k, v) for k, v in kwargs.items() if k in self.static_argnames))
-    new_vals, new_state, out = jitted([lift._raw(x) for x in ex.leaves], leaves,
-                                      static_args, static_kw)
-    lift.apply_updates(ex.nodes, ex.live, new_vals, new_state, ex.has_raw)
+    new_vals, out = jitted([lift._raw(x) for x in ex.leaves], leaves, static_args, static_kw)
+    lift.apply_updates(ex, new_vals, cell.restructure)
     if cell.has_nodes:
       out = lift.resolve_outputs(ex.nodes, out)
     return out
 
   # --- introspection -----------------------------------------------------------
   def lower(self, *args, **kwargs):
-    """Lowers like `jax.jit(...).lower` (graph nodes allowed in the arguments)."""
-    nodes = tuple(a for a in args if isinstance(a, _NODE_TYPES))
-    graphdef, f = graph.flatten(nodes, detach_variables=False)
-    node_pos = tuple(i for i, a in enumerate(args) if isinstance(a, _NODE_TYPES))
-    static = self._resolve(len(args), self._static_raw)
-    mask = tuple(False for _ in f.variables)
-    jitted, _ = self._inner_for(graphdef, len(args), node_pos, (), mask, static, frozenset())
-    vals = [lift._raw(v) for _, v in f.pairs]
+    """Lowers like `jax.jit(...).lower` (graph nodes allowed as positional args)."""
+    nargs = len(args)
+    static = self._resolve(nargs, self._static_raw)
+    node_pos = tuple(i for i, a in enumerate(args)
+                     if i not in static and isinstance(a, _NODE_TYPES))
+    ex = lift.extract(tuple(args[i] for i in node_pos))
+    mask = tuple(False for _ in ex.leaves)
+    jitted, _ = self._inner_for(ex.graphdef, nargs, node_pos, mask, static, frozenset())
     call_args = [None if i in node_pos else a for i, a in enumerate(args)]
-    return jitted.lower([], vals, *call_args, **kwargs)
+    return jitted.lower((), [lift._raw(v) for v in ex.leaves], *call_args, **kwargs)
 
 
-class _NodesRef:
-  """Weak references to a plan's root nodes."""
-  __slots__ = ("refs",)
+class _TupleTreedefs(dict):
+  """treedef of a flat tuple of n leaves, cached by n."""
 
-  def __init__(self, nodes):
-    self.refs = tuple(weakref.ref(n) for n in nodes)
+  def __missing__(self, n):
+    treedef = jax.tree_util.tree_structure(tuple(range(n)))
+    self[n] = treedef
+    return treedef
 
-  def __call__(self):
-    return tuple(r() for r in self.refs)
+
+_TUPLE_TREEDEF = _TupleTreedefs()
 
 
 class _StaticArgs:

@@ -54,6 +54,7 @@ class Extraction:
   leaves: list                 # detached state leaves (Variables / arrays)
   live: list                   # live Variables (None for raw arrays)
   has_raw: bool
+  all_nodes: list              # every live node with identity, by GraphDef index
 
   def node_of_leaf(self, i: int) -> int:
     """Index (into `nodes`) of the node that owns state leaf i."""
@@ -79,23 +80,26 @@ def extract(tree: Any) -> Extraction:
   graphdef, f = graph.flatten(nodes_t)
   return Extraction(treedef, arg_leaves, nodes_t, graphdef,
                     [p for p, _ in f.pairs], [v for _, v in f.pairs],
-                    f.variables, f.has_raw)
+                    f.variables, f.has_raw, f.nodes)
+
+
+class Rebuilt:
+  """Inside a transform: the fresh nodes and where each came from."""
+  __slots__ = ("nodes", "origin", "graphdef")
+
+  def __init__(self, nodes, origin, graphdef):
+    self.nodes = nodes          # tuple of fresh root nodes
+    self.origin = origin        # id(fresh node) -> index in the outer GraphDef
+    self.graphdef = graphdef    # GraphDef the fresh nodes had when rebuilt
 
 
 def rebuild(graphdef: graph.GraphDef, leaves: list, treedef: Any,
-            arg_leaves: list) -> tuple[Any, tuple]:
-  """Inside a transform: fresh nodes from state leaves, put back into the args."""
-  nodes = graph.unflatten_ordered(graphdef, [_raw(x) for x in leaves]) \
-      if not _all_variables(leaves) else _rebuild_from_variables(graphdef, leaves)
-  filled = [nodes[x.index] if isinstance(x, NodeSlot) else x for x in arg_leaves]
-  return jax.tree_util.tree_unflatten(treedef, filled), nodes
+            arg_leaves: list, *, regraph: bool = False) -> tuple[Any, Rebuilt]:
+  """Inside a transform: fresh nodes from state leaves, put back into the args.
 
-
-def _all_variables(leaves: list) -> bool:
-  return all(isinstance(x, Variable) for x in leaves)
-
-
-def _rebuild_from_variables(graphdef, leaves):
+  With `regraph`, the rebuilt nodes' GraphDef is recomputed (for transforms
+  that changed metadata on the way in, e.g. removed a stacked axis name).
+  """
   it = iter(leaves)
 
   def take(path, spec):
@@ -105,7 +109,12 @@ def _rebuild_from_variables(graphdef, leaves):
           graph.make_variable(spec[1], spec[3], leaf)
     return _raw(leaf)
 
-  return graph._Builder(take).build(graphdef.spec, ())
+  builder = graph._Builder(take)
+  nodes = builder.build(graphdef.spec, ())
+  origin = {id(obj): idx for idx, obj in builder.nodes.items()}
+  inner_graphdef = graph.graphdef(nodes) if regraph else graphdef
+  filled = [nodes[x.index] if isinstance(x, NodeSlot) else x for x in arg_leaves]
+  return jax.tree_util.tree_unflatten(treedef, filled), Rebuilt(nodes, origin, inner_graphdef)
 
 
 def _raw(x):
@@ -145,23 +154,33 @@ jax.tree_util.register_pytree_node(NodeOut, lambda n: ((n.state,), n.graphdef),
                                    lambda g, c: NodeOut(g, c[0]))
 
 
-def collect(graphdef_in: graph.GraphDef, nodes: tuple, out: Any) -> tuple:
+class Restructure:
+  """Static record of a structure change made inside a transform."""
+  __slots__ = ("graphdef", "reuse", "paths")
+
+  def __init__(self, graphdef, reuse, paths):
+    self.graphdef = graphdef    # the new GraphDef of the root nodes tuple
+    self.reuse = reuse          # new node index -> outer GraphDef node index
+    self.paths = paths          # paths of the new state leaves
+
+
+def collect(rebuilt: Rebuilt, out: Any) -> tuple:
   """Inside a transform, after the user's function: new state and marked outputs.
 
   Returns:
-    ``(new_leaves, new_state, out, has_nodes)``: if the nodes' structure is
-    unchanged, `new_leaves` lists the new state leaves in DFS order and
-    `new_state` is None; otherwise `new_leaves` is empty and `new_state` is a
-    State to `update` the originals with. Graph nodes in `out` are replaced
-    by InputRef / NodeOut markers.
+    ``(new_leaves, restructure, out, has_nodes)``: the state leaves of the
+    nodes in DFS order; a `Restructure` if the nodes' structure changed (else
+    None); `out` with graph nodes replaced by InputRef / NodeOut markers.
   """
-  graphdef, f = graph.flatten(nodes)
-  if graphdef == graphdef_in:
-    new_leaves, new_state = [v for _, v in f.pairs], None
-  else:
-    new_leaves, new_state = [], State.from_flat_path(f.pairs)
-  out, has_nodes = mark_outputs(nodes, out)
-  return new_leaves, new_state, out, has_nodes
+  graphdef, f = graph.flatten(rebuilt.nodes)
+  new_leaves = [v for _, v in f.pairs]
+  restructure = None
+  if graphdef != rebuilt.graphdef:
+    origin = rebuilt.origin
+    reuse = {i: origin[id(n)] for i, n in enumerate(f.nodes) if id(n) in origin}
+    restructure = Restructure(graphdef, reuse, [p for p, _ in f.pairs])
+  out, has_nodes = mark_outputs(rebuilt.nodes, out)
+  return new_leaves, restructure, out, has_nodes
 
 
 def mark_outputs(nodes: tuple, out: Any) -> tuple[Any, bool]:
@@ -187,28 +206,23 @@ def mark_outputs(nodes: tuple, out: Any) -> tuple[Any, bool]:
   return jax.tree_util.tree_unflatten(treedef, marked), True
 
 
-def apply_updates(nodes: tuple, live: list, new_leaves: list, new_state: State | None,
-                  has_raw: bool) -> None:
+def apply_updates(ex: Extraction, new_leaves: list, restructure: Restructure | None) -> None:
   """Outside: writes the transform's new state into the original objects."""
-  if new_state is not None or has_raw:
-    if new_state is None:
-      return graph.update(nodes, _state_from(nodes, new_leaves))
-    graph.update(nodes, new_state)
-    return None
-  for var, leaf in zip(live, new_leaves):
+  if restructure is not None:
+    reuse = {new: ex.all_nodes[old] for new, old in restructure.reuse.items()
+             if old >= 0}
+    graph.rebuild_into(restructure.graphdef, new_leaves, reuse)
+    return
+  if ex.has_raw:
+    graph.update(ex.nodes, State.from_flat_path(list(zip(ex.paths, new_leaves))))
+    return
+  for var, leaf in zip(ex.live, new_leaves):
     if isinstance(leaf, Variable):
       _RAW_SET(var, leaf.raw_value)
-      frozen = leaf._frozen if leaf._frozen is not None else leaf.frozen_metadata()
-      if frozen != var.frozen_metadata():
+      if leaf.frozen_metadata() != var.frozen_metadata():
         var.set_metadata(**leaf.get_metadata())
     else:
       _RAW_SET(var, leaf)
-  return None
-
-
-def _state_from(nodes, new_leaves):
-  _, f = graph.flatten(nodes, detach_variables=False)
-  return State.from_flat_path(list(zip([p for p, _ in f.pairs], new_leaves)))
 
 
 def _is_marker(x) -> bool:
