@@ -1,0 +1,132 @@
+"""Helpers shared by the layers: parameter creation, dtypes, input checks.
+
+Private module: layers import it, users do not.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from spmdnnx import errors
+from spmdnnx.variables import Param, check_logical_axes, initializer_metadata
+
+Axes = Sequence[str | None] | None
+
+
+def layer_name(layer: Any) -> str:
+  """How errors name a layer: its class, plus a user-given ``name`` if any."""
+  name = getattr(layer, "__dict__", {}).get("name")
+  cls = type(layer).__name__
+  return f"{cls} {name!r}" if isinstance(name, str) else cls
+
+
+def param_axes(owner: str, pname: str, init: Callable, axes: Axes,
+               default: Axes, shape: tuple) -> tuple | None:
+  """Chooses and validates the logical axes of one parameter.
+
+  ``axes`` (the layer's ``<param>_axes`` argument) and the initializer's
+  ``with_partitioning`` metadata are two ways to say the same thing; giving
+  both with different values is an error. With neither, ``default`` is used.
+
+  Raises:
+    MetadataError: on a conflict, or when the axes do not match the rank.
+  """
+  meta_axes = initializer_metadata(init).get("logical_axes")
+  if axes is not None and meta_axes is not None and tuple(axes) != tuple(meta_axes):
+    raise errors.MetadataError(
+        f"{owner}: {pname}_axes={tuple(axes)!r} conflicts with the axes "
+        f"{tuple(meta_axes)!r} given by with_partitioning on {pname}_init; "
+        "pass the axes only once.")
+  chosen = axes if axes is not None else meta_axes if meta_axes is not None else default
+  if chosen is None:
+    return None
+  shaped = jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
+  try:
+    return check_logical_axes(chosen, shaped)
+  except errors.MetadataError:
+    raise errors.MetadataError(
+        f"{owner}: {pname}_axes {tuple(chosen)!r} has {len(tuple(chosen))} "
+        f"entries but the {pname} has shape {tuple(shape)} ({len(shape)} dims); "
+        f"give one logical name (or None) per dimension, e.g. {pname}_axes="
+        f"{tuple([None] * len(shape))!r}.") from None
+
+
+def make_param(owner: str, pname: str, init: Callable, key: jax.Array,
+               shape: tuple, param_dtype: Any, axes: Axes = None,
+               default: Axes = None) -> Param:
+  """Initializes a Param of `shape` with logical axes (see `param_axes`)."""
+  logical = param_axes(owner, pname, init, axes, default, shape)
+  extra = {k: v for k, v in initializer_metadata(init).items() if k != "logical_axes"}
+  value = init(key, tuple(shape), param_dtype)
+  return Param(value, logical_axes=logical, **extra)
+
+
+def result_dtype(*values: Any) -> Any:
+  """The dtype arrays combine to (jax's standard promotion, even under strict)."""
+  dtypes = [v.dtype for v in values if v is not None]
+  with jax.numpy_dtype_promotion("standard"):
+    return jnp.result_type(*dtypes)
+
+
+def promote_dtype(*values: Any, dtype: Any = None, inexact: bool = True) -> list:
+  """Casts arrays to one compute dtype (`dtype`, or their common dtype).
+
+  None entries pass through. Mixed bf16/f32 inputs with ``dtype=None`` are
+  computed in f32.
+  """
+  raw = [v.value if hasattr(v, "raw_value") else v for v in values]
+  if dtype is None:
+    dtype = result_dtype(*raw)
+  if inexact and not jnp.issubdtype(dtype, jnp.inexact):
+    dtype = jnp.float32
+  return [None if v is None else jnp.asarray(v).astype(dtype) for v in raw]
+
+
+def check_positive(owner: str, **values: Any) -> None:
+  """Raises ConfigError for any argument that is not a positive int."""
+  for name, value in values.items():
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+      raise errors.ConfigError(
+          f"{owner}: {name} must be a positive int, got {value!r}; pass the "
+          f"number of {name.replace('_', ' ')} (e.g. {name}=16).")
+
+
+def check_features(layer: Any, x: Any, axis: int, expected: int, what: str) -> None:
+  """Raises ShapeError when ``x.shape[axis] != expected``."""
+  shape = tuple(jnp.shape(x))
+  if len(shape) == 0 or -len(shape) > axis or axis >= len(shape) or shape[axis] != expected:
+    raise errors.ShapeError(
+        f"{layer_name(layer)}: expected an input whose axis {axis} has "
+        f"{expected} {what}, got shape {shape}. Check the layer's "
+        f"{what.replace(' ', '_')} or reshape the input.")
+
+
+def canonical_tuple(owner: str, name: str, value: Any, n: int) -> tuple:
+  """An int or sequence -> a tuple of n positive ints (ConfigError otherwise)."""
+  if isinstance(value, int) and not isinstance(value, bool):
+    value = (value,) * n
+  try:
+    value = tuple(value)
+  except TypeError:
+    value = None
+  if value is None or len(value) != n or not all(
+      isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+    raise errors.ConfigError(
+        f"{owner}: {name} must be a positive int or a tuple of {n} positive "
+        f"ints, got {value!r}.")
+  return value
+
+
+def set_attrs(obj: Any, **attrs: Any) -> None:
+  """Sets attributes on a Module, None values included.
+
+  Works around the core `Object.__setattr__` treating a missing attribute as
+  an existing None (so ``self.x = None`` on a fresh Module is dropped).
+  """
+  for name, value in attrs.items():
+    setattr(obj, name, value)
+    if name not in obj.__dict__:
+      obj.__dict__[name] = value
