@@ -59,7 +59,7 @@ class Object:
   def __setattr__(self, name: str, value: Any) -> None:
     if tracectx.current_frame() is not None:
       _check_trace(self, name, value)
-    current = self.__dict__.get(name)
+    current = self.__dict__.get(name, _MISSING)
     if current is value:
       return
     if isinstance(current, Variable) and not isinstance(value, (Variable, Object)) \
@@ -78,6 +78,9 @@ class Object:
       bump_epoch()
 
   __hash__ = object.__hash__
+
+
+_MISSING = object()
 
 
 def _is_array_like(value: Any) -> bool:
