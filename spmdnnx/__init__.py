@@ -66,3 +66,17 @@ from spmdnnx.transforms import split_rngs as split_rngs
 from spmdnnx.transforms import switch as switch
 from spmdnnx.transforms import vmap as vmap
 from spmdnnx.transforms import while_loop as while_loop
+from spmdnnx import spmd as spmd
+from spmdnnx.spmd import AxisRules as AxisRules
+from spmdnnx.spmd import MeshConfig as MeshConfig
+from spmdnnx.spmd import constrain as constrain
+from spmdnnx.spmd import current_context as current_context
+from spmdnnx.spmd import get_named_sharding as get_named_sharding
+from spmdnnx.spmd import get_partition_spec as get_partition_spec
+from spmdnnx.spmd import global_batch_from_local as global_batch_from_local
+from spmdnnx.spmd import make_mesh as make_mesh
+from spmdnnx.spmd import plan_abstract as plan_abstract
+from spmdnnx.spmd import shard_batch as shard_batch
+from spmdnnx.spmd import sharded_init as sharded_init
+from spmdnnx.spmd import sharding_report as sharding_report
+from spmdnnx.spmd import use_sharding as use_sharding

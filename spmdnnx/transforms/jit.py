@@ -34,17 +34,21 @@ import weakref
 from typing import Any, Callable, Sequence
 
 import jax
+from jax.sharding import Mesh
 
 from spmdnnx import errors
 from spmdnnx import graph
 from spmdnnx import tracectx
 from spmdnnx.object import Dict, List, Object
+from spmdnnx.spmd import context as context_lib
+from spmdnnx.spmd import resolve as resolve_lib
 from spmdnnx.transforms import lift
 from spmdnnx.variables import EPOCH, Variable
 
 _RAW_SET = Variable.raw_value.__set__
 _NODE_TYPES = (Object, Variable)
 _UNSPECIFIED = object()
+_CTX_STACK = context_lib._STACK
 
 
 def _as_tuple(x: int | Sequence[int] | None) -> tuple:
@@ -69,7 +73,7 @@ def watch(nodes: list) -> None:
 class _Plan:
   """A cached traversal for one set of argument objects (see module doc)."""
 
-  __slots__ = ("epoch", "nargs", "node_pos", "node_refs", "other_pos", "live",
+  __slots__ = ("epoch", "ctx", "nargs", "node_pos", "node_refs", "other_pos", "live",
                "live_d", "live_k", "jitted", "cell", "prefix", "nones", "ex")
 
 
@@ -97,6 +101,7 @@ class JitWrapped:
         (static_argnames,) if isinstance(static_argnames, str) else static_argnames or ())
     self.donate_argnames = tuple(
         (donate_argnames,) if isinstance(donate_argnames, str) else donate_argnames or ())
+    self.donate_state = jit_kwargs.pop("donate_state", None)
     self.jit_kwargs = jit_kwargs
     self._static_raw = _as_tuple(static_argnums)
     self._donate_raw = _as_tuple(donate_argnums)
@@ -112,7 +117,9 @@ class JitWrapped:
   # --- call ------------------------------------------------------------------
   def __call__(self, *args, **kwargs):
     plan = self._plan
-    if plan is not None and plan.epoch == EPOCH[0] and len(args) == plan.nargs:
+    ctx_items = _CTX_STACK.items
+    if (plan is not None and plan.epoch == EPOCH[0] and len(args) == plan.nargs
+        and plan.ctx is (ctx_items[-1] if ctx_items else None)):
       for i, ref in plan.node_refs:
         if args[i] is not ref():
           break
@@ -172,10 +179,17 @@ class JitWrapped:
     if ex.has_raw:
       return self._general_call(args, kwargs, static)
     watch(ex.all_nodes)
+    ctx = context_lib.current_context()
+    shardings = self._state_shardings(ex, ctx)
     owner = [p[0] for p in ex.paths]
     donated_nodes = {j for j, i in enumerate(node_pos) if i in donate}
+    if shardings is not None and self.donate_state is not False:
+      donated_nodes = set(range(len(node_pos)))
+    elif self.donate_state:
+      donated_nodes = set(range(len(node_pos)))
     mask = tuple(o in donated_nodes for o in owner)
     plan = _Plan()
+    plan.ctx = ctx
     plan.ex = ex
     plan.nargs = nargs
     plan.node_pos = frozenset(node_pos)
@@ -187,13 +201,31 @@ class JitWrapped:
     plan.prefix = len(node_pos) if node_pos == tuple(range(len(node_pos))) else -1
     plan.nones = (None,) * len(node_pos)
     plan.jitted, plan.cell = self._inner_for(ex.graphdef, nargs, node_pos, mask,
-                                             static, donate)
+                                             static, donate, shardings)
     plan.epoch = EPOCH[0]
     self._plan = plan
     return self._fast_call(plan, args, kwargs)
 
-  def _inner_for(self, graphdef, nargs, node_pos, mask, static, donate):
-    key = (graphdef, nargs, node_pos, mask, static, donate)
+  def _state_shardings(self, ex: lift.Extraction, ctx) -> tuple | None:
+    """NamedShardings of the state from metadata + rules + mesh, if a context is active.
+
+    Values not yet in their sharding are moved there (once, when the plan is
+    built), so state stays sharded across steps.
+    """
+    if ctx is None or not isinstance(ctx.mesh, Mesh):
+      return None
+    if any(isinstance(lift._raw(v), jax.core.Tracer) for v in ex.leaves):
+      return None  # inside another transform: shardings are the outer jit's job
+    paths = [p[1:] for p in ex.paths]
+    shardings = tuple(resolve_lib.leaf_shardings(paths, ex.leaves, ctx.mesh, ctx.rules))
+    for var, sharding in zip(ex.live, shardings):
+      value = var.raw_value
+      if getattr(value, "sharding", None) != sharding:
+        _RAW_SET(var, jax.device_put(value, sharding))
+    return shardings
+
+  def _inner_for(self, graphdef, nargs, node_pos, mask, static, donate, shardings=None):
+    key = (graphdef, nargs, node_pos, mask, static, donate, shardings)
     hit = self._inner.get(key)
     if hit is not None:
       return hit
@@ -226,23 +258,34 @@ class JitWrapped:
         static_argnames=self.static_argnames or None,
         donate_argnums=donate_inner or None,
         donate_argnames=self.donate_argnames or None,
-        **self._shardings(node_pos, static),
+        **self._shardings(nargs, node_pos, static, mask, shardings),
         **self.jit_kwargs)
     self._inner[key] = (jitted, cell)
     return jitted, cell
 
-  def _shardings(self, node_pos, static) -> dict:
+  def _shardings(self, nargs, node_pos, static, mask, shardings) -> dict:
     out: dict = {}
-    if self.in_shardings is not _UNSPECIFIED:
-      user = self.in_shardings
-      if isinstance(user, (tuple, list)):
-        dyn = [s for i, s in enumerate(user) if i not in static]
-        dyn = [None if i in node_pos else s for i, s in enumerate(dyn)]
-        out["in_shardings"] = (None, None, *dyn)
+    dyn_pos = [i for i in range(nargs) if i not in static]
+    user_in = self.in_shardings
+    if user_in is _UNSPECIFIED and shardings is None:
+      pass
+    else:
+      if isinstance(user_in, (tuple, list)):
+        per_arg = {i: s for i, s in enumerate(user_in)}
+      elif user_in is _UNSPECIFIED:
+        per_arg = {}
       else:
-        out["in_shardings"] = user
-    if self.out_shardings is not _UNSPECIFIED:
-      out["out_shardings"] = (None, self.out_shardings)
+        per_arg = {i: user_in for i in range(nargs)}
+      # Graph-node positions get their shardings from the state (or none).
+      dyn = [None if i in node_pos else per_arg.get(i) for i in dyn_pos]
+      state_d = state_k = None
+      if shardings is not None:
+        state_d = [s for s, m in zip(shardings, mask) if m] or ()
+        state_k = [s for s, m in zip(shardings, mask) if not m]
+      out["in_shardings"] = (state_d, state_k, *dyn)
+    if self.out_shardings is not _UNSPECIFIED or shardings is not None:
+      user_out = None if self.out_shardings is _UNSPECIFIED else self.out_shardings
+      out["out_shardings"] = (None if shardings is None else list(shardings), user_out)
     return out
 
   def _general_call(self, args: tuple, kwargs: dict, static: frozenset):
@@ -375,6 +418,9 @@ def jit(fun: Callable | None = None, *, in_shardings: Any = _UNSPECIFIED,
     static_argnums / static_argnames: hashable arguments baked into the trace.
     donate_argnums / donate_argnames: donate these arguments' buffers; for a
       graph object this donates its state (the object gets the new buffers).
+    donate_state: donate the state of every graph-object argument. Default:
+      on inside a `use_sharding` context (a step must not hold two copies of
+      sharded state), off otherwise; pass False to opt out.
     **jit_kwargs: passed to `jax.jit` (e.g. ``keep_unused``, ``compiler_options``).
   """
   kw = dict(in_shardings=in_shardings, out_shardings=out_shardings,
