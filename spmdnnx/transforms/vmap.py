@@ -21,6 +21,7 @@ opt out) inserted into their ``logical_axes``.
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any, Callable, Mapping
 
 import jax
@@ -52,17 +53,32 @@ class _Cell:
 def arg_leaf_specs(args: tuple, specs: tuple, what: str) -> list:
   """Expands per-argument specs to one spec per non-node argument leaf."""
   out = []
-  for arg, spec in zip(args, specs):
-    leaves = jax.tree_util.tree_leaves(arg, is_leaf=graph.is_graph_node)
-    for leaf in leaves:
+
+  def expand(spec, sub):
+    if isinstance(spec, (list, tuple, dict)):
+      # A pytree prefix of the argument, as jax.vmap accepts.
+      treedef = jax.tree_util.tree_structure(spec, is_leaf=lambda x: x is None)
+      try:
+        subs = treedef.flatten_up_to(sub)
+      except (ValueError, TypeError) as e:
+        raise errors.TransformError(
+            f"{what}: in_axes entry {spec!r} is not a pytree prefix of the argument "
+            f"({type(sub).__name__}): {e}") from e
+      for s, x in zip(jax.tree_util.tree_leaves(spec, is_leaf=lambda x: x is None), subs):
+        expand(s, x)
+      return
+    for leaf in jax.tree_util.tree_leaves(sub, is_leaf=graph.is_graph_node):
       if graph.is_graph_node(leaf):
         out.append(None)  # replaced by a NodeSlot; not passed through
       elif isinstance(spec, axeslib.StateAxes):
         raise errors.TransformError(
             f"{what}: StateAxes given for an argument that is not a graph object "
-            f"({type(arg).__name__}); use an int or None for plain arrays.")
+            f"({type(sub).__name__}); use an int or None for plain arrays.")
       else:
         out.append(spec)
+
+  for arg, spec in zip(args, specs):
+    expand(spec, arg)
   return out
 
 
@@ -122,6 +138,7 @@ def vmap(f: Callable | None = None, *, in_axes: Any = 0, out_axes: Any = 0,
     plain_axes = [s for x, s in zip(ex.arg_leaves, arg_specs)
                   if not isinstance(x, lift.NodeSlot)]
     size = axeslib.check_mapped(ex.paths, ex.leaves, leaf_ax, axis_size, what)
+    size = _check_plain_sizes(plain, plain_axes, size, what)
     in_leaves = [axeslib.remove_axis_name(l, a, name) for l, a in zip(ex.leaves, leaf_ax)]
 
     def owner_axis(path, leaf):
@@ -133,7 +150,7 @@ def vmap(f: Callable | None = None, *, in_axes: Any = 0, out_axes: Any = 0,
         return None
       return spec
 
-    def run(state_axes, first):
+    def run(state_axes, paths, first):
       cell = _Cell()
 
       def inner(leaves, plain_leaves):
@@ -151,16 +168,20 @@ def vmap(f: Callable | None = None, *, in_axes: Any = 0, out_axes: Any = 0,
 
       vm = jax.vmap(inner, in_axes=(list(leaf_ax), plain_axes),
                     out_axes=(list(state_axes), out_axes), axis_name=axis_name,
-                    axis_size=axis_size if size is None else None,
+                    axis_size=axis_size,
                     spmd_axis_name=spmd_axis_name)
-      return vm(in_leaves, plain), cell
+      try:
+        return vm(in_leaves, plain), cell
+      except ValueError as e:
+        _raise_batched_broadcast(e, paths, what)
+        raise
 
     try:
-      (new_leaves, out), cell = run(leaf_ax, True)
+      (new_leaves, out), cell = run(leaf_ax, ex.paths, True)
       out_state_axes = leaf_ax
     except _Retry as retry:
       out_state_axes = [owner_axis(p, l) for p, l in zip(retry.restructure.paths, retry.leaves)]
-      (new_leaves, out), cell = run(out_state_axes, False)
+      (new_leaves, out), cell = run(out_state_axes, retry.restructure.paths, False)
     # Restore the stacked-axis name on mapped state, and on returned new nodes.
     new_leaves = [axeslib.insert_axis_name(l, a, name)
                   for l, a in zip(new_leaves, out_state_axes)]
@@ -171,6 +192,44 @@ def vmap(f: Callable | None = None, *, in_axes: Any = 0, out_axes: Any = 0,
     return out
 
   return wrapper
+
+
+def _raise_batched_broadcast(e: ValueError, paths: list, what: str) -> None:
+  """Turns JAX's error for a batched update of broadcast state into a TransformError."""
+  m = re.search(r"out_axes\[0\]\[(\d+)\].*got axis spec None but output was batched",
+                str(e))
+  if m is None or int(m.group(1)) >= len(paths):
+    return
+  path = errors.path_str(paths[int(m.group(1))][1:])
+  raise errors.TransformError(
+      f"{what}: state {path} is broadcast (in_axes None) but the function wrote a "
+      "per-example value into it, which cannot be stored back in one array. Map "
+      "that state (an int axis, or StateAxes({filter: 0, ...})), or keep its "
+      "update independent of the mapped inputs.") from e
+
+
+def _check_plain_sizes(plain: list, axes: list, size: int | None, what: str) -> int | None:
+  """Checks mapped array arguments agree with each other and with mapped state.
+
+  Raises:
+    TransformError: listing each mapped size and what has it.
+  """
+  sizes: dict[int, list] = {} if size is None else {size: ["mapped state or axis_size"]}
+  for i, (leaf, axis) in enumerate(zip(plain, axes)):
+    if not isinstance(axis, int) or not hasattr(leaf, "shape"):
+      continue
+    shape = leaf.shape
+    if not -len(shape) <= axis < len(shape):
+      raise errors.TransformError(
+          f"{what}: in_axes asks to map argument leaf {i} (shape {tuple(shape)}) "
+          f"along axis {axis}, which it lacks; use None to broadcast it.")
+    sizes.setdefault(shape[axis], []).append(f"argument leaf {i} {tuple(shape)}")
+  if len(sizes) > 1:
+    listed = "; ".join(f"size {s}: {errors.format_paths(p, 3)}" for s, p in sizes.items())
+    raise errors.TransformError(
+        f"{what}: mapped axes have different sizes ({listed}); every mapped "
+        "Variable and argument must have the same length along its axis.")
+  return next(iter(sizes)) if sizes else size
 
 
 def _abstract(leaf: Any) -> Any:
