@@ -68,6 +68,12 @@ def _override_axes(override: AxesOverride, path: tuple, axes: Any) -> Any:
   return tuple(override.get(a, a) for a in axes)
 
 
+def _optax_promotion():
+  """optax mixes Python floats with int32 counts, which strict promotion rejects;
+  run it under jax's standard promotion whatever the user's setting."""
+  return jax.numpy_dtype_promotion("standard")
+
+
 def _nest(pairs: list) -> dict:
   """Nested plain dicts from (path, leaf) pairs (tuple indices become keys)."""
   root: dict = {}
@@ -117,7 +123,8 @@ class Optimizer(Object):
     self.model = model
     self.tx = tx
     self.wrt = wrt
-    state = tx.init(pure(params))
+    with _optax_promotion():
+      state = tx.init(pure(params))
     keyed, treedef = jax.tree_util.tree_flatten_with_path(state)
     by_path = {p: v for p, v in params.flat_state()}
     lengths = sorted({len(p) for p in by_path}, reverse=True)
@@ -178,8 +185,10 @@ class Optimizer(Object):
           "model and optimizer to one transform/split together so the reference is kept.")
     params = pure(graph.state(model, self.wrt))
     grads = self._match_grads(params, grads)
-    updates, new_state = self.tx.update(grads, self.optax_state(), params, **kwargs)
-    graph.update(model, optax.apply_updates(params, updates))
+    with _optax_promotion():
+      updates, new_state = self.tx.update(grads, self.optax_state(), params, **kwargs)
+      new_params = optax.apply_updates(params, updates)
+    graph.update(model, new_params)
     leaves = jax.tree_util.tree_leaves(new_state)
     for var, value in zip(self._leaves(), leaves, strict=True):
       var.value = value

@@ -55,7 +55,7 @@ def default_kernel_init() -> Initializer:
 
 
 def default_embed_init() -> Initializer:
-  """Embedding tables: unit variance scaled by fan-in over the vocab axis."""
+  """Embedding tables: normal with variance 1 / features (vocab is the out axis)."""
   return variance_scaling(1.0, "fan_in", "normal", out_axis=0)
 
 

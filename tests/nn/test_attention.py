@@ -1,0 +1,128 @@
+"""Attention: reference numerics, masks, dropout, decode cache, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from nn_helpers import close, jit_apply, param_grads
+
+import spmdnnx as nnx
+from spmdnnx import errors
+from spmdnnx.nn import (MultiHeadAttention, combine_masks, dot_product_attention,
+                        initializers, make_attention_mask, make_causal_mask)
+
+
+def _x(shape, seed=0):
+  return np.asarray(jax.random.normal(jax.random.key(seed), shape))
+
+
+def attention_ref(q, k, v, mask=None):
+  logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+  if mask is not None:
+    logits = np.where(mask, logits, -1e30)
+  w = np.exp(logits - logits.max(-1, keepdims=True))
+  w = w / w.sum(-1, keepdims=True)
+  return np.einsum("bhqk,bkhd->bqhd", w, v)
+
+
+def test_dot_product_attention_matches_reference_with_mask():
+  q, k, v = _x((2, 3, 2, 4), 0), _x((2, 5, 2, 4), 1), _x((2, 5, 2, 4), 2)
+  mask = make_attention_mask(jnp.array([[1, 1, 1], [1, 1, 0]]), jnp.array([[1, 1, 1, 0, 0]] * 2))
+  assert mask.shape == (2, 1, 3, 5)
+  out = dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask=mask)
+  close(out[0], attention_ref(q, k, v, np.asarray(mask) > 0)[0], 1e-5)
+  out16 = dot_product_attention(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)))
+  assert out16.dtype == jnp.bfloat16
+  close(out16, attention_ref(q, k, v), 5e-2)
+
+
+def test_masks():
+  causal = make_causal_mask(jnp.ones((1, 3)))
+  np.testing.assert_array_equal(causal[0, 0], np.tril(np.ones((3, 3))))
+  both = combine_masks(causal, None, jnp.ones((1, 1, 3, 3)) * jnp.array([1.0, 1.0, 0.0]))
+  np.testing.assert_array_equal(both[0, 0], np.tril(np.ones((3, 3))) * [1, 1, 0])
+  assert combine_masks(None, None) is None
+  with pytest.raises(errors.ShapeError, match="masks must have the same rank"):
+    combine_masks(jnp.ones((3, 3)), jnp.ones((1, 3, 3)))
+
+
+def _manual_mha(mha, xq, xkv, mask=None):
+  def proj(layer, x):
+    return np.einsum("bte,ehd->bthd", x, np.asarray(layer.kernel.value)) + np.asarray(layer.bias.value)
+  q, k, v = proj(mha.query, xq), proj(mha.key, xkv), proj(mha.value, xkv)
+  o = attention_ref(q, k, v, mask)
+  return np.einsum("bthd,hde->bte", o, np.asarray(mha.out.kernel.value)) + np.asarray(mha.out.bias.value)
+
+
+def test_mha_self_and_cross_attention_match_reference():
+  mha = MultiHeadAttention(2, 6, qkv_features=4, out_features=5, in_kv_features=3,
+                           bias_init=initializers.normal(0.5), rngs=nnx.Rngs(0))
+  assert mha.query.kernel.shape == (6, 2, 2) and mha.key.kernel.shape == (3, 2, 2)
+  assert mha.out.kernel.logical_axes == ("heads", "kv", "embed")
+  assert mha.query.bias.logical_axes == ("heads", "kv") and mha.out.bias.logical_axes == ("embed",)
+  xq, xkv = _x((2, 4, 6), 3), _x((2, 3, 3), 4)
+  close(mha(jnp.asarray(xq), jnp.asarray(xkv)), _manual_mha(mha, xq, xkv), 1e-4)
+  self_attn = MultiHeadAttention(2, 4, rngs=nnx.Rngs(1))
+  x = _x((1, 3, 4), 5)
+  mask = make_causal_mask(jnp.ones((1, 3)))
+  ref = _manual_mha(self_attn, x, x, np.asarray(mask) > 0)
+  close(jit_apply(self_attn, lambda m, x, mk: m(x, mask=mk), jnp.asarray(x), mask), ref, 1e-4)
+  g = param_grads(self_attn, lambda m: jnp.sum(m(jnp.asarray(x))))
+  close(g["out"]["bias"].value, np.full((4,), 3.0), 1e-5)
+
+
+def test_mha_decode_with_cache_equals_causal_attention():
+  mha = MultiHeadAttention(2, 8, decode=False, normalize_qk=True, rngs=nnx.Rngs(0))
+  x = jnp.asarray(_x((2, 5, 8), 7))
+  full = mha(x, mask=make_causal_mask(jnp.ones((2, 5))))
+  mha.init_cache(x.shape)
+  assert isinstance(mha.cached_key, nnx.Cache)
+  assert mha.cached_key.logical_axes == ("batch", "length", "heads", "kv")
+  for t in range(5):
+    step = jit_apply(mha, lambda m, xt: m(xt, decode=True), x[:, t:t + 1])
+    close(step[:, 0], full[:, t], 1e-5)
+  assert int(mha.cache_index.value) == 5
+
+
+def test_mha_dropout_train_vs_eval_and_sow():
+  mha = MultiHeadAttention(2, 4, dropout_rate=0.5, rngs=nnx.Rngs(0, dropout=1))
+  x = jnp.asarray(_x((1, 3, 4)))
+  with pytest.raises(errors.ConfigError, match="dropout_rate > 0, so say whether to apply it"):
+    mha(x)
+  mha.eval()
+  a = jit_apply(mha, lambda m, x: m(x), x)
+  b = jit_apply(mha, lambda m, x: m(x), x)
+  np.testing.assert_array_equal(a, b)
+  mha.train()
+  c = jit_apply(mha, lambda m, x: m(x), x)
+  d = jit_apply(mha, lambda m, x: m(x), x)
+  assert not np.allclose(c, d)
+  mha.eval()
+  mha(x, sow_weights=True)
+  (weights,) = mha.attention_weights.value
+  close(weights.sum(-1), np.ones((1, 2, 3)), 1e-5)
+
+
+def test_mha_bf16_compute():
+  mha = MultiHeadAttention(2, 4, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  x = _x((1, 3, 4))
+  y = mha(jnp.asarray(x))
+  assert y.dtype == jnp.bfloat16 and mha.query.kernel.dtype == jnp.float32
+  close(y, _manual_mha(mha, x, x), 1e-1)
+
+
+def test_mha_with_partitioning_and_errors():
+  init = nnx.with_partitioning(initializers.lecun_normal(), ("embed", None, None))
+  mha = MultiHeadAttention(2, 4, kernel_init=init, rngs=nnx.Rngs(0))
+  assert mha.query.kernel.logical_axes == ("embed", None, None)
+  with pytest.raises(errors.ConfigError, match=r"qkv_features \(6\) must be divisible by num_heads \(4\)"):
+    MultiHeadAttention(4, 6, rngs=nnx.Rngs(0))
+  mha = MultiHeadAttention(2, 4, rngs=nnx.Rngs(0))
+  with pytest.raises(errors.ShapeError, match=r"MultiHeadAttention: expected an input whose axis -1 "
+                                              r"has 4 in features, got shape \(1, 3, 5\)"):
+    mha(jnp.ones((1, 3, 5)))
+  with pytest.raises(errors.ConfigError, match=r"call init_cache"):
+    mha(jnp.ones((1, 1, 4)), decode=True)
+  mha.init_cache((1, 4, 4))
+  with pytest.raises(errors.ShapeError, match=r"decoding takes one token per call"):
+    mha(jnp.ones((1, 2, 4)), decode=True)

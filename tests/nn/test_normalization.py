@@ -1,0 +1,108 @@
+"""LayerNorm, RMSNorm, BatchNorm, GroupNorm against numpy references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from nn_helpers import close, jit_apply, param_grads
+
+import spmdnnx as nnx
+from spmdnnx import errors
+from spmdnnx.nn import BatchNorm, GroupNorm, LayerNorm, RMSNorm, initializers
+
+
+def _x(shape, seed=0):
+  return np.asarray(jax.random.normal(jax.random.key(seed), shape)) * 3 + 1
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_layer_norm_matches_reference(fast):
+  ln = LayerNorm(4, use_fast_variance=fast, scale_init=initializers.normal(1.0),
+                 bias_init=initializers.normal(1.0), rngs=nnx.Rngs(0))
+  x = _x((3, 4))
+  s, b = np.asarray(ln.scale.value), np.asarray(ln.bias.value)
+  ref = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6) * s + b
+  close(ln(jnp.asarray(x)), ref, 1e-4)
+  g = param_grads(ln, lambda m: jnp.sum(m(jnp.asarray(x)) * jnp.arange(4.0)))
+  close(g["bias"].value, np.broadcast_to(np.arange(4.0) * 3, (4,)), 1e-4)
+  norm = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
+  close(g["scale"].value, (norm * np.arange(4.0)).sum(0), 1e-4)
+
+
+def test_layer_norm_dtypes_and_axes():
+  ln = LayerNorm(4, rngs=nnx.Rngs(0))
+  assert ln.scale.logical_axes == ("norm",) and ln.bias.logical_axes == ("norm",)
+  x16 = jnp.asarray(_x((2, 4)), jnp.bfloat16)
+  assert ln(x16).dtype == jnp.float32   # f32 params, dtype=None
+  ln16 = LayerNorm(4, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  y = ln16(x16)
+  assert y.dtype == jnp.bfloat16
+  close(y, ln(x16), 2e-2)
+  assert LayerNorm(4, scale_axes=("embed",), rngs=nnx.Rngs(0)).scale.logical_axes == ("embed",)
+
+
+def test_rms_norm_matches_reference():
+  rms = RMSNorm(4, scale_init=initializers.normal(1.0), rngs=nnx.Rngs(0))
+  assert rms.bias is None
+  x = _x((2, 3, 4))
+  ref = x / np.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-6) * np.asarray(rms.scale.value)
+  close(rms(jnp.asarray(x)), ref, 1e-4)
+  g = param_grads(rms, lambda m: jnp.sum(m(jnp.asarray(x))))
+  close(g["scale"].value, (x / np.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-6)).sum((0, 1)), 1e-4)
+
+
+def test_batch_norm_train_and_eval_inside_jit():
+  bn = BatchNorm(3, momentum=0.9, rngs=nnx.Rngs(0))
+  assert bn.mean.logical_axes == ("norm",) and isinstance(bn.mean, nnx.BatchStat)
+  x = _x((8, 2, 3))
+  y = jit_apply(bn, lambda m, x: m(x), jnp.asarray(x))
+  mu, var = x.mean((0, 1)), x.var((0, 1))
+  close(y, (x - mu) / np.sqrt(var + 1e-5), 1e-4)
+  close(bn.mean.value, 0.1 * mu, 1e-5)
+  close(bn.var.value, 0.9 + 0.1 * var, 1e-4)
+  bn.eval()
+  assert bn.use_running_average is True
+  before = np.asarray(bn.mean.value)
+  y_eval = jit_apply(bn, lambda m, x: m(x), jnp.asarray(x))
+  close(y_eval, (x - 0.1 * mu) / np.sqrt(0.9 + 0.1 * var + 1e-5), 1e-4)
+  close(bn.mean.value, before)
+  bn.train()
+  jit_apply(bn, lambda m, x: m(x, use_running_average=True), jnp.asarray(x))
+  close(bn.mean.value, before)   # call argument wins over the attribute
+
+
+def test_batch_norm_grad_through_batch_stats():
+  bn = BatchNorm(2, rngs=nnx.Rngs(0))
+  x = jnp.asarray(_x((4, 2)))
+  g = param_grads(bn, lambda m: jnp.sum(m(x) ** 2))
+  close(g["scale"].value, [8.0, 8.0], 1e-3)  # sum of squared standardized values
+  close(g["bias"].value, [0.0, 0.0], 1e-4)
+
+
+def test_group_norm_matches_reference():
+  gn = GroupNorm(6, num_groups=3, scale_init=initializers.normal(1.0), rngs=nnx.Rngs(0))
+  x = _x((2, 5, 6))
+  xg = x.reshape(2, 5, 3, 2)
+  mu = xg.mean((1, 3), keepdims=True)
+  var = xg.var((1, 3), keepdims=True)
+  ref = ((xg - mu) / np.sqrt(var + 1e-6)).reshape(2, 5, 6) * np.asarray(gn.scale.value)
+  close(gn(jnp.asarray(x)), ref, 1e-4)
+  assert GroupNorm(6, num_groups=None, group_size=3, rngs=nnx.Rngs(0)).num_groups == 2
+
+
+def test_norm_errors():
+  with pytest.raises(errors.ConfigError, match=r"LayerNorm: num_features must be a positive int"):
+    LayerNorm(0)
+  with pytest.raises(errors.ShapeError, match=r"LayerNorm: expected 4 features on axis \(1,\), "
+                                              r"got an input of shape \(2, 3\)"):
+    LayerNorm(4)(jnp.ones((2, 3)))
+  with pytest.raises(errors.ShapeError, match=r"BatchNorm: expected 3 features"):
+    BatchNorm(3)(jnp.ones((2, 4)))
+  with pytest.raises(errors.ConfigError, match=r"momentum must be in \[0, 1\]"):
+    BatchNorm(3, momentum=1.5)
+  with pytest.raises(errors.ConfigError, match=r"num_groups 4 must divide num_features 6"):
+    GroupNorm(6, num_groups=4)
+  with pytest.raises(errors.ConfigError, match=r"exactly one of num_groups and group_size"):
+    GroupNorm(6, num_groups=2, group_size=3)
+  with pytest.raises(errors.MetadataError, match=r"scale_axes \('a', 'b'\) has 2 entries"):
+    RMSNorm(4, scale_axes=("a", "b"))
