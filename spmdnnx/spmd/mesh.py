@@ -192,8 +192,11 @@ def _axis_types(axis_types: Any) -> tuple[AxisType, ...]:
 
 
 def _slice_of(device: Any) -> int:
+  # Only TPU slices are real "slices"; elsewhere (CPU/GPU) a process is one.
   index = getattr(device, "slice_index", None)
-  return device.process_index if index is None else index
+  if index is None or device.platform != "tpu":
+    return device.process_index
+  return index
 
 
 def make_mesh(config: MeshConfig, devices: Sequence[Any] | None = None, *,
@@ -238,7 +241,7 @@ def make_mesh(config: MeshConfig, devices: Sequence[Any] | None = None, *,
           f"{sizes} devices per slice.")
     array = mesh_utils.create_hybrid_device_mesh(
         ici, dcn, devices,
-        process_is_granule=getattr(devices[0], "slice_index", None) is None,
+        process_is_granule=devices[0].platform != "tpu",
         allow_split_physical_axes=True)
   return Mesh(array, AXES, axis_types=types)
 
