@@ -382,9 +382,9 @@ def split(node: Any, *filters) -> tuple:
   """
   graphdef, f = flatten(node)
   if not filters:
-    return graphdef, State.from_flat_path(f.pairs)
+    return graphdef, _as_state(f.pairs)
   parts = split_pairs(f.pairs, filters, exhaustive=True)
-  return (graphdef, *(State.from_flat_path(p) for p in parts))
+  return (graphdef, *(_as_state(p) for p in parts))
 
 
 def graphdef(node: Any) -> GraphDef:
@@ -396,10 +396,17 @@ def state(node: Any, *filters) -> State | tuple[State, ...]:
   """The State of a graph (all of it, or the leaves matching each filter)."""
   _, f = flatten(node)
   if not filters:
-    return State.from_flat_path(f.pairs)
+    return _as_state(f.pairs)
   parts = split_pairs(f.pairs, filters, exhaustive=False)[:len(filters)]
-  states = tuple(State.from_flat_path(p) for p in parts)
+  states = tuple(_as_state(p) for p in parts)
   return states[0] if len(states) == 1 else states
+
+
+def _as_state(pairs: list) -> Any:
+  """A State of the pairs; a graph that *is* one Variable/array gives that leaf."""
+  if len(pairs) == 1 and pairs[0][0] == ():
+    return pairs[0][1]
+  return State.from_flat_path(pairs)
 
 
 def merge(graphdef: GraphDef, state: State | None = None, /, *states: State) -> Any:
@@ -419,6 +426,8 @@ def merge(graphdef: GraphDef, state: State | None = None, /, *states: State) -> 
       leaves.update(s.flat_state())
     elif isinstance(s, dict):
       leaves.update(State(s).flat_state())
+    elif graphdef.spec[0] in (VAR, LEAF) and (isinstance(s, Variable) or _is_array(s)):
+      leaves[()] = s  # the graph is a single Variable (or array)
     else:
       raise errors.GraphError(
           f"merge expects States after the GraphDef, got {type(s).__name__}.")
