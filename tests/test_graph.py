@@ -762,3 +762,16 @@ def test_model_surgery_train_only_lora(how):
   for (p, a), (_, b) in zip(frozen.flat_state(), after.flat_state()):
     np.testing.assert_array_equal(a.value, b.value, err_msg=str(p))
   assert float(jnp.abs(model.layers[0].b.value).sum()) > 0
+
+
+def test_split_merge_single_variable():
+  v = Count(jnp.array(3), logical_axes=())
+  graphdef, state = nnx.split(v)
+  assert type(state) is Count and state is not v
+  v2 = nnx.merge(graphdef, state)
+  assert type(v2) is Count and v2 is not v and int(v2.value) == 3
+  assert v2.logical_axes == ()
+  graphdef, params, rest = nnx.split(v, nnx.Param, ...)
+  assert params == nnx.State({}) and type(rest) is Count
+  assert int(nnx.merge(graphdef, params, rest).value) == 3
+  assert type(nnx.clone(v)) is Count

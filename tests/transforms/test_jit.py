@@ -483,3 +483,20 @@ def test_shared_module_nested_twice_in_one_argument():
   assert identical
   assert (int(x), int(y)) == (1, 2)
   assert int(c.count.value) == 2
+
+
+def test_returning_state_and_new_variables():
+  m = model()
+
+  @nnx.jit
+  def f(m):
+    return nnx.state(m, nnx.Param), nnx.Param(jnp.ones(2), logical_axes=("embed",))
+
+  params, var = f(m)
+  assert type(params) is nnx.State
+  assert [p for p, _ in params.flat_state()] == [
+      ("layers", 0, "bias"), ("layers", 0, "kernel")]
+  assert params.layers[0].kernel is not m.layers[0].kernel  # a detached copy
+  np.testing.assert_array_equal(params.layers[0].kernel.value, m.layers[0].kernel.value)
+  assert type(var) is nnx.Param and var.logical_axes == ("embed",)
+  assert not isinstance(var.value, jax.core.Tracer)
