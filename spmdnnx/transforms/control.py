@@ -134,8 +134,9 @@ def _loop_fns(ex: lift.Extraction, what: str):
     new_leaves, restructure, _, _ = lift.collect(rebuilt, None)
     if restructure is not None:
       raise errors.TransformError(
-          f"{what}: the body added or removed Variables or sub-modules; loop bodies "
-          "must keep the graph's structure.")
+          f"{what}: the body added or removed Variables or sub-modules (paths now "
+          f"{errors.format_paths(map(errors.path_str, restructure.paths))}); loop "
+          "bodies must keep the graph's structure. Create the state before the loop.")
     plain = _loop_carry(ex, val_out, rebuilt.nodes, what)
     return [lift._raw(x) for x in new_leaves], plain
 
