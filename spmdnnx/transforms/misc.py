@@ -17,6 +17,7 @@ import functools
 from typing import Any, Callable
 
 import jax
+from jax.ad_checkpoint import checkpoint_name as _jax_checkpoint_name
 from jax.sharding import PartitionSpec
 
 from spmdnnx import errors
@@ -58,7 +59,7 @@ def resolve_policy(policy: Any, names: tuple[str, ...] = ()) -> Any:
 
 def checkpoint_name(x: Any, name: str) -> Any:
   """Tags an activation so policy 'save_only_named' can keep it."""
-  return jax.ad_checkpoint.checkpoint_name(x, name)
+  return _jax_checkpoint_name(x, name)
 
 
 def _name(f) -> str:
@@ -95,16 +96,27 @@ def _lifted(f: Callable, what: str, transform: Callable, *, update: bool = True)
 
 
 def remat(f: Callable | None = None, *, prevent_cse: bool = True, policy: Any = None,
-          static_argnums: tuple = ()) -> Callable:
+          static_argnums: tuple = (), names: tuple[str, ...] = ()) -> Callable:
   """Rematerialisation (`jax.checkpoint`) that accepts graph objects.
 
   Args:
-    policy: a `jax.checkpoint_policies` callable or a name from `POLICIES`.
+    policy: a `jax.checkpoint_policies` callable or a name from `POLICIES`
+      (or ``"save_only_named"`` together with ``names``).
+    names: for ``policy="save_only_named"``: the `checkpoint_name` tags of
+      the activations to keep.
+
+  Raises:
+    TransformError: an unknown policy name, or ``"save_only_named"`` without
+      ``names`` (which would silently save nothing).
   """
   if f is None:
     return functools.partial(remat, prevent_cse=prevent_cse, policy=policy,
-                             static_argnums=static_argnums)
-  pol = resolve_policy(policy)
+                             static_argnums=static_argnums, names=names)
+  if policy == "save_only_named" and not names:
+    raise errors.TransformError(
+        "remat: policy='save_only_named' needs names=(...) listing the "
+        "checkpoint_name tags to keep; without them nothing is saved.")
+  pol = resolve_policy(policy, tuple(names))
   if static_argnums:
     raise errors.TransformError(
         "remat: static_argnums is not supported for lifted remat; close over the "
