@@ -29,6 +29,7 @@ nested inside containers) takes the general path, which re-walks the graph.
 
 from __future__ import annotations
 
+import collections
 import functools
 import weakref
 from typing import Any, Callable, Sequence
@@ -46,6 +47,8 @@ from spmdnnx.transforms import lift
 from spmdnnx.variables import EPOCH, Variable
 
 _RAW_SET = Variable.raw_value.__set__
+_RAW_GET = Variable.raw_value.__get__
+_consume = collections.deque(maxlen=0).extend
 _NODE_TYPES = (Object, Variable)
 _UNSPECIFIED = object()
 _CTX_STACK = context_lib._STACK
@@ -133,8 +136,8 @@ class JitWrapped:
     return self._slow_call(args, kwargs)
 
   def _fast_call(self, plan: _Plan, args: tuple, kwargs: dict):
-    vals_d = [v.raw_value for v in plan.live_d] if plan.live_d else ()
-    vals_k = [v.raw_value for v in plan.live_k]
+    vals_d = list(map(_RAW_GET, plan.live_d)) if plan.live_d else ()
+    vals_k = list(map(_RAW_GET, plan.live_k))
     if plan.prefix >= 0:  # graph nodes are the first `prefix` arguments
       call_args = plan.nones + args[plan.prefix:]
     else:
@@ -147,8 +150,7 @@ class JitWrapped:
       raise
     cell = plan.cell
     if cell.restructure is None:
-      for var, val in zip(plan.live, new_vals):
-        _RAW_SET(var, val)
+      _consume(map(_RAW_SET, plan.live, new_vals))
     else:
       lift.apply_updates(plan.ex, new_vals, cell.restructure)
     if cell.has_nodes:
