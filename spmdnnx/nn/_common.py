@@ -121,12 +121,6 @@ def canonical_tuple(owner: str, name: str, value: Any, n: int) -> tuple:
 
 
 def set_attrs(obj: Any, **attrs: Any) -> None:
-  """Sets attributes on a Module, None values included.
-
-  Works around the core `Object.__setattr__` treating a missing attribute as
-  an existing None (so ``self.x = None`` on a fresh Module is dropped).
-  """
+  """Sets several (configuration) attributes of a Module at once."""
   for name, value in attrs.items():
     setattr(obj, name, value)
-    if name not in obj.__dict__:
-      obj.__dict__[name] = value

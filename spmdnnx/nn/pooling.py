@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from spmdnnx import errors
@@ -65,7 +66,7 @@ def pool(inputs: jax.Array, init: Any, reduce_fn: Callable,
   if jnp.issubdtype(x.dtype, jnp.integer) and init in (jnp.inf, -jnp.inf):
     info = jnp.iinfo(x.dtype)
     init = info.max if init > 0 else info.min
-  y = lax.reduce_window(x, jnp.asarray(init, x.dtype), reduce_fn, (1,) + window + (1,),
+  y = lax.reduce_window(x, np.array(init, x.dtype), reduce_fn, (1,) + window + (1,),
                         (1,) + strides + (1,), pad)
   y = y.reshape(batch + y.shape[1:])
   return y[0] if unbatched else y
