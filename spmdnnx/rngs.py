@@ -92,8 +92,9 @@ class Rngs(Object):
       return d[name]
     if DEFAULT in d:
       return d[DEFAULT]
+    what = "no 'default' stream" if name == DEFAULT else f"no stream {name!r} and no 'default' stream"
     raise errors.ConfigError(
-        f"Rngs has no stream {name!r} and no 'default' stream; streams are "
+        f"Rngs has {what}; streams are "
         f"{sorted(self._names())}. Create it, e.g. nnx.Rngs({name}=0), or give a "
         "default seed: nnx.Rngs(0).")
 

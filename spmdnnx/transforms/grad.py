@@ -110,7 +110,7 @@ def _grad_transform(f: Callable, argnums, has_aux: bool, wrt, return_value: bool
           if not (isinstance(out, tuple) and len(out) == 2):
             raise errors.TransformError(
                 f"grad({_name(f)}, has_aux=True): the function must return a "
-                f"(loss, aux) pair, got {type(out).__name__}.")
+                f"(loss, aux) pair, got {_describe(out)}.")
           loss, aux = out
         else:
           loss, aux = out, None
@@ -152,6 +152,14 @@ def _node_arg_index(args: Sequence, n_nodes: int) -> list[int]:
         seen.add(id(leaf))
         out.append(i)
   return out
+
+
+def _describe(out) -> str:
+  if isinstance(out, jax.core.Tracer) or hasattr(out, "shape"):
+    return f"a single array of shape {tuple(getattr(out, 'shape', ()))}"
+  if isinstance(out, tuple):
+    return f"a tuple of length {len(out)}"
+  return f"a {type(out).__name__}"
 
 
 def _name(f) -> str:

@@ -203,7 +203,8 @@ class JitWrapped:
     plan.prefix = len(node_pos) if node_pos == tuple(range(len(node_pos))) else -1
     plan.nones = (None,) * len(node_pos)
     plan.jitted, plan.cell = self._inner_for(ex.graphdef, nargs, node_pos, mask,
-                                             static, donate, shardings)
+                                             static, donate, shardings,
+                                             tuple(ex.arg_leaves))
     plan.epoch = EPOCH[0]
     self._plan = plan
     return self._fast_call(plan, args, kwargs)
@@ -226,8 +227,12 @@ class JitWrapped:
         _RAW_SET(var, jax.device_put(value, sharding))
     return shardings
 
-  def _inner_for(self, graphdef, nargs, node_pos, mask, static, donate, shardings=None):
-    key = (graphdef, nargs, node_pos, mask, static, donate, shardings)
+  def _inner_for(self, graphdef, nargs, node_pos, mask, static, donate, shardings=None,
+                 slots=None):
+    # `slots`: for each node position, a NodeSlot into the unique nodes (the
+    # same object passed twice is one node).
+    slots = slots if slots is not None else tuple(lift.NodeSlot(j) for j in range(len(node_pos)))
+    key = (graphdef, nargs, node_pos, mask, static, donate, shardings, slots)
     hit = self._inner.get(key)
     if hit is not None:
       return hit
@@ -241,7 +246,7 @@ class JitWrapped:
       vals = [next(it_d) if m else next(it_k) for m in mask]
       with tracectx.frame(name):
         nodes_t, rebuilt = lift.rebuild(graphdef, vals, _TUPLE_TREEDEF[len(node_pos_l)],
-                                        [lift.NodeSlot(j) for j in range(len(node_pos_l))])
+                                        list(slots))
         args = list(args)
         for j, i in enumerate(node_pos_l):
           args[i] = nodes_t[j]
@@ -342,7 +347,8 @@ class JitWrapped:
                      if i not in static and isinstance(a, _NODE_TYPES))
     ex = lift.extract(tuple(args[i] for i in node_pos))
     mask = tuple(False for _ in ex.leaves)
-    jitted, _ = self._inner_for(ex.graphdef, nargs, node_pos, mask, static, frozenset())
+    jitted, _ = self._inner_for(ex.graphdef, nargs, node_pos, mask, static, frozenset(),
+                                None, tuple(ex.arg_leaves))
     call_args = [None if i in node_pos else a for i, a in enumerate(args)]
     return jitted.lower((), [lift._raw(v) for v in ex.leaves], *call_args, **kwargs)
 

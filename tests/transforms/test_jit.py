@@ -240,10 +240,6 @@ def test_batchnorm_like_state_propagates():
   np.testing.assert_allclose(bn.mean.value, [1.5, 3.0])
 
 
-@pytest.mark.xfail(
-    reason="jit._slow_call makes one NodeSlot per node position but lift.extract "
-    "dedupes the same object passed twice, so rebuild raises IndexError "
-    "(spmdnnx/transforms/jit.py, _inner_for/inner)", raises=IndexError, strict=True)
 def test_shared_module_passed_twice():
   c = Counter()
   f = nnx.jit(lambda a, b: (a(), b(), a is b))
