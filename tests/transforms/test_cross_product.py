@@ -230,11 +230,10 @@ def test_state_after_transform_matches_eager(piece, transform):
     assert ref.a is ref.b
 
 
-@pytest.mark.parametrize("transform", list(TRANSFORMS))
+@pytest.mark.parametrize("transform", [t for t in TRANSFORMS if t != "grad"])
 def test_dropout_mask_advances_between_calls(transform):
+  """Two calls draw different masks (grad returns no mask; its counter is checked above)."""
   run, _ = TRANSFORMS[transform]
-  if transform == "grad":
-    pytest.skip("grad has no mask output; the counter advance is checked above")
   m = DropPiece()
   xs = jnp.ones((3, 2, D))
   first = jnp.stack(jax.tree.leaves(run(m, xs)))
