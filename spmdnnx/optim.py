@@ -58,13 +58,15 @@ def pure(state: Any) -> State:
   return State.from_flat_path([(p, _raw(v)) for p, v in state.flat_state()])
 
 
-def _override_axes(override: AxesOverride, path: tuple, axes: Any) -> Any:
+def _override_axes(override: AxesOverride, path: tuple, axes: Any, ndim: int) -> Any:
   if override is None:
     return axes
   if callable(override):
     return override(path, axes)
   if axes is None:
-    return None
+    if None not in override:
+      return None
+    axes = (None,) * ndim
   return tuple(override.get(a, a) for a in axes)
 
 
@@ -142,7 +144,7 @@ class Optimizer(Object):
     for n in lengths:
       param = by_path.get(path[-n:]) if len(path) >= n else None
       if param is not None and jnp.shape(leaf) == param.shape:
-        axes = _override_axes(override, path[-n:], param.logical_axes)
+        axes = _override_axes(override, path[-n:], param.logical_axes, param.ndim)
         return OptVariable(leaf, logical_axes=axes)
     return OptArrayState(leaf)
 

@@ -122,6 +122,9 @@ def test_optimizer_axes_override():
   renamed = Optimizer(model, optax.adam(1e-3), optimizer_axes={"embed": "opt_embed"})
   assert renamed.opt_state[0]["mu"]["l1"]["kernel"].logical_axes == ("opt_embed", "mlp")
   assert model.l1.kernel.logical_axes == ("embed", "mlp")
+  plain = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+  zero = Optimizer(plain, optax.adam(1e-3), optimizer_axes={None: "zero"})
+  assert zero.opt_state[0]["mu"]["kernel"].logical_axes == ("zero", "zero")
   fn = Optimizer(model, optax.sgd(1e-3, momentum=0.9),
                  optimizer_axes=lambda path, axes: ("zero",) + tuple(axes[1:]))
   assert fn.opt_state[0]["trace"]["l2"]["bias"].logical_axes == ("zero",)

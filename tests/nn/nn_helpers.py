@@ -28,7 +28,7 @@ def param_grads(model, loss):
   def f(params):
     return loss(nnx.merge(graphdef, params, rest))
 
-  return jax.grad(f)(params)
+  return jax.jit(jax.grad(f))(params)
 
 
 def close(a, b, tol=1e-5):

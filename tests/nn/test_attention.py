@@ -29,9 +29,10 @@ def test_dot_product_attention_matches_reference_with_mask():
   q, k, v = _x((2, 3, 2, 4), 0), _x((2, 5, 2, 4), 1), _x((2, 5, 2, 4), 2)
   mask = make_attention_mask(jnp.array([[1, 1, 1], [1, 1, 0]]), jnp.array([[1, 1, 1, 0, 0]] * 2))
   assert mask.shape == (2, 1, 3, 5)
-  out = dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask=mask)
+  attend = jax.jit(dot_product_attention)
+  out = attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask=mask)
   close(out[0], attention_ref(q, k, v, np.asarray(mask) > 0)[0], 1e-5)
-  out16 = dot_product_attention(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)))
+  out16 = attend(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)))
   assert out16.dtype == jnp.bfloat16
   close(out16, attention_ref(q, k, v), 5e-2)
 
@@ -61,7 +62,8 @@ def test_mha_self_and_cross_attention_match_reference():
   assert mha.out.kernel.logical_axes == ("heads", "kv", "embed")
   assert mha.query.bias.logical_axes == ("heads", "kv") and mha.out.bias.logical_axes == ("embed",)
   xq, xkv = _x((2, 4, 6), 3), _x((2, 3, 3), 4)
-  close(mha(jnp.asarray(xq), jnp.asarray(xkv)), _manual_mha(mha, xq, xkv), 1e-4)
+  out = jit_apply(mha, lambda m, q, kv: m(q, kv), jnp.asarray(xq), jnp.asarray(xkv))
+  close(out, _manual_mha(mha, xq, xkv), 1e-4)
   self_attn = MultiHeadAttention(2, 4, rngs=nnx.Rngs(1))
   x = _x((1, 3, 4), 5)
   mask = make_causal_mask(jnp.ones((1, 3)))
@@ -74,7 +76,7 @@ def test_mha_self_and_cross_attention_match_reference():
 def test_mha_decode_with_cache_equals_causal_attention():
   mha = MultiHeadAttention(2, 8, decode=False, normalize_qk=True, rngs=nnx.Rngs(0))
   x = jnp.asarray(_x((2, 5, 8), 7))
-  full = mha(x, mask=make_causal_mask(jnp.ones((2, 5))))
+  full = jit_apply(mha, lambda m, x: m(x, mask=make_causal_mask(jnp.ones((2, 5)))), x)
   mha.init_cache(x.shape)
   assert isinstance(mha.cached_key, nnx.Cache)
   assert mha.cached_key.logical_axes == ("batch", "length", "heads", "kv")
@@ -98,7 +100,7 @@ def test_mha_dropout_train_vs_eval_and_sow():
   d = jit_apply(mha, lambda m, x: m(x), x)
   assert not np.allclose(c, d)
   mha.eval()
-  mha(x, sow_weights=True)
+  jit_apply(mha, lambda m, x: m(x, sow_weights=True), x)
   (weights,) = mha.attention_weights.value
   close(weights.sum(-1), np.ones((1, 2, 3)), 1e-5)
 
@@ -106,7 +108,7 @@ def test_mha_dropout_train_vs_eval_and_sow():
 def test_mha_bf16_compute():
   mha = MultiHeadAttention(2, 4, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
   x = _x((1, 3, 4))
-  y = mha(jnp.asarray(x))
+  y = jit_apply(mha, lambda m, x: m(x), jnp.asarray(x))
   assert y.dtype == jnp.bfloat16 and mha.query.kernel.dtype == jnp.float32
   close(y, _manual_mha(mha, x, x), 1e-1)
 
