@@ -1,6 +1,8 @@
 """Tests for `Stack` (scan over vmap-stacked layers) and stacked-state conversion."""
 
 import doctest
+import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -547,3 +549,16 @@ def test_state_conversion_errors():
 def test_doctests(module):
   result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
   assert result.attempted > 0 and result.failed == 0
+
+
+DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "scan.md"
+DOC_BLOCKS = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
+
+
+def test_scan_doc_has_blocks():
+  assert len(DOC_BLOCKS) >= 5
+
+
+@pytest.mark.parametrize("index", range(len(DOC_BLOCKS)))
+def test_scan_doc_block_runs(index):
+  exec(compile(DOC_BLOCKS[index], f"scan.md block {index}", "exec"), {})
