@@ -23,6 +23,7 @@ True
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Sequence
 
 import jax
@@ -63,6 +64,28 @@ def _branch(ex: lift.Extraction, f: Callable, what: str, cell: dict) -> Callable
   return inner
 
 
+def _what_obj(leaf: Any, nodes: tuple) -> str:
+  for i, node in enumerate(nodes):
+    if leaf is node:
+      return f"{type(leaf).__name__} #{i}"
+  return f"a different {type(leaf).__name__}" if graph.is_graph_node(leaf) else \
+      f"a {type(leaf).__name__}"
+
+
+@contextlib.contextmanager
+def _same_structure(what: str):
+  """Turns JAX's branch-structure mismatch about our markers into a clear error."""
+  try:
+    yield
+  except TypeError as e:
+    if "InputRef" in str(e) or "NodeOut" in str(e):
+      raise errors.TransformError(
+          f"{what}: the branches return different graph objects (or parts of "
+          "them); every branch must return the same objects in the same positions. "
+          "Return arrays, or select the object outside the conditional.") from e
+    raise
+
+
 def _split_operands(operands: Sequence) -> tuple[lift.Extraction, list, list]:
   ex = lift.extract(tuple(operands))
   plain = [x for x in ex.arg_leaves if not isinstance(x, lift.NodeSlot)]
@@ -81,8 +104,9 @@ def cond(pred: Any, true_fun: Callable, false_fun: Callable, *operands: Any) -> 
   what = "cond"
   ex, vals, plain = _split_operands(operands)
   cell: dict = {}
-  new_vals, out = jax.lax.cond(pred, _branch(ex, true_fun, what, cell),
-                               _branch(ex, false_fun, what, cell), vals, plain)
+  with _same_structure(what):
+    new_vals, out = jax.lax.cond(pred, _branch(ex, true_fun, what, cell),
+                                 _branch(ex, false_fun, what, cell), vals, plain)
   return _finish(ex, new_vals, out, cell)
 
 
@@ -94,7 +118,8 @@ def switch(index: Any, branches: Sequence[Callable], *operands: Any) -> Any:
   ex, vals, plain = _split_operands(operands)
   cell: dict = {}
   wrapped = [_branch(ex, b, what, cell) for b in branches]
-  new_vals, out = jax.lax.switch(index, wrapped, vals, plain)
+  with _same_structure(what):
+    new_vals, out = jax.lax.switch(index, wrapped, vals, plain)
   return _finish(ex, new_vals, out, cell)
 
 
@@ -112,9 +137,9 @@ def _loop_carry(ex: lift.Extraction, val_out: Any, rebuilt_nodes: tuple, what: s
       if leaf is not rebuilt_nodes[slot.index]:
         raise errors.TransformError(
             f"{what}: the body must return the same graph objects it received "
-            f"(got {type(leaf).__name__} where the loop value holds "
-            f"{type(rebuilt_nodes[slot.index]).__name__}); mutate them in place "
-            "and return them.")
+            f"(got {_what_obj(leaf, rebuilt_nodes)} where the loop value holds its "
+            f"{type(rebuilt_nodes[slot.index]).__name__} #{slot.index}); mutate the "
+            "objects in place and return them in the same positions.")
     else:
       plain.append(leaf)
   return plain

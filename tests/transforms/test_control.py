@@ -189,3 +189,14 @@ def test_error_while_loop_body_adds_variable():
                      match=r"while_loop\(.*body\): the body added or removed Variables.*extra"):
     nnx.while_loop(lambda c: c.count.value < 3, body, c)
   assert not hasattr(c, "extra")
+
+
+def test_cond_branches_returning_different_objects_error():
+  class Pair(nnx.Module):
+    def __init__(self):
+      self.a = nnx.Variable(jnp.zeros(2))
+      self.b = nnx.Variable(jnp.ones(2))
+
+  with pytest.raises(nnx.errors.TransformError,
+                     match=r"cond: the branches return different graph objects"):
+    nnx.cond(True, lambda p: p.a, lambda p: p.b, Pair())
