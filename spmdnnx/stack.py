@@ -64,35 +64,37 @@ REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_without_batch_dims",
                   "save_only_named")
 
 
+def _is_positive_int(x: Any) -> bool:
+  return not isinstance(x, bool) and isinstance(x, (int, np.integer)) and x > 0
+
+
 def _check_config(num_layers: Any, stack_axis: Any, remat: Any, names: Any,
-                  unroll: Any) -> tuple:
-  """Validates Stack's configuration; returns the remat policy (or None)."""
-  if isinstance(num_layers, bool) or not isinstance(num_layers, (int, np.integer)) \
-      or num_layers <= 0:
+                  unroll: Any) -> tuple[str, ...]:
+  """Validates Stack's configuration; returns ``names`` as a tuple."""
+  if not _is_positive_int(num_layers):
     raise errors.ConfigError(
         f"Stack: num_layers must be a positive int, got {num_layers!r}.")
   if not isinstance(stack_axis, str) or not stack_axis:
     raise errors.ConfigError(
         f"Stack: stack_axis must be a non-empty logical axis name such as 'layers', "
         f"got {stack_axis!r}.")
-  if isinstance(unroll, bool) or not isinstance(unroll, (int, np.integer)) or unroll < 1:
-    if unroll is not True:
-      raise errors.ConfigError(
-          f"Stack: unroll must be a positive int (layers per loop iteration) or True "
-          f"(unroll fully), got {unroll!r}.")
+  if not (unroll is True or _is_positive_int(unroll)):
+    raise errors.ConfigError(
+        f"Stack: unroll must be a positive int (layers per loop iteration) or True "
+        f"(unroll fully), got {unroll!r}.")
   names = (names,) if isinstance(names, str) else tuple(names)
-  if remat is None or remat == "none":
-    return None, names
   if remat == "save_only_named" and not names:
     raise errors.ConfigError(
         "Stack: remat='save_only_named' needs names=(...) listing the activations "
         "tagged with nnx.checkpoint_name(x, name) to keep.")
-  try:
-    return resolve_policy(remat, names), names
-  except errors.TransformError:
-    raise errors.ConfigError(
-        f"Stack: unknown remat policy {remat!r}; use None or one of "
-        f"{list(REMAT_POLICIES)}, or a jax.checkpoint_policies callable.") from None
+  if remat is not None and remat != "none":
+    try:
+      resolve_policy(remat, names)
+    except errors.TransformError:
+      raise errors.ConfigError(
+          f"Stack: unknown remat policy {remat!r}; use None or one of "
+          f"{list(REMAT_POLICIES)}, or a jax.checkpoint_policies callable.") from None
+  return names
 
 
 def _same_avals(a: Any, b: Any) -> bool:
@@ -162,7 +164,7 @@ class Stack(Module):
   def __init__(self, make_block: Callable[[Rngs], Any], num_layers: int, *, rngs: Rngs,
                stack_axis: str = "layers", remat: Any = None, names: Sequence[str] = (),
                unroll: int | bool = 1):
-    _, names = _check_config(num_layers, stack_axis, remat, names, unroll)
+    names = _check_config(num_layers, stack_axis, remat, names, unroll)
     if not isinstance(rngs, Rngs):
       raise errors.ConfigError(
           f"Stack: rngs must be an nnx.Rngs (split per layer), got {type(rngs).__name__}.")
@@ -220,9 +222,9 @@ class Stack(Module):
     (3, 2, 2)
     """
     blocks = list(blocks)
-    _check_config(max(len(blocks), 1), stack_axis, remat, names, unroll)
     if not blocks:
       raise errors.ConfigError("Stack.from_blocks: got no blocks; pass at least one.")
+    names = _check_config(len(blocks), stack_axis, remat, names, unroll)
     bad = [f"{i} ({type(b).__name__})" for i, b in enumerate(blocks)
            if not isinstance(b, Module)]
     if bad:
@@ -239,7 +241,6 @@ class Stack(Module):
                for k, (path, _) in enumerate(flat[0])]
     block = graph.merge(graphdef, State.from_flat_path(stacked))
     stack = cls.__new__(cls)
-    names = (names,) if isinstance(names, str) else tuple(names)
     stack._configure(block, len(blocks), stack_axis, remat, names, unroll)
     return stack
 
@@ -287,8 +288,7 @@ class Stack(Module):
     leaves, treedef = jax.tree_util.tree_flatten(broadcast, is_leaf=graph.is_graph_node)
     dynamic = [x if _is_dynamic(x) else None for x in leaves]
     static = [None if _is_dynamic(x) else x for x in leaves]
-    policy, _ = _check_config(self.num_layers, self.stack_axis, self.remat, self.names,
-                              self.unroll)
+    policy = None if self.remat in (None, "none") else resolve_policy(self.remat, self.names)
     cell: dict = {}
 
     def layer(block, carry, dyn, *xs):
