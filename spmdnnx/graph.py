@@ -247,8 +247,10 @@ class _Flattener:
       return (LEAF,)
     if has_data(value):
       keyed, treedef = jax.tree_util.tree_flatten_with_path(value, is_leaf=_stop_at_nodes)
-      children = tuple(self.visit(v, path + (_key_name(k[0]),)) for k, v in keyed)
-      return (PYTREE, treedef, children)
+      # Children are named by their whole key path inside the pytree.
+      keys = tuple(tuple(_key_name(k) for k in keypath) for keypath, _ in keyed)
+      children = tuple(self.visit(v, path + key) for key, (_, v) in zip(keys, keyed))
+      return (PYTREE, treedef, children, keys)
     return (STATIC, _Static(value))
 
 
@@ -327,7 +329,7 @@ class _Builder:
     if tag == STATIC:
       return spec[1].value
     if tag == PYTREE:
-      children = [self.build(sub, path + (i,)) for i, sub in enumerate(spec[2])]
+      children = [self.build(sub, path + key) for key, sub in zip(spec[3], spec[2])]
       return jax.tree_util.tree_unflatten(spec[1], children)
     raise errors.GraphError(f"Corrupt GraphDef spec at {errors.path_str(path)}: {spec!r}")
 

@@ -775,3 +775,23 @@ def test_split_merge_single_variable():
   assert params == nnx.State({}) and type(rest) is Count
   assert int(nnx.merge(graphdef, params, rest).value) == 3
   assert type(nnx.clone(v)) is Count
+
+
+def test_nested_pytree_attribute_round_trips_with_full_key_paths():
+  import optax
+
+  class Holder(nnx.Object):
+    def __init__(self):
+      self.s = (optax.ScaleByAdamState(
+          count=jnp.array(0),
+          mu=nnx.State({"a": nnx.Param(jnp.ones(2)), "b": nnx.Param(jnp.zeros(2))}),
+          nu={"a": jnp.ones(2), "b": jnp.ones(3)}), optax.EmptyState())
+
+  graphdef, state = nnx.split(Holder())
+  assert [p for p, _ in state.flat_state()] == [
+      ("s", 0, "count"), ("s", 0, "mu", "a"), ("s", 0, "mu", "b"),
+      ("s", 0, "nu", "a"), ("s", 0, "nu", "b")]
+  copy = nnx.merge(graphdef, state)
+  assert isinstance(copy.s[0], optax.ScaleByAdamState)
+  assert isinstance(copy.s[0].mu["a"], nnx.Param)
+  assert copy.s[0].nu["b"].shape == (3,)
