@@ -134,3 +134,9 @@ from spmdnnx.nn import GRUCell as GRUCell
 from spmdnnx.nn import LSTMCell as LSTMCell
 from spmdnnx.nn import Sequential as Sequential
 from spmdnnx.optim import Optimizer as Optimizer
+from spmdnnx.stack import Stack as Stack
+from spmdnnx.stack_convert import stack_states as stack_states
+from spmdnnx.stack_convert import unstack_state as unstack_state
+from spmdnnx.transforms import resolve_policy as resolve_policy
+from spmdnnx.variables import OptArrayState as OptArrayState
+from spmdnnx.variables import OptVariable as OptVariable
