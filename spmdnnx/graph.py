@@ -40,7 +40,7 @@ from spmdnnx import tracectx
 from spmdnnx.object import Dict, List, Object, init_object_slots
 from spmdnnx.state import FlatState, State, split_pairs
 from spmdnnx.typing import PathParts
-from spmdnnx.variables import Variable, bump_epoch, freeze
+from spmdnnx.variables import Variable, freeze
 
 # Spec tags (first element of each spec tuple in a GraphDef).
 NODE, REF, VAR, LEAF, STATIC, PYTREE = "node", "ref", "var", "leaf", "static", "pytree"
@@ -602,61 +602,3 @@ def filter_variables(node: Any, *filters) -> list[tuple[PathParts, Variable]]:
     pairs = [(p, v) for p, v in pairs if pred(p, v)]
   return pairs
 
-
-def rebuild_into(graphdef: GraphDef, leaves: list, reuse: dict[int, Any]) -> Any:
-  """Rebuilds a graph whose structure changed, reusing existing objects.
-
-  `leaves` are the state leaves in the new graph's DFS order; `reuse` maps
-  node indices of the new GraphDef to live objects that must keep their
-  identity (their attributes / items / values are replaced in place). Nodes
-  not in `reuse` are created. This is how a transform that adds sub-modules
-  or Variables inside (e.g. vmap over ``__init__``) updates the originals.
-  """
-  it = iter(leaves)
-
-  def take(path, spec):
-    leaf = next(it)
-    if spec[0] != VAR:
-      return _raw(leaf)
-    target = reuse.get(spec[2])
-    if target is None:
-      return _variable_from(spec, leaf)
-    object.__setattr__(target, "raw_value", _raw(leaf))
-    frozen = leaf.frozen_metadata() if isinstance(leaf, Variable) else spec[3]
-    if frozen != target.frozen_metadata():
-      target.set_metadata(**(leaf.get_metadata() if isinstance(leaf, Variable)
-                             else dict(spec[3])))
-    return target
-
-  builder = _ReusingBuilder(take, reuse)
-  return builder.build(graphdef.spec, ())
-
-
-class _ReusingBuilder(_Builder):
-  """A _Builder that fills existing objects in place where told to."""
-
-  __slots__ = ("reuse",)
-
-  def __init__(self, take, reuse):
-    super().__init__(take)
-    self.reuse = reuse
-
-  def build(self, spec: tuple, path: PathParts) -> Any:
-    if spec[0] != NODE or spec[2] not in self.reuse:
-      return super().build(spec, path)
-    typ, idx, attrs = spec[1], spec[2], spec[3]
-    obj = self.reuse[idx]
-    self.nodes[idx] = obj
-    children = [(k, self.build(sub, path + (k,))) for k, sub in attrs]
-    if isinstance(obj, Object):
-      d = obj.__dict__
-      d.clear()
-      d.update(children)
-      if obj._object__watched:
-        bump_epoch()
-    elif isinstance(obj, list):
-      obj[:] = [v for _, v in children]
-    elif isinstance(obj, dict):
-      obj.clear()
-      obj.update(children)
-    return obj

@@ -42,8 +42,7 @@ def _branch(ex: lift.Extraction, f: Callable, what: str, cell: dict) -> Callable
   """Wraps a branch function to take (state leaves, plain leaves)."""
 
   def inner(leaves, plain):
-    it = iter(plain)
-    arg_leaves = [x if isinstance(x, lift.NodeSlot) else next(it) for x in ex.arg_leaves]
+    arg_leaves = lift.fill_plain(ex, plain)
     with tracectx.frame(what):
       call_args, rebuilt = lift.rebuild(ex.graphdef, leaves, ex.treedef, arg_leaves)
       out = f(*call_args)
@@ -88,7 +87,7 @@ def _same_structure(what: str):
 
 def _split_operands(operands: Sequence) -> tuple[lift.Extraction, list, list]:
   ex = lift.extract(tuple(operands))
-  plain = [x for x in ex.arg_leaves if not isinstance(x, lift.NodeSlot)]
+  plain = lift.plain_leaves(ex)
   return ex, [lift._raw(x) for x in ex.leaves], plain
 
 
@@ -150,8 +149,7 @@ def _loop_fns(ex: lift.Extraction, what: str):
 
   def enter(carry):
     vals, plain = carry
-    it = iter(plain)
-    arg_leaves = [x if isinstance(x, lift.NodeSlot) else next(it) for x in ex.arg_leaves]
+    arg_leaves = lift.fill_plain(ex, plain)
     (val,), rebuilt = lift.rebuild(ex.graphdef, vals, ex.treedef, arg_leaves)
     return val, rebuilt
 
@@ -170,7 +168,7 @@ def _loop_fns(ex: lift.Extraction, what: str):
 
 def _start(init_val: Any):
   ex = lift.extract((init_val,))
-  plain = [x for x in ex.arg_leaves if not isinstance(x, lift.NodeSlot)]
+  plain = lift.plain_leaves(ex)
   return ex, ([lift._raw(x) for x in ex.leaves], plain)
 
 

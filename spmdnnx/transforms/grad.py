@@ -30,6 +30,7 @@ from spmdnnx import filters as filterlib
 from spmdnnx import graph
 from spmdnnx import tracectx
 from spmdnnx.state import State
+from spmdnnx.transforms import axes as axeslib
 from spmdnnx.transforms import lift
 from spmdnnx.variables import Param
 
@@ -68,7 +69,7 @@ def _grad_transform(f: Callable, argnums, has_aux: bool, wrt, return_value: bool
             f"grad({_name(f)}): argnum {d.argnum} is out of range for "
             f"{len(args)} positional argument(s).")
     ex = lift.extract(tuple(args))
-    node_arg = _node_arg_index(args, len(ex.nodes))
+    node_arg = axeslib.node_arg_index(args)
     selections = []  # per diff entry: ("node", leaf indices) or ("plain", None)
     for d in diffs:
       arg = args[d.argnum]
@@ -140,18 +141,6 @@ def _grad_transform(f: Callable, argnums, has_aux: bool, wrt, return_value: bool
     return (grads_out, aux) if has_aux else grads_out
 
   return wrapper
-
-
-def _node_arg_index(args: Sequence, n_nodes: int) -> list[int]:
-  """For each extracted node (in order of appearance), the arg it first appears in."""
-  out: list[int] = []
-  seen: set = set()
-  for i, arg in enumerate(args):
-    for leaf in jax.tree_util.tree_leaves(arg, is_leaf=graph.is_graph_node):
-      if graph.is_graph_node(leaf) and id(leaf) not in seen:
-        seen.add(id(leaf))
-        out.append(i)
-  return out
 
 
 def _describe(out) -> str:

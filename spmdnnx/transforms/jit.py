@@ -121,8 +121,9 @@ class JitWrapped:
   def __call__(self, *args, **kwargs):
     plan = self._plan
     ctx_items = _CTX_STACK.items
+    ctx = ctx_items[-1] if ctx_items else None
     if (plan is not None and plan.epoch == EPOCH[0] and len(args) == plan.nargs
-        and plan.ctx is (ctx_items[-1] if ctx_items else None)):
+        and (plan.ctx is ctx or _same_context(plan, ctx))):
       for i, ref in plan.node_refs:
         if args[i] is not ref():
           break
@@ -380,6 +381,17 @@ class _StaticArgs:
 
   def __eq__(self, other):
     return isinstance(other, _StaticArgs) and other.items == self.items
+
+
+def _same_context(plan: _Plan, ctx) -> bool:
+  """A new `use_sharding` block with the same mesh and rules keeps the plan."""
+  old = plan.ctx
+  if old is None or ctx is None:
+    return False
+  if (old.mesh is ctx.mesh or old.mesh == ctx.mesh) and old.rules == ctx.rules:
+    plan.ctx = ctx
+    return True
+  return False
 
 
 def _has_nested_nodes(x: Any) -> bool:

@@ -19,6 +19,7 @@ import jax
 
 from spmdnnx import errors
 from spmdnnx import graph
+from spmdnnx import restructure as restructure_lib
 from spmdnnx.state import State
 from spmdnnx.variables import Variable
 
@@ -81,6 +82,17 @@ def extract(tree: Any) -> Extraction:
   return Extraction(treedef, arg_leaves, nodes_t, graphdef,
                     [p for p, _ in f.pairs], [v for _, v in f.pairs],
                     f.variables, f.has_raw, f.nodes)
+
+
+def plain_leaves(ex: Extraction) -> list:
+  """The argument leaves that are not graph nodes, in order."""
+  return [x for x in ex.arg_leaves if not isinstance(x, NodeSlot)]
+
+
+def fill_plain(ex: Extraction, plain: list) -> list:
+  """Argument leaves with the plain ones replaced (NodeSlots kept)."""
+  it = iter(plain)
+  return [x if isinstance(x, NodeSlot) else next(it) for x in ex.arg_leaves]
 
 
 class Rebuilt:
@@ -211,7 +223,7 @@ def apply_updates(ex: Extraction, new_leaves: list, restructure: Restructure | N
   if restructure is not None:
     reuse = {new: ex.all_nodes[old] for new, old in restructure.reuse.items()
              if old >= 0}
-    graph.rebuild_into(restructure.graphdef, new_leaves, reuse)
+    restructure_lib.rebuild_into(restructure.graphdef, new_leaves, reuse)
     return
   if ex.has_raw:
     graph.update(ex.nodes, State.from_flat_path(list(zip(ex.paths, new_leaves))))

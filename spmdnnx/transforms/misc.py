@@ -72,12 +72,11 @@ def _lifted(f: Callable, what: str, transform: Callable, *, update: bool = True)
   @functools.wraps(f)
   def wrapper(*args):
     ex = lift.extract(tuple(args))
-    plain = [x for x in ex.arg_leaves if not isinstance(x, lift.NodeSlot)]
+    plain = lift.plain_leaves(ex)
     cell: dict = {}
 
     def inner(leaves, plain_leaves):
-      it = iter(plain_leaves)
-      arg_leaves = [x if isinstance(x, lift.NodeSlot) else next(it) for x in ex.arg_leaves]
+      arg_leaves = lift.fill_plain(ex, plain_leaves)
       with tracectx.frame(what):
         call_args, rebuilt = lift.rebuild(ex.graphdef, leaves, ex.treedef, arg_leaves)
         out = f(*call_args)
@@ -182,12 +181,11 @@ def shard_map(f: Callable | None = None, *, mesh: Any = None, in_specs: Any,
       for leaf in jax.tree_util.tree_leaves(arg, is_leaf=graph.is_graph_node):
         if not graph.is_graph_node(leaf):
           plain_specs.append(spec)
-    plain = [x for x in ex.arg_leaves if not isinstance(x, lift.NodeSlot)]
+    plain = lift.plain_leaves(ex)
     vals = [lift._raw(x) for x in ex.leaves]
 
     def inner(leaves, plain_leaves):
-      it = iter(plain_leaves)
-      arg_leaves = [x if isinstance(x, lift.NodeSlot) else next(it) for x in ex.arg_leaves]
+      arg_leaves = lift.fill_plain(ex, plain_leaves)
       with tracectx.frame(what):
         call_args, rebuilt = lift.rebuild(ex.graphdef, leaves, ex.treedef, arg_leaves)
         out = f(*call_args)

@@ -134,7 +134,7 @@ def vmap(f: Callable | None = None, *, in_axes: Any = 0, out_axes: Any = 0,
     node_arg = axeslib.node_arg_index(args)
     leaf_ax = axeslib.leaf_axes(ex.paths, ex.leaves, node_arg, specs, what)
     arg_specs = arg_leaf_specs(args, specs, what)
-    plain = [x for x in ex.arg_leaves if not isinstance(x, lift.NodeSlot)]
+    plain = lift.plain_leaves(ex)
     plain_axes = [s for x, s in zip(ex.arg_leaves, arg_specs)
                   if not isinstance(x, lift.NodeSlot)]
     size = axeslib.check_mapped(ex.paths, ex.leaves, leaf_ax, axis_size, what)
@@ -154,8 +154,7 @@ def vmap(f: Callable | None = None, *, in_axes: Any = 0, out_axes: Any = 0,
       cell = _Cell()
 
       def inner(leaves, plain_leaves):
-        it = iter(plain_leaves)
-        arg_leaves = [x if isinstance(x, lift.NodeSlot) else next(it) for x in ex.arg_leaves]
+        arg_leaves = lift.fill_plain(ex, plain_leaves)
         with tracectx.frame(what):
           call_args, rebuilt = lift.rebuild(ex.graphdef, leaves, ex.treedef, arg_leaves,
                                             regraph=True)
