@@ -4,7 +4,28 @@
 Variables carry logical axis names for SPMD sharding.
 """
 
+# Subpackages and errors
 from spmdnnx import errors as errors
+from spmdnnx import spmd as spmd
+
+# Variables and metadata
+from spmdnnx.variables import BatchStat as BatchStat
+from spmdnnx.variables import Cache as Cache
+from spmdnnx.variables import Intermediate as Intermediate
+from spmdnnx.variables import OptArrayState as OptArrayState
+from spmdnnx.variables import OptState as OptState
+from spmdnnx.variables import OptVariable as OptVariable
+from spmdnnx.variables import Param as Param
+from spmdnnx.variables import Perturbation as Perturbation
+from spmdnnx.variables import RngCount as RngCount
+from spmdnnx.variables import RngKey as RngKey
+from spmdnnx.variables import RngState as RngState
+from spmdnnx.variables import Variable as Variable
+from spmdnnx.variables import Variable as VariableState  # older Flax name
+from spmdnnx.variables import with_metadata as with_metadata
+from spmdnnx.variables import with_partitioning as with_partitioning
+
+# Filters
 from spmdnnx.filters import All as All
 from spmdnnx.filters import Any as Any
 from spmdnnx.filters import Everything as Everything
@@ -13,9 +34,22 @@ from spmdnnx.filters import Nothing as Nothing
 from spmdnnx.filters import OfType as OfType
 from spmdnnx.filters import PathContains as PathContains
 from spmdnnx.filters import WithTag as WithTag
-from spmdnnx.graph import GraphDef as GraphDef
+
+# Objects, State, Rngs
+from spmdnnx.object import Dict as Dict
+from spmdnnx.object import List as List
+from spmdnnx.object import Object as Object
+from spmdnnx.object import Object as Pytree
+from spmdnnx.rngs import Rngs as Rngs
+from spmdnnx.rngs import RngStream as RngStream
+from spmdnnx.state import FlatState as FlatState
+from spmdnnx.state import State as State
+
+# Graph functions and Module
+from spmdnnx.display import display as display
 from spmdnnx.graph import clone as clone
 from spmdnnx.graph import graphdef as graphdef
+from spmdnnx.graph import GraphDef as GraphDef
 from spmdnnx.graph import is_graph_node as is_graph_node
 from spmdnnx.graph import iter_children as iter_children
 from spmdnnx.graph import iter_graph as iter_graph
@@ -24,83 +58,93 @@ from spmdnnx.graph import pop as pop
 from spmdnnx.graph import split as split
 from spmdnnx.graph import state as state
 from spmdnnx.graph import update as update
-from spmdnnx.display import display as display
 from spmdnnx.module import Module as Module
+from spmdnnx.module import data as data
 from spmdnnx.module import reseed as reseed
-from spmdnnx.object import Dict as Dict
-from spmdnnx.object import List as List
-from spmdnnx.object import Object as Object
-from spmdnnx.object import Object as Pytree
-from spmdnnx.rngs import RngStream as RngStream
-from spmdnnx.rngs import Rngs as Rngs
-from spmdnnx.state import FlatState as FlatState
-from spmdnnx.state import State as State
-from spmdnnx.variables import BatchStat as BatchStat
-from spmdnnx.variables import Cache as Cache
-from spmdnnx.variables import Intermediate as Intermediate
-from spmdnnx.variables import OptState as OptState
-from spmdnnx.variables import Param as Param
-from spmdnnx.variables import Perturbation as Perturbation
-from spmdnnx.variables import RngCount as RngCount
-from spmdnnx.variables import RngKey as RngKey
-from spmdnnx.variables import RngState as RngState
-from spmdnnx.variables import Variable as Variable
-from spmdnnx.variables import with_metadata as with_metadata
-from spmdnnx.variables import with_partitioning as with_partitioning
-from spmdnnx.transforms import DiffState as DiffState
-from spmdnnx.transforms import grad as grad
-from spmdnnx.transforms import jit as jit
-from spmdnnx.transforms import value_and_grad as value_and_grad
+
+# Lifted transforms
 from spmdnnx.transforms import Carry as Carry
-from spmdnnx.transforms import PARTITION_NAME as PARTITION_NAME
-from spmdnnx.transforms import StateAxes as StateAxes
-from spmdnnx.transforms import StateSharding as StateSharding
 from spmdnnx.transforms import checkpoint_name as checkpoint_name
 from spmdnnx.transforms import cond as cond
+from spmdnnx.transforms import DiffState as DiffState
 from spmdnnx.transforms import eval_shape as eval_shape
 from spmdnnx.transforms import fori_loop as fori_loop
+from spmdnnx.transforms import grad as grad
+from spmdnnx.transforms import jit as jit
+from spmdnnx.transforms import PARTITION_NAME as PARTITION_NAME
 from spmdnnx.transforms import remat as remat
+from spmdnnx.transforms import resolve_policy as resolve_policy
 from spmdnnx.transforms import scan as scan
 from spmdnnx.transforms import shard_map as shard_map
 from spmdnnx.transforms import split_rngs as split_rngs
+from spmdnnx.transforms import StateAxes as StateAxes
+from spmdnnx.transforms import StateSharding as StateSharding
 from spmdnnx.transforms import switch as switch
+from spmdnnx.transforms import value_and_grad as value_and_grad
 from spmdnnx.transforms import vmap as vmap
 from spmdnnx.transforms import while_loop as while_loop
-from spmdnnx import spmd as spmd
+
+# SPMD: rules, mesh, sharded state
 from spmdnnx.spmd import AxisRules as AxisRules
-from spmdnnx.spmd import MeshConfig as MeshConfig
 from spmdnnx.spmd import constrain as constrain
 from spmdnnx.spmd import current_context as current_context
 from spmdnnx.spmd import get_named_sharding as get_named_sharding
 from spmdnnx.spmd import get_partition_spec as get_partition_spec
 from spmdnnx.spmd import global_batch_from_local as global_batch_from_local
 from spmdnnx.spmd import make_mesh as make_mesh
+from spmdnnx.spmd import MeshConfig as MeshConfig
 from spmdnnx.spmd import plan_abstract as plan_abstract
 from spmdnnx.spmd import shard_batch as shard_batch
 from spmdnnx.spmd import sharded_init as sharded_init
 from spmdnnx.spmd import sharding_report as sharding_report
 from spmdnnx.spmd import use_sharding as use_sharding
+
+# Layers
 from spmdnnx.nn import activations as activations
-from spmdnnx.nn import initializers as initializers
-from spmdnnx.nn import PReLU as PReLU
+from spmdnnx.nn import avg_pool as avg_pool
+from spmdnnx.nn import BatchNorm as BatchNorm
 from spmdnnx.nn import celu as celu
+from spmdnnx.nn import combine_masks as combine_masks
+from spmdnnx.nn import Conv as Conv
+from spmdnnx.nn import ConvTranspose as ConvTranspose
+from spmdnnx.nn import dot_product_attention as dot_product_attention
+from spmdnnx.nn import dot_product_attention_weights as dot_product_attention_weights
+from spmdnnx.nn import Dropout as Dropout
+from spmdnnx.nn import Einsum as Einsum
 from spmdnnx.nn import elu as elu
+from spmdnnx.nn import Embed as Embed
 from spmdnnx.nn import gelu as gelu
 from spmdnnx.nn import glu as glu
+from spmdnnx.nn import GroupNorm as GroupNorm
+from spmdnnx.nn import GRUCell as GRUCell
 from spmdnnx.nn import hard_sigmoid as hard_sigmoid
 from spmdnnx.nn import hard_silu as hard_silu
 from spmdnnx.nn import hard_swish as hard_swish
 from spmdnnx.nn import hard_tanh as hard_tanh
 from spmdnnx.nn import identity as identity
+from spmdnnx.nn import initializers as initializers
+from spmdnnx.nn import LayerNorm as LayerNorm
 from spmdnnx.nn import leaky_relu as leaky_relu
+from spmdnnx.nn import Linear as Linear
+from spmdnnx.nn import LinearGeneral as LinearGeneral
 from spmdnnx.nn import log_sigmoid as log_sigmoid
 from spmdnnx.nn import log_softmax as log_softmax
 from spmdnnx.nn import logsumexp as logsumexp
+from spmdnnx.nn import LSTMCell as LSTMCell
+from spmdnnx.nn import make_attention_mask as make_attention_mask
+from spmdnnx.nn import make_causal_mask as make_causal_mask
+from spmdnnx.nn import max_pool as max_pool
+from spmdnnx.nn import min_pool as min_pool
 from spmdnnx.nn import mish as mish
+from spmdnnx.nn import MultiHeadAttention as MultiHeadAttention
 from spmdnnx.nn import one_hot as one_hot
+from spmdnnx.nn import pool as pool
+from spmdnnx.nn import PReLU as PReLU
 from spmdnnx.nn import relu as relu
 from spmdnnx.nn import relu6 as relu6
+from spmdnnx.nn import RMSNorm as RMSNorm
 from spmdnnx.nn import selu as selu
+from spmdnnx.nn import Sequential as Sequential
 from spmdnnx.nn import sigmoid as sigmoid
 from spmdnnx.nn import silu as silu
 from spmdnnx.nn import soft_sign as soft_sign
@@ -109,34 +153,9 @@ from spmdnnx.nn import softplus as softplus
 from spmdnnx.nn import standardize as standardize
 from spmdnnx.nn import swish as swish
 from spmdnnx.nn import tanh as tanh
-from spmdnnx.nn import MultiHeadAttention as MultiHeadAttention
-from spmdnnx.nn import combine_masks as combine_masks
-from spmdnnx.nn import dot_product_attention as dot_product_attention
-from spmdnnx.nn import dot_product_attention_weights as dot_product_attention_weights
-from spmdnnx.nn import make_attention_mask as make_attention_mask
-from spmdnnx.nn import make_causal_mask as make_causal_mask
-from spmdnnx.nn import Conv as Conv
-from spmdnnx.nn import ConvTranspose as ConvTranspose
-from spmdnnx.nn import Dropout as Dropout
-from spmdnnx.nn import Embed as Embed
-from spmdnnx.nn import Einsum as Einsum
-from spmdnnx.nn import Linear as Linear
-from spmdnnx.nn import LinearGeneral as LinearGeneral
-from spmdnnx.nn import BatchNorm as BatchNorm
-from spmdnnx.nn import GroupNorm as GroupNorm
-from spmdnnx.nn import LayerNorm as LayerNorm
-from spmdnnx.nn import RMSNorm as RMSNorm
-from spmdnnx.nn import avg_pool as avg_pool
-from spmdnnx.nn import max_pool as max_pool
-from spmdnnx.nn import min_pool as min_pool
-from spmdnnx.nn import pool as pool
-from spmdnnx.nn import GRUCell as GRUCell
-from spmdnnx.nn import LSTMCell as LSTMCell
-from spmdnnx.nn import Sequential as Sequential
+
+# Training: optimizer, stacks
 from spmdnnx.optim import Optimizer as Optimizer
 from spmdnnx.stack import Stack as Stack
 from spmdnnx.stack_convert import stack_states as stack_states
 from spmdnnx.stack_convert import unstack_state as unstack_state
-from spmdnnx.transforms import resolve_policy as resolve_policy
-from spmdnnx.variables import OptArrayState as OptArrayState
-from spmdnnx.variables import OptVariable as OptVariable

@@ -150,3 +150,13 @@ def reseed(node: Any, **seeds: Any) -> None:
     if isinstance(value, RngStream) and value.tag in seeds:
       value.key.value = as_key(seeds[value.tag], value.tag)
       value.count.value = jnp.zeros_like(value.count.value)
+
+
+def data(value: Any) -> Any:
+  """Flax 0.12 marker for data attributes; a no-op here.
+
+  spmdnnx decides data vs static by content (anything holding a Variable,
+  Module or array is data), so ``self.layers = nnx.data([...])`` and
+  ``self.layers = [...]`` behave the same.
+  """
+  return value
