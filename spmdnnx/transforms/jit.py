@@ -285,6 +285,14 @@ class JitWrapped:
       else:
         per_arg = {i: user_in for i in range(nargs)}
       # Graph-node positions get their shardings from the state (or none).
+      given = [i for i in node_pos if isinstance(user_in, (tuple, list))
+               and per_arg.get(i) is not None]
+      if given:
+        raise errors.TransformError(
+            f"jit({_name(self.fun)}): in_shardings gives a sharding for argument(s) "
+            f"{given}, which hold graph objects. Their state is sharded from the "
+            "Variables' logical axes: annotate them and call inside "
+            "`with nnx.use_sharding(mesh, rules)`, and pass None at those positions.")
       dyn = [None if i in node_pos else per_arg.get(i) for i in dyn_pos]
       state_d = state_k = None
       if shardings is not None:

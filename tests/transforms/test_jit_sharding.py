@@ -113,3 +113,29 @@ def test_unknown_logical_name_fails_naming_the_path(mesh):
   with nnx.use_sharding(mesh, "fsdp_tp"):
     with pytest.raises(nnx.errors.AxisRulesError, match=r"w.*nonsense"):
       f(Odd())
+
+
+def test_in_shardings_for_a_module_argument_is_an_error(mesh):
+  from jax.sharding import NamedSharding
+
+  @nnx.jit(in_shardings=(NamedSharding(mesh, P()), None))
+  def f(model, x):
+    return model(x)
+
+  with pytest.raises(nnx.errors.TransformError,
+                     match=r"in_shardings gives a sharding for argument\(s\) \[0\], which "
+                     r"hold graph objects.*use_sharding"):
+    f(MLP(nnx.Rngs(0)), jnp.ones((8, 16)))
+
+
+def test_in_shardings_for_plain_arguments_are_applied(mesh):
+  from jax.sharding import NamedSharding
+  batch_sharding = NamedSharding(mesh, P("fsdp"))
+
+  @nnx.jit(in_shardings=(None, batch_sharding), out_shardings=batch_sharding)
+  def f(model, x):
+    return model(x)
+
+  x = jax.device_put(jnp.ones((8, 16)), batch_sharding)
+  y = f(MLP(nnx.Rngs(0)), x)
+  assert y.sharding.spec == P("fsdp")
