@@ -192,7 +192,7 @@ def _dict_keys(d: dict) -> list:
 class _Flattener:
   """One depth-first walk, assigning indices to shared nodes."""
 
-  __slots__ = ("index", "pairs", "variables", "nodes", "has_raw", "detach")
+  __slots__ = ("index", "pairs", "variables", "nodes", "has_raw", "detach", "static_containers")
 
   def __init__(self, detach: bool = True):
     self.index: dict[int, int] = {}
@@ -201,6 +201,9 @@ class _Flattener:
     self.nodes: list = []          # every node with identity, DFS order
     self.has_raw = False
     self.detach = detach
+    # Tracked List/Dict values that are static now (hold no data) but may get
+    # data later (`self.layers = []`, then append): watched too by jit.
+    self.static_containers: list = []
 
   def visit(self, value: Any, path: PathParts) -> tuple:
     if isinstance(value, Variable):
@@ -224,6 +227,8 @@ class _Flattener:
     typ = type(value)
     if typ in (list, List, dict, Dict):
       if not has_data(value):
+        if typ in (List, Dict):
+          self.static_containers.append(value)
         return (STATIC, _Static(value))
       key = id(value)
       if key in self.index:

@@ -182,6 +182,7 @@ class JitWrapped:
     if ex.has_raw:
       return self._general_call(args, kwargs, static)
     watch(ex.all_nodes)
+    watch(ex.static_containers)
     ctx = context_lib.current_context()
     shardings = self._state_shardings(ex, ctx)
     owner = [p[0] for p in ex.paths]

@@ -56,6 +56,7 @@ class Extraction:
   live: list                   # live Variables (None for raw arrays)
   has_raw: bool
   all_nodes: list              # every live node with identity, by GraphDef index
+  static_containers: list      # static List/Dict values (watched by jit)
 
   def node_of_leaf(self, i: int) -> int:
     """Index (into `nodes`) of the node that owns state leaf i."""
@@ -81,7 +82,7 @@ def extract(tree: Any) -> Extraction:
   graphdef, f = graph.flatten(nodes_t)
   return Extraction(treedef, arg_leaves, nodes_t, graphdef,
                     [p for p, _ in f.pairs], [v for _, v in f.pairs],
-                    f.variables, f.has_raw, f.nodes)
+                    f.variables, f.has_raw, f.nodes, f.static_containers)
 
 
 def plain_leaves(ex: Extraction) -> list:

@@ -496,3 +496,27 @@ def test_returning_state_and_new_variables():
   np.testing.assert_array_equal(params.layers[0].kernel.value, m.layers[0].kernel.value)
   assert type(var) is nnx.Param and var.logical_axes == ("embed",)
   assert not isinstance(var.value, jax.core.Tracer)
+
+
+def test_module_appended_to_an_initially_empty_list_is_picked_up():
+  class Holder(nnx.Module):
+    def __init__(self):
+      self.layers = []          # static while empty
+      self.n = nnx.Variable(jnp.array(0))
+
+    def __call__(self, x):
+      self.n += 1
+      for layer in self.layers:
+        x = layer(x)
+      return x
+
+  @nnx.jit
+  def f(m, x):
+    return m(x)
+
+  m = Holder()
+  x = jnp.ones((1, 2))
+  assert f(m, x).shape == (1, 2)
+  m.layers.append(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))
+  assert f(m, x).shape == (1, 3)
+  assert int(m.n.value) == 2
