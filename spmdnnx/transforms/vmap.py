@@ -204,7 +204,9 @@ def _raise_batched_broadcast(e: ValueError, paths: list, what: str) -> None:
       f"{what}: state {path} is broadcast (in_axes None) but the function wrote a "
       "per-example value into it, which cannot be stored back in one array. Map "
       "that state (an int axis, or StateAxes({filter: 0, ...})), or keep its "
-      "update independent of the mapped inputs.") from e
+      "update independent of the mapped inputs. Variables created inside follow "
+      "their owner's axis: to create stacked weights with vmap on __init__, map "
+      "`self` too, e.g. in_axes=(0, 0).") from e
 
 
 def _check_plain_sizes(plain: list, axes: list, size: int | None, what: str) -> int | None:
