@@ -65,7 +65,10 @@ def main(argv):
     result = train(model, optimizer, data, steps=FLAGS.steps, log_every=FLAGS.log_every,
                    loss_fn=lambda m, x, y: mse(m(x), y))
     if FLAGS.report:
-      print(nnx.sharding_report(optimizer))
+      print(nnx.sharding_report(model))
+      totals = nnx.sharding_report(optimizer).totals()["per_device"]
+      print("per device with optimizer state: " +
+            ", ".join(f"{k} {v / 1024:.1f} KiB" for k, v in totals.items()))
   print(f"loss {result.first_loss:.5f} -> {result.last_loss:.5f}; "
         f"{result.seconds_per_step * 1e3:.2f} ms/step")
   if not result.last_loss < result.first_loss:
