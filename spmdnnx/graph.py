@@ -35,10 +35,9 @@ import jax
 import numpy as np
 
 from spmdnnx import errors
-from spmdnnx import filters as filterlib
 from spmdnnx import tracectx
 from spmdnnx.object import Dict, List, Object, init_object_slots
-from spmdnnx.state import FlatState, State, split_pairs
+from spmdnnx.state import State, split_pairs
 from spmdnnx.typing import PathParts
 from spmdnnx.variables import Variable, freeze
 
@@ -591,19 +590,3 @@ def iter_children(node: Object) -> Iterator[tuple[Any, Object]]:
   for name, value in node.__dict__.items():
     if isinstance(value, Object):
       yield name, value
-
-
-def flat_state(node: Any) -> FlatState:
-  """The graph's leaves as (path, leaf) pairs in depth-first order."""
-  return FlatState(flatten(node)[1].pairs)
-
-
-def filter_variables(node: Any, *filters) -> list[tuple[PathParts, Variable]]:
-  """Live Variables of a graph with their paths, optionally filtered."""
-  _, f = flatten(node, detach_variables=False)
-  pairs = [(p, v) for p, v in f.pairs if isinstance(v, Variable)]
-  if filters:
-    pred = filterlib.to_predicate(filters[0] if len(filters) == 1 else filters)
-    pairs = [(p, v) for p, v in pairs if pred(p, v)]
-  return pairs
-

@@ -19,7 +19,7 @@ import jax
 
 from spmdnnx import errors
 from spmdnnx import tracectx
-from spmdnnx.variables import EPOCH, Variable, bump_epoch
+from spmdnnx.variables import Variable, bump_epoch
 
 
 def _has_tracer(value: Any) -> bool:
@@ -161,7 +161,3 @@ def _tracked_dict_method(name: str):
 for _m in ("__setitem__", "__delitem__", "pop", "popitem", "clear", "update",
            "setdefault", "__ior__"):
   setattr(Dict, _m, _tracked_dict_method(_m))
-
-
-def current_epoch() -> int:
-  return EPOCH[0]

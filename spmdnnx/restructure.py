@@ -57,7 +57,7 @@ class _ReusingBuilder(_Builder):
   def build(self, spec: tuple, path: PathParts) -> Any:
     if spec[0] != NODE or spec[2] not in self.reuse:
       return super().build(spec, path)
-    typ, idx, attrs = spec[1], spec[2], spec[3]
+    idx, attrs = spec[2], spec[3]
     obj = self.reuse[idx]
     self.nodes[idx] = obj
     children = [(k, self.build(sub, path + (k,))) for k, sub in attrs]

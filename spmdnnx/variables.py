@@ -501,17 +501,6 @@ class OptVariable(OptState):
   """An optimizer-state leaf that mirrors a parameter (same logical axes)."""
 
 
-def variable_type_from_name(name: str) -> type[Variable] | None:
-  """Looks a Variable subclass up by class name (used by string filters)."""
-  stack = [Variable]
-  while stack:
-    cls = stack.pop()
-    if cls.__name__ == name:
-      return cls
-    stack.extend(cls.__subclasses__())
-  return None
-
-
 def with_metadata(initializer: Callable, **metadata: Any) -> Callable:
   """Wraps an initializer so layers attach metadata to the Variable they create.
 
