@@ -103,6 +103,32 @@ def node_arg_index(args: Sequence) -> list[int]:
   return out
 
 
+UNMATCHED = object()
+
+
+def axis_for(spec: Any, path: tuple, leaf: Any) -> Any:
+  """The axis spec of one state leaf (path starts with its node's index).
+
+  For a StateAxes the first matching filter decides; no match gives the
+  `UNMATCHED` marker.
+  """
+  if not isinstance(spec, StateAxes):
+    return spec
+  for pred, axis in zip(spec.predicates, spec.axes):
+    if pred(path[1:], leaf):
+      return axis
+  return UNMATCHED
+
+
+def raise_size_mismatch(sizes: dict, what: str) -> None:
+  """Raises when mapped things disagree on the mapped size ({size: [what, ...]})."""
+  if len(sizes) > 1:
+    listed = "; ".join(f"size {s}: {errors.format_paths(p, 3)}" for s, p in sizes.items())
+    raise errors.TransformError(
+        f"{what}: mapped axes have different sizes ({listed}); every mapped "
+        "Variable and argument must have the same length along its axis.")
+
+
 def leaf_axes(paths: list, leaves: list, node_arg: list[int], arg_specs: tuple,
               what: str) -> list:
   """One axis spec (int, None or Carry) per state leaf.
@@ -113,18 +139,11 @@ def leaf_axes(paths: list, leaves: list, node_arg: list[int], arg_specs: tuple,
   out = []
   unmatched = []
   for path, leaf in zip(paths, leaves):
-    spec = arg_specs[node_arg[path[0]]]
-    if isinstance(spec, StateAxes):
-      rel = path[1:]
-      for pred, axis in zip(spec.predicates, spec.axes):
-        if pred(rel, leaf):
-          out.append(axis)
-          break
-      else:
-        unmatched.append(path)
-        out.append(None)
-    else:
-      out.append(spec)
+    axis = axis_for(arg_specs[node_arg[path[0]]], path, leaf)
+    if axis is UNMATCHED:
+      unmatched.append(path)
+      axis = None
+    out.append(axis)
   if unmatched:
     raise errors.TransformError(
         f"{what}: StateAxes filters do not cover {len(unmatched)} state leaves: "
@@ -156,20 +175,22 @@ def check_mapped(paths: list, leaves: list, axes: list, size: int | None,
         "stacked (e.g. with vmap over the constructor).")
   if size is not None:
     sizes.setdefault(size, [])
-  if len(sizes) > 1:
-    listed = "; ".join(f"size {s}: {errors.format_paths(p, 3)}" for s, p in sizes.items())
-    raise errors.TransformError(
-        f"{what}: mapped axes have different sizes ({listed}); every mapped "
-        "Variable and argument must have the same length along its axis.")
+  raise_size_mismatch(sizes, what)
   return next(iter(sizes)) if sizes else None
+
+
+def _named_axes(leaf: Any, axis: Any, name: str | None) -> tuple | None:
+  """A mapped Variable's logical axes when a stack name applies, else None."""
+  if not isinstance(leaf, Variable) or not isinstance(axis, int) or axis is Carry \
+      or name is None:
+    return None
+  return leaf.logical_axes
 
 
 def remove_axis_name(leaf: Any, axis: Any, name: str | None) -> Any:
   """The per-slice view of a stacked Variable's metadata (axis removed)."""
-  if not isinstance(leaf, Variable) or not isinstance(axis, int) or axis is Carry:
-    return leaf
-  axes = leaf.logical_axes
-  if axes is None or name is None:
+  axes = _named_axes(leaf, axis, name)
+  if axes is None:
     return leaf
   a = axis % len(axes)
   inner = axes[:a] + axes[a + 1:]
@@ -178,10 +199,8 @@ def remove_axis_name(leaf: Any, axis: Any, name: str | None) -> Any:
 
 def insert_axis_name(leaf: Any, axis: Any, name: str | None) -> Any:
   """The stacked view of a per-slice Variable's metadata (name inserted)."""
-  if not isinstance(leaf, Variable) or not isinstance(axis, int) or axis is Carry:
-    return leaf
-  axes = leaf.logical_axes
-  if axes is None or name is None:
+  axes = _named_axes(leaf, axis, name)
+  if axes is None:
     return leaf
   a = axis if axis >= 0 else len(axes) + 1 + axis
   return _with_axes(leaf, axes[:a] + (name,) + axes[a:])

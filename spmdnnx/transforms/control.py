@@ -34,29 +34,20 @@ from spmdnnx import tracectx
 from spmdnnx.transforms import lift
 
 
-def _name(f) -> str:
-  return getattr(f, "__qualname__", getattr(f, "__name__", "fun"))
-
-
 def _branch(ex: lift.Extraction, f: Callable, what: str, cell: dict) -> Callable:
   """Wraps a branch function to take (state leaves, plain leaves)."""
 
+  name = lift.fun_name(f)
+
   def inner(leaves, plain):
-    arg_leaves = lift.fill_plain(ex, plain)
-    with tracectx.frame(what):
-      call_args, rebuilt = lift.rebuild(ex.graphdef, leaves, ex.treedef, arg_leaves)
-      out = f(*call_args)
-      new_leaves, restructure, out, has_nodes = lift.collect(rebuilt, out)
-    if restructure is not None:
-      raise errors.TransformError(
-          f"{what}: {_name(f)} added or removed Variables or sub-modules (paths "
-          f"{errors.format_paths(map(errors.path_str, restructure.paths))}); branches "
-          "and loop bodies must keep the graph's structure.")
-    if has_nodes and any(isinstance(m, lift.NodeOut) for m in
-                         jax.tree_util.tree_leaves(out, is_leaf=lift._is_marker)):
-      raise errors.TransformError(
-          f"{what}: {_name(f)} returned new graph objects; return arrays or the "
-          "objects it was given.")
+    new_leaves, restructure, out, has_nodes = lift.run_inside(
+        ex.graphdef, ex.treedef, leaves, lift.fill_plain(ex, plain),
+        lambda args: f(*args), what)
+    lift.require_kept_structure(
+        restructure, what, name,
+        "branches and loop bodies must keep the graph's structure.")
+    lift.require_no_new_nodes(out, has_nodes, what, name,
+                              "return arrays or the objects it was given.")
     cell["has_nodes"] = cell.get("has_nodes", False) or has_nodes
     return [lift._raw(x) for x in new_leaves], out
 
@@ -155,11 +146,9 @@ def _loop_fns(ex: lift.Extraction, what: str):
 
   def leave(rebuilt, val_out):
     new_leaves, restructure, _, _ = lift.collect(rebuilt, None)
-    if restructure is not None:
-      raise errors.TransformError(
-          f"{what}: the body added or removed Variables or sub-modules (paths now "
-          f"{errors.format_paths(map(errors.path_str, restructure.paths))}); loop "
-          "bodies must keep the graph's structure. Create the state before the loop.")
+    lift.require_kept_structure(
+        restructure, what, "the body",
+        "loop bodies must keep the graph's structure. Create the state before the loop.")
     plain = _loop_carry(ex, val_out, rebuilt.nodes, what)
     return [lift._raw(x) for x in new_leaves], plain
 
@@ -185,7 +174,7 @@ def _result(ex: lift.Extraction, carry) -> Any:
 def fori_loop(lower: Any, upper: Any, body_fun: Callable, init_val: Any, *,
               unroll: int | bool | None = None) -> Any:
   """`jax.lax.fori_loop` whose loop value may contain graph objects."""
-  what = f"fori_loop({_name(body_fun)})"
+  what = f"fori_loop({lift.fun_name(body_fun)})"
   ex, carry = _start(init_val)
   enter, leave = _loop_fns(ex, what)
 
@@ -200,7 +189,7 @@ def fori_loop(lower: Any, upper: Any, body_fun: Callable, init_val: Any, *,
 
 def while_loop(cond_fun: Callable, body_fun: Callable, init_val: Any) -> Any:
   """`jax.lax.while_loop` whose loop value may contain graph objects."""
-  what = f"while_loop({_name(body_fun)})"
+  what = f"while_loop({lift.fun_name(body_fun)})"
   ex, carry = _start(init_val)
   enter, leave = _loop_fns(ex, what)
 

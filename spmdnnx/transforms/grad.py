@@ -28,7 +28,6 @@ import jax
 from spmdnnx import errors
 from spmdnnx import filters as filterlib
 from spmdnnx import graph
-from spmdnnx import tracectx
 from spmdnnx.state import State
 from spmdnnx.transforms import axes as axeslib
 from spmdnnx.transforms import lift
@@ -61,12 +60,14 @@ def _grad_transform(f: Callable, argnums, has_aux: bool, wrt, return_value: bool
                     holomorphic: bool = False, allow_int: bool = False) -> Callable:
   diffs, single = _normalize_argnums(argnums, wrt)
 
+  name = lift.fun_name(f)
+
   @functools.wraps(f)
   def wrapper(*args):
     for d in diffs:
       if d.argnum >= len(args):
         raise errors.TransformError(
-            f"grad({_name(f)}): argnum {d.argnum} is out of range for "
+            f"grad({name}): argnum {d.argnum} is out of range for "
             f"{len(args)} positional argument(s).")
     ex = lift.extract(tuple(args))
     node_arg = axeslib.node_arg_index(args)
@@ -82,7 +83,7 @@ def _grad_transform(f: Callable, argnums, has_aux: bool, wrt, return_value: bool
         if any(graph.is_graph_node(x) for x in
                jax.tree_util.tree_leaves(arg, is_leaf=graph.is_graph_node)):
           raise errors.TransformError(
-              f"grad({_name(f)}): argument {d.argnum} is a {type(arg).__name__} "
+              f"grad({name}): argument {d.argnum} is a {type(arg).__name__} "
               "holding graph objects; differentiate with respect to each Module "
               "by passing it as its own positional argument.")
         selections.append(("plain", None))
@@ -100,22 +101,22 @@ def _grad_transform(f: Callable, argnums, has_aux: bool, wrt, return_value: bool
         if kind == "node":
           for i, leaf in zip(idx, inp):
             leaves[i] = leaf
-      arg_leaves = list(ex.arg_leaves)
-      with tracectx.frame(f"grad({_name(f)})"):
-        call_args, rebuilt = lift.rebuild(ex.graphdef, leaves, ex.treedef, arg_leaves)
+
+      def call(call_args):
         call_args = list(call_args)
         for argnum, k in slot_pos.items():
           call_args[argnum] = diff_inputs[k]
         out = f(*call_args)
-        if has_aux:
-          if not (isinstance(out, tuple) and len(out) == 2):
-            raise errors.TransformError(
-                f"grad({_name(f)}, has_aux=True): the function must return a "
-                f"(loss, aux) pair, got {_describe(out)}.")
-          loss, aux = out
-        else:
-          loss, aux = out, None
-        new_leaves, restructure, aux, has_nodes = lift.collect(rebuilt, aux)
+        if not has_aux:
+          return out, None
+        if not (isinstance(out, tuple) and len(out) == 2):
+          raise errors.TransformError(
+              f"grad({name}, has_aux=True): the function must return a "
+              f"(loss, aux) pair, got {_describe(out)}.")
+        return out
+
+      new_leaves, restructure, (loss, aux), has_nodes = lift.run_inside(
+          ex.graphdef, ex.treedef, leaves, list(ex.arg_leaves), call, f"grad({name})")
       cell["restructure"], cell["has_nodes"] = restructure, has_nodes
       return loss, (aux, new_leaves)
 
@@ -149,10 +150,6 @@ def _describe(out) -> str:
   if isinstance(out, tuple):
     return f"a tuple of length {len(out)}"
   return f"a {type(out).__name__}"
-
-
-def _name(f) -> str:
-  return getattr(f, "__qualname__", getattr(f, "__name__", "fun"))
 
 
 def grad(f: Callable | None = None, argnums: int | DiffState | Sequence = 0,

@@ -39,7 +39,6 @@ from jax.sharding import Mesh
 
 from spmdnnx import errors
 from spmdnnx import graph
-from spmdnnx import tracectx
 from spmdnnx.object import Dict, List, Object
 from spmdnnx.spmd import context as context_lib
 from spmdnnx.spmd import resolve as resolve_lib
@@ -241,19 +240,20 @@ class JitWrapped:
     cell = _Cell()
     fun = self.fun
     node_pos_l = list(node_pos)
-    name = f"jit({_name(fun)})"
+    name = f"jit({lift.fun_name(fun)})"
 
     def inner(vals_d, vals_k, *args, **kwargs):
       it_d, it_k = iter(vals_d), iter(vals_k)
       vals = [next(it_d) if m else next(it_k) for m in mask]
-      with tracectx.frame(name):
-        nodes_t, rebuilt = lift.rebuild(graphdef, vals, _TUPLE_TREEDEF[len(node_pos_l)],
-                                        list(slots))
-        args = list(args)
+
+      def call(nodes_t):
+        full = list(args)
         for j, i in enumerate(node_pos_l):
-          args[i] = nodes_t[j]
-        out = fun(*args, **kwargs)
-        new_leaves, restructure, out, has_nodes = lift.collect(rebuilt, out)
+          full[i] = nodes_t[j]
+        return fun(*full, **kwargs)
+
+      new_leaves, restructure, out, has_nodes = lift.run_inside(
+          graphdef, _TUPLE_TREEDEF[len(node_pos_l)], vals, list(slots), call, name)
       cell.has_nodes = cell.has_nodes or has_nodes
       cell.restructure = restructure
       return [lift._raw(x) for x in new_leaves], out
@@ -290,7 +290,7 @@ class JitWrapped:
                and per_arg.get(i) is not None]
       if given:
         raise errors.TransformError(
-            f"jit({_name(self.fun)}): in_shardings gives a sharding for argument(s) "
+            f"jit({lift.fun_name(self.fun)}): in_shardings gives a sharding for argument(s) "
             f"{given}, which hold graph objects. Their state is sharded from the "
             "Variables' logical axes: annotate them and call inside "
             "`with nnx.use_sharding(mesh, rules)`, and pass None at those positions.")
@@ -319,19 +319,22 @@ class JitWrapped:
       fun, graphdef, treedef = self.fun, ex.graphdef, ex.treedef
       arg_slots = [ex.arg_leaves[i] for i in slots]
       nargs = len(args)
-      name = f"jit({_name(fun)})"
+      name = f"jit({lift.fun_name(fun)})"
 
       def inner(vals, arg_leaves, static_args, static_kw):
         arg_leaves = list(arg_leaves)
         for i, s in zip(slots, arg_slots):
           arg_leaves[i] = s
-        with tracectx.frame(name):
-          (dyn_args, dkw), rebuilt = lift.rebuild(graphdef, vals, treedef, arg_leaves)
+
+        def call(rebuilt_args):
+          dyn_args, dkw = rebuilt_args
           full, it = [], iter(dyn_args)
           for i in range(nargs):
             full.append(static_args[i] if i in static else next(it))
-          out = fun(*full, **dkw, **dict(static_kw))
-          new_leaves, restructure, out, has_nodes = lift.collect(rebuilt, out)
+          return fun(*full, **dkw, **dict(static_kw))
+
+        new_leaves, restructure, out, has_nodes = lift.run_inside(
+            graphdef, treedef, vals, arg_leaves, call, name)
         cell.has_nodes = cell.has_nodes or has_nodes
         cell.restructure = restructure
         return [lift._raw(x) for x in new_leaves], out
@@ -410,16 +413,12 @@ def _has_nested_nodes(x: Any) -> bool:
   return any(isinstance(v, _NODE_TYPES) for v in leaves)
 
 
-def _name(fun) -> str:
-  return getattr(fun, "__qualname__", getattr(fun, "__name__", repr(fun)))
-
-
 def _check_hashable(value, what: str, fun) -> None:
   try:
     hash(value)
   except TypeError:
     raise errors.TransformError(
-        f"jit({_name(fun)}): static {what} is a {type(value).__name__}, which is "
+        f"jit({lift.fun_name(fun)}): static {what} is a {type(value).__name__}, which is "
         "not hashable, so it cannot key the compilation cache. Pass a hashable "
         "value (e.g. a tuple instead of a list, a frozen dataclass) or make the "
         "argument non-static.") from None
@@ -428,7 +427,7 @@ def _check_hashable(value, what: str, fun) -> None:
 def _reraise_static(e: Exception, fun) -> None:
   if "hashable" in str(e).lower() and "static" in str(e).lower():
     raise errors.TransformError(
-        f"jit({_name(fun)}): a static argument is not hashable ({e}). Pass a "
+        f"jit({lift.fun_name(fun)}): a static argument is not hashable ({e}). Pass a "
         "hashable value (a tuple instead of a list, ...) or make it non-static."
     ) from e
 

@@ -19,6 +19,7 @@ import jax
 
 from spmdnnx import errors
 from spmdnnx import graph
+from spmdnnx import tracectx
 from spmdnnx import restructure as restructure_lib
 from spmdnnx.state import State
 from spmdnnx.variables import Variable
@@ -196,6 +197,38 @@ def collect(rebuilt: Rebuilt, out: Any) -> tuple:
   return new_leaves, restructure, out, has_nodes
 
 
+def run_inside(graphdef: graph.GraphDef, treedef: Any, leaves: list, arg_leaves: list,
+               call: Any, what: str, *, regraph: bool = False) -> tuple:
+  """Inside a transform: rebuild the arguments, run ``call(args)``, collect.
+
+  Runs in a fresh trace frame named `what`. Returns what `collect` returns.
+  """
+  with tracectx.frame(what):
+    args, rebuilt = rebuild(graphdef, leaves, treedef, arg_leaves, regraph=regraph)
+    return collect(rebuilt, call(args))
+
+
+def require_kept_structure(restructure: "Restructure | None", what: str, who: str,
+                           hint: str) -> None:
+  """Raises if the function added or removed Variables or sub-modules."""
+  if restructure is not None:
+    raise errors.TransformError(
+        f"{what}: {who} added or removed Variables or sub-modules (paths "
+        f"{errors.format_paths(map(errors.path_str, restructure.paths))}); {hint}")
+
+
+def require_no_new_nodes(out: Any, has_nodes: bool, what: str, who: str, hint: str) -> None:
+  """Raises if the (marked) output holds graph objects the function created."""
+  if has_nodes and any(isinstance(m, NodeOut) for m in
+                       jax.tree_util.tree_leaves(out, is_leaf=_is_marker)):
+    raise errors.TransformError(f"{what}: {who} returned new graph objects; {hint}")
+
+
+def fun_name(f: Any) -> str:
+  """A function's readable name for messages."""
+  return getattr(f, "__qualname__", getattr(f, "__name__", repr(f)))
+
+
 def mark_outputs(nodes: tuple, out: Any) -> tuple[Any, bool]:
   """Replaces graph nodes in `out` by InputRef (inputs) or NodeOut (new)."""
   leaves, treedef = jax.tree_util.tree_flatten(out, is_leaf=graph.is_graph_node)
@@ -256,13 +289,3 @@ def resolve_outputs(nodes: tuple, out: Any) -> Any:
     return x
 
   return jax.tree.map(resolve, out, is_leaf=_is_marker)
-
-
-def check_no_nodes(tree: Any, what: str) -> None:
-  """Raises if a pytree that must be plain data holds graph nodes."""
-  leaves = jax.tree_util.tree_leaves(tree, is_leaf=graph.is_graph_node)
-  bad = [type(x).__name__ for x in leaves if graph.is_graph_node(x)]
-  if bad:
-    raise errors.TransformError(
-        f"{what} contains graph objects ({errors.format_paths(bad)}); only arrays "
-        "and pytrees of arrays are allowed here.")

@@ -23,7 +23,6 @@ from jax.sharding import PartitionSpec
 from spmdnnx import errors
 from spmdnnx import filters as filterlib
 from spmdnnx import graph
-from spmdnnx import tracectx
 from spmdnnx.transforms import lift
 from spmdnnx.transforms.axes import node_arg_index
 
@@ -62,10 +61,6 @@ def checkpoint_name(x: Any, name: str) -> Any:
   return _jax_checkpoint_name(x, name)
 
 
-def _name(f) -> str:
-  return getattr(f, "__qualname__", getattr(f, "__name__", "fun"))
-
-
 def _lifted(f: Callable, what: str, transform: Callable, *, update: bool = True) -> Callable:
   """Lifts `f` through `transform(inner)(state_vals, plain_leaves)`."""
 
@@ -76,11 +71,9 @@ def _lifted(f: Callable, what: str, transform: Callable, *, update: bool = True)
     cell: dict = {}
 
     def inner(leaves, plain_leaves):
-      arg_leaves = lift.fill_plain(ex, plain_leaves)
-      with tracectx.frame(what):
-        call_args, rebuilt = lift.rebuild(ex.graphdef, leaves, ex.treedef, arg_leaves)
-        out = f(*call_args)
-        new_leaves, restructure, out, has_nodes = lift.collect(rebuilt, out)
+      new_leaves, restructure, out, has_nodes = lift.run_inside(
+          ex.graphdef, ex.treedef, leaves, lift.fill_plain(ex, plain_leaves),
+          lambda call_args: f(*call_args), what)
       cell["restructure"], cell["has_nodes"] = restructure, has_nodes
       return new_leaves, out
 
@@ -120,7 +113,7 @@ def remat(f: Callable | None = None, *, prevent_cse: bool = True, policy: Any = 
     raise errors.TransformError(
         "remat: static_argnums is not supported for lifted remat; close over the "
         "static values with functools.partial instead.")
-  return _lifted(f, f"remat({_name(f)})",
+  return _lifted(f, f"remat({lift.fun_name(f)})",
                  lambda inner: jax.checkpoint(inner, prevent_cse=prevent_cse, policy=pol))
 
 
@@ -129,7 +122,7 @@ def eval_shape(f: Callable, *args: Any) -> Any:
 
   The arguments are not modified.
   """
-  return _lifted(f, f"eval_shape({_name(f)})",
+  return _lifted(f, f"eval_shape({lift.fun_name(f)})",
                  lambda inner: functools.partial(jax.eval_shape, inner), update=False)(*args)
 
 
@@ -161,7 +154,7 @@ def shard_map(f: Callable | None = None, *, mesh: Any = None, in_specs: Any,
   if f is None:
     return functools.partial(shard_map, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
                              check_vma=check_vma, axis_names=axis_names)
-  what = f"shard_map({_name(f)})"
+  what = f"shard_map({lift.fun_name(f)})"
 
   @functools.wraps(f)
   def wrapper(*args):
@@ -185,11 +178,9 @@ def shard_map(f: Callable | None = None, *, mesh: Any = None, in_specs: Any,
     vals = [lift._raw(x) for x in ex.leaves]
 
     def inner(leaves, plain_leaves):
-      arg_leaves = lift.fill_plain(ex, plain_leaves)
-      with tracectx.frame(what):
-        call_args, rebuilt = lift.rebuild(ex.graphdef, leaves, ex.treedef, arg_leaves)
-        out = f(*call_args)
-        new_leaves, restructure, out, has_nodes = lift.collect(rebuilt, out)
+      new_leaves, restructure, out, has_nodes = lift.run_inside(
+          ex.graphdef, ex.treedef, leaves, lift.fill_plain(ex, plain_leaves),
+          lambda call_args: f(*call_args), what)
       if restructure is not None or has_nodes:
         raise errors.TransformError(
             f"{what}: the function must keep the graph's structure and return arrays.")

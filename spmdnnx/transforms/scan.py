@@ -30,7 +30,6 @@ import jax.numpy as jnp
 
 from spmdnnx import errors
 from spmdnnx import graph
-from spmdnnx import tracectx
 from spmdnnx.transforms import axes as axeslib
 from spmdnnx.transforms import lift
 from spmdnnx.transforms.axes import Carry
@@ -175,23 +174,17 @@ def scan(f: Callable | None = None, *, length: int | None = None, reverse: bool 
                             (bcast_plain, bcast)):
         for i, v in zip(group, values):
           arg_leaves[i] = v
-      with tracectx.frame(what):
-        call_args, rebuilt = lift.rebuild(ex.graphdef, leaves, ex.treedef, arg_leaves,
-                                          regraph=True)
-        out = f(*call_args)
-        new_leaves, restructure, out, has_nodes = lift.collect(rebuilt, out)
-      if restructure is not None:
-        raise errors.TransformError(
-            f"{what}: the step function added or removed Variables or sub-modules "
-            f"(new paths: {errors.format_paths(map(errors.path_str, restructure.paths))}); "
-            "a scan body must keep the graph's structure. Create the state before "
-            "the scan (e.g. with vmap over the constructor).")
-      if has_nodes and any(isinstance(m, lift.NodeOut) for m in
-                           jax.tree_util.tree_leaves(out, is_leaf=lift._is_marker)):
-        raise errors.TransformError(
-            f"{what}: the step function returned new graph objects; return arrays "
-            "(or the Modules it was given), and let scan propagate Module state "
-            "through its arguments.")
+      new_leaves, restructure, out, has_nodes = lift.run_inside(
+          ex.graphdef, ex.treedef, leaves, arg_leaves, lambda call_args: f(*call_args),
+          what, regraph=True)
+      lift.require_kept_structure(
+          restructure, what, "the step function",
+          "a scan body must keep the graph's structure. Create the state before "
+          "the scan (e.g. with vmap over the constructor).")
+      lift.require_no_new_nodes(
+          out, has_nodes, what, "the step function",
+          "return arrays (or the Modules it was given), and let scan propagate "
+          "Module state through its arguments.")
       carry_out, ys = _split_out(out, out_axes, what)
       new_c_plain = []
       if carry_args:

@@ -28,7 +28,6 @@ import jax
 
 from spmdnnx import errors
 from spmdnnx import graph
-from spmdnnx import tracectx
 from spmdnnx.transforms import axes as axeslib
 from spmdnnx.transforms import lift
 from spmdnnx.variables import Variable
@@ -142,26 +141,18 @@ def vmap(f: Callable | None = None, *, in_axes: Any = 0, out_axes: Any = 0,
     in_leaves = [axeslib.remove_axis_name(l, a, name) for l, a in zip(ex.leaves, leaf_ax)]
 
     def owner_axis(path, leaf):
-      spec = specs[node_arg[path[0]]]
-      if isinstance(spec, axeslib.StateAxes):
-        for pred, axis in zip(spec.predicates, spec.axes):
-          if pred(path[1:], leaf):
-            return axis
-        return None
-      return spec
+      axis = axeslib.axis_for(specs[node_arg[path[0]]], path, leaf)
+      return None if axis is axeslib.UNMATCHED else axis
 
     def run(state_axes, paths, first):
       cell = _Cell()
 
       def inner(leaves, plain_leaves):
-        arg_leaves = lift.fill_plain(ex, plain_leaves)
-        with tracectx.frame(what):
-          call_args, rebuilt = lift.rebuild(ex.graphdef, leaves, ex.treedef, arg_leaves,
-                                            regraph=True)
-          out = f(*call_args)
-          new_leaves, restructure, out, has_nodes = lift.collect(rebuilt, out)
-          if restructure is not None and first:
-            raise _Retry(restructure, [_abstract(v) for v in new_leaves])
+        new_leaves, restructure, out, has_nodes = lift.run_inside(
+            ex.graphdef, ex.treedef, leaves, lift.fill_plain(ex, plain_leaves),
+            lambda call_args: f(*call_args), what, regraph=True)
+        if restructure is not None and first:
+          raise _Retry(restructure, [_abstract(v) for v in new_leaves])
         cell.has_nodes, cell.restructure = has_nodes, restructure
         return new_leaves, out
 
@@ -225,11 +216,7 @@ def _check_plain_sizes(plain: list, axes: list, size: int | None, what: str) -> 
           f"{what}: in_axes asks to map argument leaf {i} (shape {tuple(shape)}) "
           f"along axis {axis}, which it lacks; use None to broadcast it.")
     sizes.setdefault(shape[axis], []).append(f"argument leaf {i} {tuple(shape)}")
-  if len(sizes) > 1:
-    listed = "; ".join(f"size {s}: {errors.format_paths(p, 3)}" for s, p in sizes.items())
-    raise errors.TransformError(
-        f"{what}: mapped axes have different sizes ({listed}); every mapped "
-        "Variable and argument must have the same length along its axis.")
+  axeslib.raise_size_mismatch(sizes, what)
   return next(iter(sizes)) if sizes else size
 
 
