@@ -85,6 +85,18 @@ def _flatten_batch(layer: Any, x: jax.Array, n: int, features: int, axis_what: s
   return x.reshape((math.prod(batch),) + x.shape[x.ndim - n - 1:]), batch
 
 
+def _operands(layer: Any, inputs: jax.Array, n: int) -> tuple:
+  """Shared call prelude: (x with one batch dim, batch shape, masked kernel, bias),
+  promoted to the layer's compute dtype."""
+  x, batch = _flatten_batch(layer, inputs, n, layer.in_features, "in features")
+  bias = layer.bias.value if layer.bias is not None else None
+  kernel = layer.kernel.value
+  if layer.mask is not None:
+    kernel = kernel * layer.mask.astype(kernel.dtype)
+  x, kernel, bias = _common.promote_dtype(x, kernel, bias, dtype=layer.dtype)
+  return x, batch, kernel, bias
+
+
 def _dimension_numbers(n: int) -> lax.ConvDimensionNumbers:
   spatial = "DHW"[3 - n:]
   return lax.conv_dimension_numbers(
@@ -164,12 +176,7 @@ class Conv(Module):
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
     n = len(self.kernel_size)
-    x, batch = _flatten_batch(self, inputs, n, self.in_features, "in features")
-    bias = self.bias.value if self.bias is not None else None
-    kernel = self.kernel.value
-    if self.mask is not None:
-      kernel = kernel * self.mask.astype(kernel.dtype)
-    x, kernel, bias = _common.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    x, batch, kernel, bias = _operands(self, inputs, n)
     x, pad = self._padding(x)
     y = lax.conv_general_dilated(
         x, kernel, window_strides=self.strides, padding=pad,
@@ -240,12 +247,7 @@ class ConvTranspose(Module):
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
     n = len(self.kernel_size)
-    x, batch = _flatten_batch(self, inputs, n, self.in_features, "in features")
-    bias = self.bias.value if self.bias is not None else None
-    kernel = self.kernel.value
-    if self.mask is not None:
-      kernel = kernel * self.mask.astype(kernel.dtype)
-    x, kernel, bias = _common.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    x, batch, kernel, bias = _operands(self, inputs, n)
     spatial = "DHW"[3 - n:]
     y = lax.conv_transpose(
         x, kernel, self.strides, self.padding, rhs_dilation=self.kernel_dilation,
