@@ -396,14 +396,11 @@ class _StaticArgs:
 
 
 def _same_context(plan: _Plan, ctx) -> bool:
-  """A new `use_sharding` block with the same mesh and rules keeps the plan."""
-  old = plan.ctx
-  if old is None or ctx is None:
+  """A new `use_sharding` block with an equal mesh and rules keeps the plan."""
+  if plan.ctx is None or ctx is None or plan.ctx != ctx:  # ShardingContext: value equality
     return False
-  if (old.mesh is ctx.mesh or old.mesh == ctx.mesh) and old.rules == ctx.rules:
-    plan.ctx = ctx
-    return True
-  return False
+  plan.ctx = ctx
+  return True
 
 
 def _has_nested_nodes(x: Any) -> bool:
