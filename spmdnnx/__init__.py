@@ -9,84 +9,84 @@ from spmdnnx import errors as errors
 from spmdnnx import spmd as spmd
 
 # Variables and metadata
-from spmdnnx.variables import BatchStat as BatchStat
-from spmdnnx.variables import Cache as Cache
-from spmdnnx.variables import Intermediate as Intermediate
-from spmdnnx.variables import OptArrayState as OptArrayState
-from spmdnnx.variables import OptState as OptState
-from spmdnnx.variables import OptVariable as OptVariable
-from spmdnnx.variables import Param as Param
-from spmdnnx.variables import Perturbation as Perturbation
-from spmdnnx.variables import RngCount as RngCount
-from spmdnnx.variables import RngKey as RngKey
-from spmdnnx.variables import RngState as RngState
-from spmdnnx.variables import Variable as Variable
-from spmdnnx.variables import Variable as VariableState  # older Flax name
-from spmdnnx.variables import with_metadata as with_metadata
-from spmdnnx.variables import with_partitioning as with_partitioning
+from spmdnnx._variables import BatchStat as BatchStat
+from spmdnnx._variables import Cache as Cache
+from spmdnnx._variables import Intermediate as Intermediate
+from spmdnnx._variables import OptArrayState as OptArrayState
+from spmdnnx._variables import OptState as OptState
+from spmdnnx._variables import OptVariable as OptVariable
+from spmdnnx._variables import Param as Param
+from spmdnnx._variables import Perturbation as Perturbation
+from spmdnnx._variables import RngCount as RngCount
+from spmdnnx._variables import RngKey as RngKey
+from spmdnnx._variables import RngState as RngState
+from spmdnnx._variables import Variable as Variable
+from spmdnnx._variables import Variable as VariableState  # older Flax name
+from spmdnnx._variables import with_metadata as with_metadata
+from spmdnnx._variables import with_partitioning as with_partitioning
 
 # Filters
-from spmdnnx.filters import All as All
-from spmdnnx.filters import Any as Any
-from spmdnnx.filters import Everything as Everything
-from spmdnnx.filters import Not as Not
-from spmdnnx.filters import Nothing as Nothing
-from spmdnnx.filters import OfType as OfType
-from spmdnnx.filters import PathContains as PathContains
-from spmdnnx.filters import WithTag as WithTag
+from spmdnnx._filters import All as All
+from spmdnnx._filters import Any as Any
+from spmdnnx._filters import Everything as Everything
+from spmdnnx._filters import Not as Not
+from spmdnnx._filters import Nothing as Nothing
+from spmdnnx._filters import OfType as OfType
+from spmdnnx._filters import PathContains as PathContains
+from spmdnnx._filters import WithTag as WithTag
 
 # Objects, State, Rngs
-from spmdnnx.object import Dict as Dict
-from spmdnnx.object import List as List
-from spmdnnx.object import Object as Object
-from spmdnnx.object import Object as Pytree
-from spmdnnx.rngs import Rngs as Rngs
-from spmdnnx.rngs import RngStream as RngStream
-from spmdnnx.state import FlatState as FlatState
-from spmdnnx.state import State as State
+from spmdnnx._object import Dict as Dict
+from spmdnnx._object import List as List
+from spmdnnx._object import Object as Object
+from spmdnnx._object import Object as Pytree
+from spmdnnx._rngs import Rngs as Rngs
+from spmdnnx._rngs import RngStream as RngStream
+from spmdnnx._state import FlatState as FlatState
+from spmdnnx._state import State as State
 
 # Graph functions and Module
-from spmdnnx.display import display as display
-from spmdnnx.graph import clone as clone
-from spmdnnx.graph import graphdef as graphdef
-from spmdnnx.graph import GraphDef as GraphDef
-from spmdnnx.graph import is_graph_node as is_graph_node
-from spmdnnx.graph import iter_children as iter_children
-from spmdnnx.graph import iter_graph as iter_graph
-from spmdnnx.graph import merge as merge
-from spmdnnx.graph import pop as pop
-from spmdnnx.graph import split as split
-from spmdnnx.graph import state as state
-from spmdnnx.graph import update as update
-from spmdnnx.module import Module as Module
-from spmdnnx.module import data as data
-from spmdnnx.module import reseed as reseed
+from spmdnnx._display import display as display
+from spmdnnx._graph import clone as clone
+from spmdnnx._graph import graphdef as graphdef
+from spmdnnx._graph import GraphDef as GraphDef
+from spmdnnx._graph import is_graph_node as is_graph_node
+from spmdnnx._graph import iter_children as iter_children
+from spmdnnx._graph import iter_graph as iter_graph
+from spmdnnx._graph import merge as merge
+from spmdnnx._graph import pop as pop
+from spmdnnx._graph import split as split
+from spmdnnx._graph import state as state
+from spmdnnx._graph import update as update
+from spmdnnx._module import Module as Module
+from spmdnnx._module import data as data
+from spmdnnx._module import reseed as reseed
 
 # Lifted transforms
-from spmdnnx.transforms import Carry as Carry
-from spmdnnx.transforms import checkpoint_name as checkpoint_name
-from spmdnnx.transforms import cond as cond
-from spmdnnx.transforms import DiffState as DiffState
-from spmdnnx.transforms import eval_shape as eval_shape
-from spmdnnx.transforms import fori_loop as fori_loop
-from spmdnnx.transforms import grad as grad
-from spmdnnx.transforms import jit as jit
-from spmdnnx.transforms import PARTITION_NAME as PARTITION_NAME
-from spmdnnx.transforms import remat as remat
-from spmdnnx.transforms import resolve_policy as resolve_policy
-from spmdnnx.transforms import scan as scan
-from spmdnnx.transforms import shard_map as shard_map
-from spmdnnx.transforms import split_rngs as split_rngs
-from spmdnnx.transforms import StateAxes as StateAxes
-from spmdnnx.transforms import StateSharding as StateSharding
-from spmdnnx.transforms import switch as switch
-from spmdnnx.transforms import value_and_grad as value_and_grad
-from spmdnnx.transforms import vmap as vmap
-from spmdnnx.transforms import while_loop as while_loop
+from spmdnnx._transforms import Carry as Carry
+from spmdnnx._transforms import checkpoint_name as checkpoint_name
+from spmdnnx._transforms import cond as cond
+from spmdnnx._transforms import DiffState as DiffState
+from spmdnnx._transforms import eval_shape as eval_shape
+from spmdnnx._transforms import fori_loop as fori_loop
+from spmdnnx._transforms import grad as grad
+from spmdnnx._transforms import jit as jit
+from spmdnnx._transforms import PARTITION_NAME as PARTITION_NAME
+from spmdnnx._transforms import remat as remat
+from spmdnnx._transforms import resolve_policy as resolve_policy
+from spmdnnx._transforms import scan as scan
+from spmdnnx._transforms import shard_map as shard_map
+from spmdnnx._transforms import split_rngs as split_rngs
+from spmdnnx._transforms import StateAxes as StateAxes
+from spmdnnx._transforms import StateSharding as StateSharding
+from spmdnnx._transforms import switch as switch
+from spmdnnx._transforms import value_and_grad as value_and_grad
+from spmdnnx._transforms import vmap as vmap
+from spmdnnx._transforms import while_loop as while_loop
 
 # SPMD: rules, mesh, sharded state
 from spmdnnx.spmd import AxisRules as AxisRules
-from spmdnnx.spmd import constrain as constrain
+from spmdnnx.spmd import _constrain as constrain
 from spmdnnx.spmd import current_context as current_context
 from spmdnnx.spmd import get_named_sharding as get_named_sharding
 from spmdnnx.spmd import get_partition_spec as get_partition_spec
@@ -155,7 +155,7 @@ from spmdnnx.nn import swish as swish
 from spmdnnx.nn import tanh as tanh
 
 # Training: optimizer, stacks
-from spmdnnx.optim import Optimizer as Optimizer
-from spmdnnx.stack import Stack as Stack
-from spmdnnx.stack_convert import stack_states as stack_states
-from spmdnnx.stack_convert import unstack_state as unstack_state
+from spmdnnx._optim import Optimizer as Optimizer
+from spmdnnx._stack import Stack as Stack
+from spmdnnx._stack_convert import stack_states as stack_states
+from spmdnnx._stack_convert import unstack_state as unstack_state

@@ -7,11 +7,11 @@ import jax
 import pytest
 
 MODULES = [
-    "spmdnnx.variables", "spmdnnx.filters", "spmdnnx.state", "spmdnnx.graph",
-    "spmdnnx.module", "spmdnnx.rngs",
-    "spmdnnx.transforms.jit", "spmdnnx.transforms.grad", "spmdnnx.transforms.vmap",
-    "spmdnnx.transforms.scan", "spmdnnx.transforms.control", "spmdnnx.transforms.misc",
-    "spmdnnx.transforms.axes", "spmdnnx.transforms.rngs",
+    "spmdnnx._variables", "spmdnnx._filters", "spmdnnx._state", "spmdnnx._graph",
+    "spmdnnx._module", "spmdnnx._rngs",
+    "spmdnnx._transforms.jit", "spmdnnx._transforms.grad", "spmdnnx._transforms.vmap",
+    "spmdnnx._transforms.scan", "spmdnnx._transforms.control", "spmdnnx._transforms.misc",
+    "spmdnnx._transforms.axes", "spmdnnx._transforms.rngs",
     "spmdnnx.train.models", "spmdnnx.train.data",
 ]
 

@@ -1,11 +1,11 @@
-"""Tests for spmdnnx.filters: every filter form, combinators and errors."""
+"""Tests for spmdnnx._filters: every filter form, combinators and errors."""
 
 import jax.numpy as jnp
 import pytest
 
 import spmdnnx as nnx
 from spmdnnx import errors
-from spmdnnx.filters import filters_to_predicates, to_predicate
+from spmdnnx._filters import filters_to_predicates, to_predicate
 
 
 class Count(nnx.Variable):
@@ -112,8 +112,8 @@ def test_combinators_equality_hash_repr():
   assert hash(nnx.Any(nnx.Param)) == hash(nnx.Any(nnx.Param))
   assert nnx.All(nnx.Param) != nnx.Any(nnx.Param)
   assert nnx.Not(nnx.Param) == nnx.Not(nnx.Param)
-  assert repr(nnx.Any(nnx.Param, "x")) == "Any(<class 'spmdnnx.variables.Param'>, 'x')"
-  assert repr(nnx.Not(nnx.Param)) == "Not(<class 'spmdnnx.variables.Param'>)"
+  assert repr(nnx.Any(nnx.Param, "x")) == "Any(<class 'spmdnnx._variables.Param'>, 'x')"
+  assert repr(nnx.Not(nnx.Param)) == "Not(<class 'spmdnnx._variables.Param'>)"
 
 
 def test_callable_filter():

@@ -1,4 +1,4 @@
-"""Tests for spmdnnx.graph: split/merge/update/state/pop/clone/iter_graph and GraphDef."""
+"""Tests for spmdnnx._graph: split/merge/update/state/pop/clone/iter_graph and GraphDef."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""Tests for spmdnnx.module: attributes, sow/pop, iteration, modes, repr, copies."""
+"""Tests for spmdnnx._module: attributes, sow/pop, iteration, modes, repr, copies."""
 
 import copy
 

@@ -8,7 +8,7 @@ import pytest
 
 import spmdnnx as nnx
 from spmdnnx import errors
-from spmdnnx.optim import Optimizer
+from spmdnnx._optim import Optimizer
 
 
 class MLP(nnx.Module):
@@ -92,12 +92,12 @@ def test_state_carries_parameter_axes():
   model = MLP(nnx.Rngs(0))
   opt = Optimizer(model, optax.adam(1e-3))
   mu = opt.opt_state[0]["mu"]
-  assert isinstance(mu["l1"]["kernel"], nnx.variables.OptVariable)
+  assert isinstance(mu["l1"]["kernel"], nnx.OptVariable)
   assert mu["l1"]["kernel"].logical_axes == ("embed", "mlp")
   assert mu["l1"]["bias"].logical_axes == ("mlp",)
   assert opt.opt_state[0]["nu"]["l2"]["kernel"].logical_axes == ("mlp", "embed")
   count = opt.opt_state[0]["count"]
-  assert isinstance(count, nnx.variables.OptArrayState) and count.logical_axes is None
+  assert isinstance(count, nnx.OptArrayState) and count.logical_axes is None
   assert isinstance(opt.step, nnx.OptState)
   opt_state = nnx.state(opt, nnx.OptState)
   assert len(opt_state.flat_state()) == 10   # step + count + 2 x 4 moments

@@ -1,4 +1,4 @@
-"""Tests for spmdnnx.rngs: streams, counters, fork/split, reseed, jit propagation."""
+"""Tests for spmdnnx._rngs: streams, counters, fork/split, reseed, jit propagation."""
 
 import jax
 import jax.numpy as jnp

@@ -14,12 +14,12 @@ from jax.sharding import PartitionSpec as P
 import spmdnnx as nnx
 from spmdnnx import errors
 from spmdnnx import spmd
-from spmdnnx import stack as stack_lib
-from spmdnnx import stack_convert
+from spmdnnx import _stack as stack_lib
+from spmdnnx import _stack_convert as stack_convert
 from spmdnnx.nn import BatchNorm, Dropout, Linear
-from spmdnnx.optim import Optimizer
-from spmdnnx.stack import Stack
-from spmdnnx.stack_convert import stack_states, unstack_state
+from spmdnnx._optim import Optimizer
+from spmdnnx._stack import Stack
+from spmdnnx._stack_convert import stack_states, unstack_state
 
 D = 8
 

@@ -1,4 +1,4 @@
-"""Tests for spmdnnx.state: nested access, flat views, filtering, pytree behaviour."""
+"""Tests for spmdnnx._state: nested access, flat views, filtering, pytree behaviour."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""Tests for spmdnnx.variables: Variable types, value access, operators, metadata."""
+"""Tests for spmdnnx._variables: Variable types, value access, operators, metadata."""
 
 import operator
 

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from spmdnnx import errors
-from spmdnnx.variables import Param, check_logical_axes, initializer_metadata
+from spmdnnx._variables import Param, check_logical_axes, initializer_metadata
 
 Axes = Sequence[str | None] | None
 

@@ -37,8 +37,8 @@ from jax.nn import standardize as standardize
 from jax.nn import swish as swish
 from jax.numpy import tanh as tanh
 
-from spmdnnx.module import Module
-from spmdnnx.variables import Param
+from spmdnnx._module import Module
+from spmdnnx._variables import Param
 
 
 class PReLU(Module):

@@ -8,10 +8,10 @@ from typing import Any, Callable, Iterable
 
 import jax
 
-from spmdnnx.spmd.batch import shard_batch
-from spmdnnx.spmd.context import current_context
-from spmdnnx.transforms.grad import value_and_grad
-from spmdnnx.transforms.jit import jit
+from spmdnnx.spmd._batch import shard_batch
+from spmdnnx.spmd._context import current_context
+from spmdnnx._transforms.grad import value_and_grad
+from spmdnnx._transforms.jit import jit
 
 
 @dataclasses.dataclass

@@ -5,12 +5,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from spmdnnx.module import Module
-from spmdnnx.nn.linear import Linear
-from spmdnnx.nn.normalization import LayerNorm
-from spmdnnx.object import List
-from spmdnnx.rngs import Rngs
-from spmdnnx.spmd.constrain import constrain
+from spmdnnx._module import Module
+from spmdnnx.nn._linear import Linear
+from spmdnnx.nn._normalization import LayerNorm
+from spmdnnx._object import List
+from spmdnnx._rngs import Rngs
+from spmdnnx.spmd._constrain import constrain
 
 
 class MLPBlock(Module):

@@ -5,10 +5,10 @@ import importlib
 
 import pytest
 
-MODULES = ["spmdnnx.nn.activations", "spmdnnx.nn.attention", "spmdnnx.nn.conv",
-           "spmdnnx.nn.dropout", "spmdnnx.nn.embed", "spmdnnx.nn.initializers",
-           "spmdnnx.nn.linear", "spmdnnx.nn.normalization", "spmdnnx.nn.pooling",
-           "spmdnnx.nn.recurrent", "spmdnnx.nn.sequential", "spmdnnx.optim"]
+MODULES = ["spmdnnx.nn.activations", "spmdnnx.nn._attention", "spmdnnx.nn._conv",
+           "spmdnnx.nn._dropout", "spmdnnx.nn._embed", "spmdnnx.nn.initializers",
+           "spmdnnx.nn._linear", "spmdnnx.nn._normalization", "spmdnnx.nn._pooling",
+           "spmdnnx.nn._recurrent", "spmdnnx.nn._sequential", "spmdnnx._optim"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -1,4 +1,4 @@
-"""Tests for spmdnnx.spmd.constrain: logical-name constraints on activations."""
+"""Tests for spmdnnx.spmd._constrain: logical-name constraints on activations."""
 
 import jax
 import jax.numpy as jnp
@@ -6,9 +6,9 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from spmdnnx import errors
-from spmdnnx.spmd.constrain import constrain
-from spmdnnx.spmd.context import use_sharding
-from spmdnnx.spmd.mesh import MeshConfig, make_mesh
+from spmdnnx.spmd._constrain import constrain
+from spmdnnx.spmd._context import use_sharding
+from spmdnnx.spmd._mesh import MeshConfig, make_mesh
 
 
 @pytest.fixture

@@ -1,11 +1,11 @@
-"""Tests for spmdnnx.spmd.mesh: MeshConfig validation, make_mesh, plan_abstract."""
+"""Tests for spmdnnx.spmd._mesh: MeshConfig validation, make_mesh, plan_abstract."""
 
 import jax
 import pytest
 from jax.sharding import AbstractMesh, AxisType, Mesh
 
 from spmdnnx import errors
-from spmdnnx.spmd.mesh import AXES, MeshConfig, make_mesh, plan_abstract
+from spmdnnx.spmd._mesh import AXES, MeshConfig, make_mesh, plan_abstract
 
 
 def test_make_mesh_keeps_every_axis_and_is_auto():

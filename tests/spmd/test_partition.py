@@ -8,15 +8,15 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from spmdnnx import errors
-from spmdnnx import graph
-from spmdnnx.module import Module
-from spmdnnx.rngs import Rngs
-from spmdnnx.spmd.context import current_context, use_sharding
-from spmdnnx.spmd.mesh import MeshConfig, make_mesh, plan_abstract
-from spmdnnx.spmd.partition import get_named_sharding, get_partition_spec
-from spmdnnx.spmd.resolve import leaf_shardings, leaf_specs
-from spmdnnx.state import State
-from spmdnnx.variables import BatchStat, Param
+from spmdnnx import _graph as graph
+from spmdnnx._module import Module
+from spmdnnx._rngs import Rngs
+from spmdnnx.spmd._context import current_context, use_sharding
+from spmdnnx.spmd._mesh import MeshConfig, make_mesh, plan_abstract
+from spmdnnx.spmd._partition import get_named_sharding, get_partition_spec
+from spmdnnx.spmd._resolve import leaf_shardings, leaf_specs
+from spmdnnx._state import State
+from spmdnnx._variables import BatchStat, Param
 
 
 class Block(Module):

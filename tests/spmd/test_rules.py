@@ -1,4 +1,4 @@
-"""Tests for spmdnnx.spmd.rules: resolution semantics, composition, files."""
+"""Tests for spmdnnx.spmd._rules: resolution semantics, composition, files."""
 
 import json
 import pathlib
@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from spmdnnx import errors
-from spmdnnx.spmd.rules import LOGICAL_AXES, AxisRules
+from spmdnnx.spmd._rules import LOGICAL_AXES, AxisRules
 
 CLASSIC = [("head", "model"), ("embed", "model"), ("embed", "data"), ("vocab", "model")]
 MESH = {"data": 2, "model": 4}

@@ -7,9 +7,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from spmdnnx import errors
-from spmdnnx.spmd.batch import global_batch_from_local, shard_batch
-from spmdnnx.spmd.context import use_sharding
-from spmdnnx.spmd.mesh import MeshConfig, make_mesh
+from spmdnnx.spmd._batch import global_batch_from_local, shard_batch
+from spmdnnx.spmd._context import use_sharding
+from spmdnnx.spmd._mesh import MeshConfig, make_mesh
 
 
 @pytest.fixture

@@ -9,13 +9,13 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from spmdnnx import errors
-from spmdnnx import graph
-from spmdnnx.module import Module
-from spmdnnx.rngs import Rngs
-from spmdnnx.spmd.context import use_sharding
-from spmdnnx.spmd.init import plan_init, sharded_init
-from spmdnnx.spmd.mesh import MeshConfig, make_mesh
-from spmdnnx.variables import BatchStat, Param
+from spmdnnx import _graph as graph
+from spmdnnx._module import Module
+from spmdnnx._rngs import Rngs
+from spmdnnx.spmd._context import use_sharding
+from spmdnnx.spmd._init import plan_init, sharded_init
+from spmdnnx.spmd._mesh import MeshConfig, make_mesh
+from spmdnnx._variables import BatchStat, Param
 
 
 class MLP(Module):

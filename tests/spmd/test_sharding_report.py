@@ -7,15 +7,15 @@ import jax.numpy as jnp
 import pytest
 
 from spmdnnx import errors
-from spmdnnx import graph
-from spmdnnx.module import Module
-from spmdnnx.rngs import Rngs
-from spmdnnx.spmd.context import use_sharding
-from spmdnnx.spmd.init import sharded_init
-from spmdnnx.spmd.mesh import MeshConfig, make_mesh, plan_abstract
-from spmdnnx.spmd.report import sharding_report
-from spmdnnx.state import State
-from spmdnnx.variables import OptState, Param
+from spmdnnx import _graph as graph
+from spmdnnx._module import Module
+from spmdnnx._rngs import Rngs
+from spmdnnx.spmd._context import use_sharding
+from spmdnnx.spmd._init import sharded_init
+from spmdnnx.spmd._mesh import MeshConfig, make_mesh, plan_abstract
+from spmdnnx.spmd._report import sharding_report
+from spmdnnx._state import State
+from spmdnnx._variables import OptState, Param
 
 
 class Net(Module):

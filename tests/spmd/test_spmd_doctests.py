@@ -11,7 +11,7 @@ MODULES = ["batch", "constrain", "context", "init", "mesh", "mesh_axes", "partit
 
 @pytest.mark.parametrize("name", MODULES)
 def test_doctests(name):
-  module = importlib.import_module(f"spmdnnx.spmd.{name}")
+  module = importlib.import_module(f"spmdnnx.spmd._{name}")
   result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
   assert result.attempted > 0, f"{name} has no examples"
   assert result.failed == 0

@@ -1,4 +1,4 @@
-"""Tests for spmdnnx.transforms.control: cond, switch, fori_loop, while_loop."""
+"""Tests for spmdnnx._transforms.control: cond, switch, fori_loop, while_loop."""
 
 import jax.numpy as jnp
 import pytest

@@ -1,4 +1,4 @@
-"""Tests for spmdnnx.transforms.grad: grad / value_and_grad over graph objects."""
+"""Tests for spmdnnx._transforms.grad: grad / value_and_grad over graph objects."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""Tests for spmdnnx.transforms.jit: graph objects through a lifted jax.jit."""
+"""Tests for spmdnnx._transforms.jit: graph objects through a lifted jax.jit."""
 
 import jax
 import jax.numpy as jnp

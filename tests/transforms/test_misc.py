@@ -101,10 +101,10 @@ def test_checkpoint_name_with_save_only_named_keeps_only_that_value(capsys):
 
 
 def test_resolve_policy_names():
-  assert nnx.transforms.resolve_policy("full") is jax.checkpoint_policies.nothing_saveable
-  assert nnx.transforms.resolve_policy(None) is None
+  assert nnx.resolve_policy("full") is jax.checkpoint_policies.nothing_saveable
+  assert nnx.resolve_policy(None) is None
   with pytest.raises(errors.TransformError, match="Unknown remat policy"):
-    nnx.transforms.resolve_policy("bogus")
+    nnx.resolve_policy("bogus")
 
 
 # --- eval_shape ------------------------------------------------------------------------

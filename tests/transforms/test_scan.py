@@ -1,4 +1,4 @@
-"""Tests for spmdnnx.transforms.scan: stacks, carries, state propagation, errors."""
+"""Tests for spmdnnx._transforms.scan: stacks, carries, state propagation, errors."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""Tests for spmdnnx.transforms.vmap: stacks, StateAxes, metadata, errors."""
+"""Tests for spmdnnx._transforms.vmap: stacks, StateAxes, metadata, errors."""
 
 import jax
 import jax.numpy as jnp

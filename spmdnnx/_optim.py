@@ -1,0 +1,220 @@
+"""`Optimizer`: applies an optax transformation to a Module's parameters.
+
+The optax state is kept in Variables inside the optimizer, so splitting the
+optimizer (or passing it to a lifted transform) carries it like any other
+state. Leaves that mirror a parameter (Adam's moments, momentum, ...) are
+`OptVariable`s with that parameter's logical axes, so they shard like it,
+stacked ``layers`` axis included; other leaves (step counts, schedule state)
+are `OptArrayState`s. ``optimizer_axes`` renames the axes of the mirrored
+leaves to shard optimizer state differently from the parameters (ZeRO-style).
+
+>>> import jax, jax.numpy as jnp, optax
+>>> from spmdnnx._rngs import Rngs
+>>> from spmdnnx.nn._linear import Linear
+>>> from spmdnnx import _graph as graph
+>>> from spmdnnx._variables import Param
+>>> model = Linear(2, 1, kernel_axes=("embed", "mlp"), rngs=Rngs(0))
+>>> opt = Optimizer(model, optax.adam(1e-2), wrt=Param)
+>>> opt.opt_state[0]["mu"]["kernel"].logical_axes
+('embed', 'mlp')
+>>> grads = jax.tree.map(jnp.ones_like, graph.state(model, Param))
+>>> opt.update(model, grads)
+>>> int(opt.step.value)
+1
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from spmdnnx import errors
+from spmdnnx import _graph as graph
+from spmdnnx._object import Object
+from spmdnnx._state import State
+from spmdnnx._variables import OptArrayState, OptState, OptVariable, Param, Variable
+
+AxesOverride = Callable[[tuple, Any], Any] | Mapping[Any, Any] | None
+
+
+def _key_name(key: Any) -> Any:
+  for attr in ("key", "idx", "name"):
+    if hasattr(key, attr):
+      return getattr(key, attr)
+  return str(key)
+
+
+def _raw(leaf: Any) -> Any:
+  return leaf.raw_value if isinstance(leaf, Variable) else leaf
+
+
+def pure(state: Any) -> State:
+  """A State (or mapping) of Variables -> a State of their raw values."""
+  if not isinstance(state, State):
+    state = State(state)
+  return State.from_flat_path([(p, _raw(v)) for p, v in state.flat_state()])
+
+
+def _override_axes(override: AxesOverride, path: tuple, axes: Any, ndim: int) -> Any:
+  if override is None:
+    return axes
+  if callable(override):
+    return override(path, axes)
+  if axes is None:
+    if None not in override:
+      return None
+    axes = (None,) * ndim
+  return tuple(override.get(a, a) for a in axes)
+
+
+def _optax_promotion():
+  """optax mixes Python floats with int32 counts, which strict promotion rejects;
+  run it under jax's standard promotion whatever the user's setting."""
+  return jax.numpy_dtype_promotion("standard")
+
+
+def _nest(pairs: list) -> dict:
+  """Nested plain dicts from (path, leaf) pairs (tuple indices become keys)."""
+  root: dict = {}
+  for path, leaf in pairs:
+    node = root
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = leaf
+  return root
+
+
+def _get(root: Any, path: tuple) -> Any:
+  for key in path:
+    root = root[key]
+  return root
+
+
+class Optimizer(Object):
+  """Holds a model, an optax transformation and its state.
+
+  Args:
+    model: the Module to optimize (kept as ``optimizer.model``).
+    tx: any optax ``GradientTransformation`` (chains, schedules, masks...).
+    wrt: filter selecting the Variables to optimize (default `Param`).
+    optimizer_axes: optional override of the mirrored leaves' logical axes:
+      a mapping renaming axis names (``{"embed": "embed_zero"}``; a ``None``
+      key renames unannotated dims) or a callable
+      ``(param_path, param_axes) -> axes``.
+
+  Attributes:
+    step: an `OptState` counting applied updates.
+    opt_state: the optax state as nested dicts of `OptVariable` /
+      `OptArrayState` (read the optax pytree with `optax_state`).
+
+  Raises:
+    ConfigError: when ``wrt`` selects no Variables of the model.
+  """
+
+  def __init__(self, model: Any, tx: optax.GradientTransformation, *, wrt: Any = Param,
+               optimizer_axes: AxesOverride = None):
+    params = graph.state(model, wrt)
+    if not params.flat_state():
+      raise errors.ConfigError(
+          f"Optimizer: wrt={wrt!r} selects no Variables of the "
+          f"{type(model).__name__}; check the filter (default nnx.Param).")
+    self.step = OptState(jnp.array(0, dtype=jnp.uint32))
+    self.model = model
+    self.tx = tx
+    self.wrt = wrt
+    with _optax_promotion():
+      state = tx.init(pure(params))
+    keyed, treedef = jax.tree_util.tree_flatten_with_path(state)
+    by_path = {p: v for p, v in params.flat_state()}
+    lengths = sorted({len(p) for p in by_path}, reverse=True)
+    pairs = []
+    for keypath, leaf in keyed:
+      path = tuple(_key_name(k) for k in keypath)
+      pairs.append((path, self._wrap(path, leaf, by_path, lengths, optimizer_axes)))
+    self._opt_paths = tuple(p for p, _ in pairs)
+    self._opt_treedef = treedef
+    self.opt_state = _nest(pairs)
+
+  @staticmethod
+  def _wrap(path: tuple, leaf: Any, by_path: dict, lengths: list,
+            override: AxesOverride) -> Variable:
+    for n in lengths:
+      param = by_path.get(path[-n:]) if len(path) >= n else None
+      if param is not None and jnp.shape(leaf) == param.shape:
+        axes = _override_axes(override, path[-n:], param.logical_axes, param.ndim)
+        return OptVariable(leaf, logical_axes=axes)
+    return OptArrayState(leaf)
+
+  def _leaves(self) -> list:
+    return [_get(self.opt_state, p) for p in self._opt_paths]
+
+  def optax_state(self) -> Any:
+    """The optax state pytree (raw arrays), as ``tx.update`` expects it."""
+    return jax.tree_util.tree_unflatten(self._opt_treedef,
+                                        [v.value for v in self._leaves()])
+
+  def update(self, *args: Any, **kwargs: Any) -> None:
+    """Applies one optimizer step: ``update(model, grads)`` or ``update(grads)``.
+
+    Args:
+      *args: ``(model, grads)`` or ``(grads,)``; grads is a State (or nested
+        mapping) with the structure of the ``wrt`` parameters, e.g. from
+        ``nnx.grad``. Extra entries (gradients of Variables outside ``wrt``)
+        are ignored.
+      **kwargs: passed to ``tx.update`` (e.g. ``value=`` for optax
+        transformations that need the loss).
+
+    Raises:
+      ConfigError: for a wrong number of arguments or a different model.
+      GraphError: when grads miss parameters.
+      ShapeError: when a gradient's shape differs from its parameter's.
+    """
+    if len(args) == 2:
+      model, grads = args
+    elif len(args) == 1:
+      model, grads = self.model, args[0]
+    else:
+      raise errors.ConfigError(
+          f"Optimizer.update takes (model, grads) or (grads,), got {len(args)} "
+          "positional arguments.")
+    if model is not self.model:
+      raise errors.ConfigError(
+          f"Optimizer.update: the {type(model).__name__} passed is not the model this "
+          "optimizer was built for (optimizer.model). Pass optimizer.model, or pass "
+          "model and optimizer to one transform/split together so the reference is kept.")
+    params = pure(graph.state(model, self.wrt))
+    grads = self._match_grads(params, grads)
+    with _optax_promotion():
+      updates, new_state = self.tx.update(grads, self.optax_state(), params, **kwargs)
+      new_params = optax.apply_updates(params, updates)
+    graph.update(model, new_params)
+    leaves = jax.tree_util.tree_leaves(new_state)
+    for var, value in zip(self._leaves(), leaves, strict=True):
+      var.value = value
+    self.step.value = self.step.value + jnp.uint32(1)
+
+  @staticmethod
+  def _match_grads(params: State, grads: Any) -> State:
+    if not isinstance(grads, Mapping):
+      raise errors.GraphError(
+          f"Optimizer.update: grads must be a State (e.g. from nnx.grad), got "
+          f"{type(grads).__name__}.")
+    given = dict(pure(grads).flat_state())
+    wanted = dict(params.flat_state())
+    missing = [errors.path_str(p) for p in wanted if p not in given]
+    if missing:
+      raise errors.GraphError(
+          f"Optimizer.update: grads have no entry for {len(missing)} optimized "
+          f"Variable(s): {errors.format_paths(missing)}. Differentiate with respect "
+          "to the same Variables as the optimizer's wrt filter.")
+    bad = [f"{errors.path_str(p)} (param {tuple(v.shape)}, grad "
+           f"{tuple(jnp.shape(given[p]))})"
+           for p, v in wanted.items() if tuple(jnp.shape(given[p])) != tuple(v.shape)]
+    if bad:
+      raise errors.ShapeError(
+          f"Optimizer.update: {len(bad)} gradient(s) differ in shape from their "
+          f"parameter: {errors.format_paths(bad)}.")
+    return State.from_flat_path([(p, given[p]) for p in wanted])

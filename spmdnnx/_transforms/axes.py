@@ -1,0 +1,222 @@
+"""Per-leaf axis specs for vmap/scan: `Carry`, `StateAxes`, stacked-axis metadata.
+
+`in_axes` of a lifted vmap or scan gives one spec per argument. For a graph
+node the spec is an int (map every Variable along that axis), None
+(broadcast), `Carry` (scan only) or ``StateAxes({filter: spec, ...})`` to
+choose per filter. `leaf_axes` turns those into one spec per state leaf.
+
+Stacked-axis metadata: a Variable mapped along axis ``a`` carries the stack's
+logical name (``"layers"`` by default) at position ``a`` of its
+``logical_axes``. Inside the body the name is removed (the body sees one
+layer); on the way out it is put back.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import jax
+
+from spmdnnx import errors
+from spmdnnx import _filters as filterlib
+from spmdnnx import _graph as graph
+from spmdnnx._variables import Variable
+
+#: Default logical name of a stacked axis.
+STACK_AXIS = "layers"
+#: Flax's key for the stacked-axis name in `transform_metadata`.
+PARTITION_NAME = "partition_name"
+
+
+class _CarryType:
+  """Marks the carry in scan's in_axes / out_axes (and in StateAxes)."""
+
+  _instance = None
+
+  def __new__(cls):
+    if cls._instance is None:
+      cls._instance = super().__new__(cls)
+    return cls._instance
+
+  def __repr__(self):
+    return "Carry"
+
+  def __reduce__(self):
+    return (_CarryType, ())
+
+
+Carry = _CarryType()
+
+
+class StateAxes:
+  """Per-filter axis specs for the state of a graph-node argument.
+
+  >>> from spmdnnx._variables import Param, BatchStat
+  >>> StateAxes({Param: 0, BatchStat: None})
+  StateAxes({Param: 0, BatchStat: None})
+  """
+
+  def __init__(self, axes: Mapping[Any, Any]):
+    self.filters = tuple(axes.keys())
+    self.axes = tuple(axes.values())
+    for a in self.axes:
+      if not (a is None or a is Carry or isinstance(a, int)):
+        raise errors.TransformError(
+            f"StateAxes values must be an int axis, None or Carry, got {a!r}.")
+    self.predicates = filterlib.filters_to_predicates(self.filters)
+
+  def items(self):
+    return zip(self.filters, self.axes)
+
+  def __repr__(self):
+    inner = ", ".join(f"{getattr(f, '__name__', repr(f))}: {a!r}" for f, a in self.items())
+    return f"StateAxes({{{inner}}})"
+
+  def __eq__(self, other):
+    return isinstance(other, StateAxes) and (self.filters, self.axes) == (other.filters, other.axes)
+
+  def __hash__(self):
+    return hash((self.filters, self.axes))
+
+
+def broadcast_arg_specs(specs: Any, nargs: int, what: str) -> tuple:
+  """Expands an in_axes spec (single value or per-argument sequence) to nargs."""
+  if isinstance(specs, (list, tuple)):
+    if len(specs) != nargs:
+      raise errors.TransformError(
+          f"{what}: in_axes has {len(specs)} entries but the function got {nargs} "
+          "positional argument(s); give one spec per argument (int, None, "
+          "Carry or StateAxes).")
+    return tuple(specs)
+  return (specs,) * nargs
+
+
+def node_arg_index(args: Sequence) -> list[int]:
+  """For each unique graph node (order of appearance), the argument holding it."""
+  out: list[int] = []
+  seen: set = set()
+  for i, arg in enumerate(args):
+    for leaf in jax.tree_util.tree_leaves(arg, is_leaf=graph.is_graph_node):
+      if graph.is_graph_node(leaf) and id(leaf) not in seen:
+        seen.add(id(leaf))
+        out.append(i)
+  return out
+
+
+UNMATCHED = object()
+
+
+def axis_for(spec: Any, path: tuple, leaf: Any) -> Any:
+  """The axis spec of one state leaf (path starts with its node's index).
+
+  For a StateAxes the first matching filter decides; no match gives the
+  `UNMATCHED` marker.
+  """
+  if not isinstance(spec, StateAxes):
+    return spec
+  for pred, axis in zip(spec.predicates, spec.axes):
+    if pred(path[1:], leaf):
+      return axis
+  return UNMATCHED
+
+
+def raise_size_mismatch(sizes: dict, what: str) -> None:
+  """Raises when mapped things disagree on the mapped size ({size: [what, ...]})."""
+  if len(sizes) > 1:
+    listed = "; ".join(f"size {s}: {errors.format_paths(p, 3)}" for s, p in sizes.items())
+    raise errors.TransformError(
+        f"{what}: mapped axes have different sizes ({listed}); every mapped "
+        "Variable and argument must have the same length along its axis.")
+
+
+def leaf_axes(paths: list, leaves: list, node_arg: list[int], arg_specs: tuple,
+              what: str) -> list:
+  """One axis spec (int, None or Carry) per state leaf.
+
+  Raises:
+    TransformError: a StateAxes that leaves some state unassigned.
+  """
+  out = []
+  unmatched = []
+  for path, leaf in zip(paths, leaves):
+    axis = axis_for(arg_specs[node_arg[path[0]]], path, leaf)
+    if axis is UNMATCHED:
+      unmatched.append(path)
+      axis = None
+    out.append(axis)
+  if unmatched:
+    raise errors.TransformError(
+        f"{what}: StateAxes filters do not cover {len(unmatched)} state leaves: "
+        f"{errors.format_paths(errors.path_str(p[1:]) for p in unmatched)}. Add a "
+        "catch-all entry such as `...: None`.")
+  return out
+
+
+def check_mapped(paths: list, leaves: list, axes: list, size: int | None,
+                 what: str) -> int | None:
+  """Checks mapped leaves have the axis and agree on its size; returns the size."""
+  problems = []
+  sizes: dict[int, list] = {}
+  for path, leaf, axis in zip(paths, leaves, axes):
+    if not isinstance(axis, int) or axis is Carry:
+      continue
+    value = leaf.raw_value if isinstance(leaf, Variable) else leaf
+    shape = getattr(value, "shape", ())
+    ndim = len(shape)
+    if not -ndim <= axis < max(ndim, 1) or ndim == 0:
+      problems.append(f"{errors.path_str(path[1:])} (shape {tuple(shape)}, axis {axis})")
+      continue
+    sizes.setdefault(shape[axis], []).append(errors.path_str(path[1:]))
+  if problems:
+    raise errors.TransformError(
+        f"{what}: cannot map these Variables along the requested axis because "
+        f"their arrays lack it: {errors.format_paths(problems)}. Map that state "
+        "with None (broadcast) via StateAxes({filter: None, ...}), or create it "
+        "stacked (e.g. with vmap over the constructor).")
+  if size is not None:
+    sizes.setdefault(size, [])
+  raise_size_mismatch(sizes, what)
+  return next(iter(sizes)) if sizes else None
+
+
+def _named_axes(leaf: Any, axis: Any, name: str | None) -> tuple | None:
+  """A mapped Variable's logical axes when a stack name applies, else None."""
+  if not isinstance(leaf, Variable) or not isinstance(axis, int) or axis is Carry \
+      or name is None:
+    return None
+  return leaf.logical_axes
+
+
+def remove_axis_name(leaf: Any, axis: Any, name: str | None) -> Any:
+  """The per-slice view of a stacked Variable's metadata (axis removed)."""
+  axes = _named_axes(leaf, axis, name)
+  if axes is None:
+    return leaf
+  a = axis % len(axes)
+  inner = axes[:a] + axes[a + 1:]
+  return _with_axes(leaf, inner)
+
+
+def insert_axis_name(leaf: Any, axis: Any, name: str | None) -> Any:
+  """The stacked view of a per-slice Variable's metadata (name inserted)."""
+  axes = _named_axes(leaf, axis, name)
+  if axes is None:
+    return leaf
+  a = axis if axis >= 0 else len(axes) + 1 + axis
+  return _with_axes(leaf, axes[:a] + (name,) + axes[a:])
+
+
+def _with_axes(leaf: Variable, axes: tuple) -> Variable:
+  new = graph.detach(leaf)
+  meta = leaf.get_metadata()
+  meta["logical_axes"] = tuple(axes)
+  object.__setattr__(new, "_meta", meta)
+  object.__setattr__(new, "_frozen", None)
+  return new
+
+
+def stack_axis_name(axis_name_meta: Any, transform_metadata: Mapping | None) -> str | None:
+  """Resolves the stacked-axis name from the keyword and Flax's transform_metadata."""
+  if transform_metadata and PARTITION_NAME in transform_metadata:
+    return transform_metadata[PARTITION_NAME]
+  return axis_name_meta

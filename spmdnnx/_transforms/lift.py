@@ -1,0 +1,291 @@
+"""Moving graph objects across a JAX transform boundary.
+
+A lifted transform takes arguments that may contain graph nodes (Modules,
+Rngs, Optimizers, Variables) anywhere in their pytrees. Outside, `extract`
+finds the nodes, splits them *jointly* (so references shared between
+arguments stay shared) and hands the transform plain pytrees of state leaves.
+Inside, `rebuild` makes fresh objects from those leaves; after the user's
+function ran, `collect` splits them again and marks any graph nodes in the
+output. Outside again, `apply_updates` writes the new state into the original
+objects and `resolve_outputs` turns marked outputs back into objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+
+from spmdnnx import errors
+from spmdnnx import _graph as graph
+from spmdnnx import _tracectx as tracectx
+from spmdnnx import _restructure as restructure_lib
+from spmdnnx._state import State
+from spmdnnx._variables import Variable
+
+_RAW_SET = Variable.raw_value.__set__
+
+
+class NodeSlot:
+  """Stands for a graph node inside a flattened argument list (static)."""
+
+  __slots__ = ("index",)
+
+  def __init__(self, index: int):
+    self.index = index
+
+  def __eq__(self, other):
+    return isinstance(other, NodeSlot) and other.index == self.index
+
+  def __hash__(self):
+    return hash((NodeSlot, self.index))
+
+  def __repr__(self):
+    return f"NodeSlot({self.index})"
+
+
+@dataclasses.dataclass
+class Extraction:
+  """Everything `extract` learned about the graph nodes in some arguments."""
+  treedef: Any                 # treedef of the arguments, nodes as leaves
+  arg_leaves: list             # argument leaves, nodes replaced by NodeSlot
+  nodes: tuple                 # unique live nodes, in order of appearance
+  graphdef: graph.GraphDef     # joint GraphDef of `nodes` (a tuple)
+  paths: list                  # path of every state leaf, DFS order
+  leaves: list                 # detached state leaves (Variables / arrays)
+  live: list                   # live Variables (None for raw arrays)
+  has_raw: bool
+  all_nodes: list              # every live node with identity, by GraphDef index
+  static_containers: list      # static List/Dict values (watched by jit)
+
+  def node_of_leaf(self, i: int) -> int:
+    """Index (into `nodes`) of the node that owns state leaf i."""
+    return self.paths[i][0]
+
+
+def extract(tree: Any) -> Extraction:
+  """Finds the graph nodes in a pytree and splits them jointly."""
+  leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=graph.is_graph_node)
+  nodes: list = []
+  seen: dict[int, int] = {}
+  arg_leaves = []
+  for leaf in leaves:
+    if graph.is_graph_node(leaf):
+      i = seen.get(id(leaf))
+      if i is None:
+        i = seen[id(leaf)] = len(nodes)
+        nodes.append(leaf)
+      arg_leaves.append(NodeSlot(i))
+    else:
+      arg_leaves.append(leaf)
+  nodes_t = tuple(nodes)
+  graphdef, f = graph.flatten(nodes_t)
+  return Extraction(treedef, arg_leaves, nodes_t, graphdef,
+                    [p for p, _ in f.pairs], [v for _, v in f.pairs],
+                    f.variables, f.has_raw, f.nodes, f.static_containers)
+
+
+def plain_leaves(ex: Extraction) -> list:
+  """The argument leaves that are not graph nodes, in order."""
+  return [x for x in ex.arg_leaves if not isinstance(x, NodeSlot)]
+
+
+def fill_plain(ex: Extraction, plain: list) -> list:
+  """Argument leaves with the plain ones replaced (NodeSlots kept)."""
+  it = iter(plain)
+  return [x if isinstance(x, NodeSlot) else next(it) for x in ex.arg_leaves]
+
+
+class Rebuilt:
+  """Inside a transform: the fresh nodes and where each came from."""
+  __slots__ = ("nodes", "origin", "graphdef")
+
+  def __init__(self, nodes, origin, graphdef):
+    self.nodes = nodes          # tuple of fresh root nodes
+    self.origin = origin        # id(fresh node) -> index in the outer GraphDef
+    self.graphdef = graphdef    # GraphDef the fresh nodes had when rebuilt
+
+
+def rebuild(graphdef: graph.GraphDef, leaves: list, treedef: Any,
+            arg_leaves: list, *, regraph: bool = False) -> tuple[Any, Rebuilt]:
+  """Inside a transform: fresh nodes from state leaves, put back into the args.
+
+  With `regraph`, the rebuilt nodes' GraphDef is recomputed (for transforms
+  that changed metadata on the way in, e.g. removed a stacked axis name).
+  """
+  it = iter(leaves)
+
+  def take(path, spec):
+    leaf = next(it)
+    if spec[0] == graph.VAR:
+      return graph.detach(leaf) if isinstance(leaf, Variable) else \
+          graph.make_variable(spec[1], spec[3], leaf)
+    return _raw(leaf)
+
+  builder = graph._Builder(take)
+  nodes = builder.build(graphdef.spec, ())
+  origin = {id(obj): idx for idx, obj in builder.nodes.items()}
+  inner_graphdef = graph.graphdef(nodes) if regraph else graphdef
+  filled = [nodes[x.index] if isinstance(x, NodeSlot) else x for x in arg_leaves]
+  return jax.tree_util.tree_unflatten(treedef, filled), Rebuilt(nodes, origin, inner_graphdef)
+
+
+def _raw(x):
+  return x.raw_value if isinstance(x, Variable) else x
+
+
+# --- outputs ---------------------------------------------------------------------
+
+
+class InputRef:
+  """Output marker: this output is (part of) input node `index` at `path`."""
+
+  __slots__ = ("index", "path")
+
+  def __init__(self, index: int, path: tuple):
+    self.index, self.path = index, path
+
+  def __eq__(self, other):
+    return isinstance(other, InputRef) and (other.index, other.path) == (self.index, self.path)
+
+  def __hash__(self):
+    return hash((InputRef, self.index, self.path))
+
+
+class NodeOut:
+  """Output marker carrying a new graph node as (GraphDef, State)."""
+
+  __slots__ = ("graphdef", "state")
+
+  def __init__(self, graphdef, state):
+    self.graphdef, self.state = graphdef, state
+
+
+jax.tree_util.register_pytree_node(InputRef, lambda r: ((), (r.index, r.path)),
+                                   lambda aux, _: InputRef(*aux))
+jax.tree_util.register_pytree_node(NodeOut, lambda n: ((n.state,), n.graphdef),
+                                   lambda g, c: NodeOut(g, c[0]))
+
+
+class Restructure:
+  """Static record of a structure change made inside a transform."""
+  __slots__ = ("graphdef", "reuse", "paths")
+
+  def __init__(self, graphdef, reuse, paths):
+    self.graphdef = graphdef    # the new GraphDef of the root nodes tuple
+    self.reuse = reuse          # new node index -> outer GraphDef node index
+    self.paths = paths          # paths of the new state leaves
+
+
+def collect(rebuilt: Rebuilt, out: Any) -> tuple:
+  """Inside a transform, after the user's function: new state and marked outputs.
+
+  Returns:
+    ``(new_leaves, restructure, out, has_nodes)``: the state leaves of the
+    nodes in DFS order; a `Restructure` if the nodes' structure changed (else
+    None); `out` with graph nodes replaced by InputRef / NodeOut markers.
+  """
+  graphdef, f = graph.flatten(rebuilt.nodes)
+  new_leaves = [v for _, v in f.pairs]
+  restructure = None
+  if graphdef != rebuilt.graphdef:
+    origin = rebuilt.origin
+    reuse = {i: origin[id(n)] for i, n in enumerate(f.nodes) if id(n) in origin}
+    restructure = Restructure(graphdef, reuse, [p for p, _ in f.pairs])
+  out, has_nodes = mark_outputs(rebuilt.nodes, out)
+  return new_leaves, restructure, out, has_nodes
+
+
+def run_inside(graphdef: graph.GraphDef, treedef: Any, leaves: list, arg_leaves: list,
+               call: Any, what: str, *, regraph: bool = False) -> tuple:
+  """Inside a transform: rebuild the arguments, run ``call(args)``, collect.
+
+  Runs in a fresh trace frame named `what`. Returns what `collect` returns.
+  """
+  with tracectx.frame(what):
+    args, rebuilt = rebuild(graphdef, leaves, treedef, arg_leaves, regraph=regraph)
+    return collect(rebuilt, call(args))
+
+
+def require_kept_structure(restructure: "Restructure | None", what: str, who: str,
+                           hint: str) -> None:
+  """Raises if the function added or removed Variables or sub-modules."""
+  if restructure is not None:
+    raise errors.TransformError(
+        f"{what}: {who} added or removed Variables or sub-modules (paths "
+        f"{errors.format_paths(map(errors.path_str, restructure.paths))}); {hint}")
+
+
+def require_no_new_nodes(out: Any, has_nodes: bool, what: str, who: str, hint: str) -> None:
+  """Raises if the (marked) output holds graph objects the function created."""
+  if has_nodes and any(isinstance(m, NodeOut) for m in
+                       jax.tree_util.tree_leaves(out, is_leaf=_is_marker)):
+    raise errors.TransformError(f"{what}: {who} returned new graph objects; {hint}")
+
+
+def fun_name(f: Any) -> str:
+  """A function's readable name for messages."""
+  return getattr(f, "__qualname__", getattr(f, "__name__", repr(f)))
+
+
+def mark_outputs(nodes: tuple, out: Any) -> tuple[Any, bool]:
+  """Replaces graph nodes in `out` by InputRef (inputs) or NodeOut (new)."""
+  leaves, treedef = jax.tree_util.tree_flatten(out, is_leaf=graph.is_graph_node)
+  if not any(graph.is_graph_node(x) for x in leaves):
+    return out, False
+  where: dict[int, tuple] = {}
+  for i, node in enumerate(nodes):
+    where[id(node)] = (i, ())
+    for path, sub in graph.iter_graph(node):
+      if graph.is_graph_node(sub):
+        where.setdefault(id(sub), (i, path))
+  marked = []
+  for leaf in leaves:
+    if graph.is_graph_node(leaf):
+      if id(leaf) in where:
+        marked.append(InputRef(*where[id(leaf)]))
+      else:
+        marked.append(NodeOut(*graph.split(leaf)))
+    else:
+      marked.append(leaf)
+  return jax.tree_util.tree_unflatten(treedef, marked), True
+
+
+def apply_updates(ex: Extraction, new_leaves: list, restructure: Restructure | None) -> None:
+  """Outside: writes the transform's new state into the original objects."""
+  if restructure is not None:
+    reuse = {new: ex.all_nodes[old] for new, old in restructure.reuse.items()
+             if old >= 0}
+    restructure_lib.rebuild_into(restructure.graphdef, new_leaves, reuse)
+    return
+  if ex.has_raw:
+    graph.update(ex.nodes, State.from_flat_path(list(zip(ex.paths, new_leaves))))
+    return
+  for var, leaf in zip(ex.live, new_leaves):
+    if isinstance(leaf, Variable):
+      _RAW_SET(var, leaf.raw_value)
+      if leaf.frozen_metadata() != var.frozen_metadata():
+        var.set_metadata(**leaf.get_metadata())
+    else:
+      _RAW_SET(var, leaf)
+
+
+def _is_marker(x) -> bool:
+  return isinstance(x, (InputRef, NodeOut))
+
+
+def resolve_outputs(nodes: tuple, out: Any) -> Any:
+  """Outside: turns InputRef / NodeOut markers back into objects."""
+
+  def resolve(x):
+    if isinstance(x, InputRef):
+      node = nodes[x.index]
+      for key in x.path:
+        node = graph._child(node, key)
+      return node
+    if isinstance(x, NodeOut):
+      return graph.merge(x.graphdef, x.state)
+    return x
+
+  return jax.tree.map(resolve, out, is_leaf=_is_marker)

@@ -1,0 +1,198 @@
+"""`remat`, `eval_shape` and `shard_map` over graph objects.
+
+>>> import jax.numpy as jnp
+>>> from spmdnnx._module import Module
+>>> from spmdnnx._variables import Param
+>>> class Lin(Module):
+...   def __init__(self, n):
+...     self.w = Param(jnp.ones((n, n)), logical_axes=("embed", "mlp"))
+>>> abstract = eval_shape(lambda: Lin(1024))
+>>> abstract.w.value.shape, abstract.w.logical_axes
+((1024, 1024), ('embed', 'mlp'))
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+from jax.ad_checkpoint import checkpoint_name as _jax_checkpoint_name
+from jax.sharding import PartitionSpec
+
+from spmdnnx import errors
+from spmdnnx import _filters as filterlib
+from spmdnnx import _graph as graph
+from spmdnnx._transforms import lift
+from spmdnnx._transforms.axes import node_arg_index
+
+#: Remat policies by name (see `jax.checkpoint_policies`).
+POLICIES = {
+    "none": None,  # no remat
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "everything_saveable": jax.checkpoint_policies.everything_saveable,
+    "save_dots": jax.checkpoint_policies.dots_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "save_dots_without_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def resolve_policy(policy: Any, names: tuple[str, ...] = ()) -> Any:
+  """Turns a policy name ('full', 'save_dots', 'save_only_named', ...) into a policy.
+
+  Raises:
+    TransformError: for an unknown name.
+  """
+  if policy is None or callable(policy):
+    return policy
+  if policy == "save_only_named":
+    return jax.checkpoint_policies.save_only_these_names(*names)
+  if policy in POLICIES:
+    return POLICIES[policy]
+  raise errors.TransformError(
+      f"Unknown remat policy {policy!r}; use one of "
+      f"{sorted(POLICIES) + ['save_only_named']} or a jax.checkpoint_policies callable.")
+
+
+def checkpoint_name(x: Any, name: str) -> Any:
+  """Tags an activation so policy 'save_only_named' can keep it."""
+  return _jax_checkpoint_name(x, name)
+
+
+def _lifted(f: Callable, what: str, transform: Callable, *, update: bool = True) -> Callable:
+  """Lifts `f` through `transform(inner)(state_vals, plain_leaves)`."""
+
+  @functools.wraps(f)
+  def wrapper(*args):
+    ex = lift.extract(tuple(args))
+    plain = lift.plain_leaves(ex)
+    cell: dict = {}
+
+    def inner(leaves, plain_leaves):
+      new_leaves, restructure, out, has_nodes = lift.run_inside(
+          ex.graphdef, ex.treedef, leaves, lift.fill_plain(ex, plain_leaves),
+          lambda call_args: f(*call_args), what)
+      cell["restructure"], cell["has_nodes"] = restructure, has_nodes
+      return new_leaves, out
+
+    new_leaves, out = transform(inner)(list(ex.leaves), plain)
+    if update:
+      lift.apply_updates(ex, new_leaves, cell["restructure"])
+    if cell["has_nodes"]:
+      out = lift.resolve_outputs(ex.nodes, out)
+    return out
+
+  return wrapper
+
+
+def remat(f: Callable | None = None, *, prevent_cse: bool = True, policy: Any = None,
+          static_argnums: tuple = (), names: tuple[str, ...] = ()) -> Callable:
+  """Rematerialisation (`jax.checkpoint`) that accepts graph objects.
+
+  Args:
+    policy: a `jax.checkpoint_policies` callable or a name from `POLICIES`
+      (or ``"save_only_named"`` together with ``names``).
+    names: for ``policy="save_only_named"``: the `checkpoint_name` tags of
+      the activations to keep.
+
+  Raises:
+    TransformError: an unknown policy name, or ``"save_only_named"`` without
+      ``names`` (which would silently save nothing).
+  """
+  if f is None:
+    return functools.partial(remat, prevent_cse=prevent_cse, policy=policy,
+                             static_argnums=static_argnums, names=names)
+  if policy == "save_only_named" and not names:
+    raise errors.TransformError(
+        "remat: policy='save_only_named' needs names=(...) listing the "
+        "checkpoint_name tags to keep; without them nothing is saved.")
+  pol = resolve_policy(policy, tuple(names))
+  if static_argnums:
+    raise errors.TransformError(
+        "remat: static_argnums is not supported for lifted remat; close over the "
+        "static values with functools.partial instead.")
+  return _lifted(f, f"remat({lift.fun_name(f)})",
+                 lambda inner: jax.checkpoint(inner, prevent_cse=prevent_cse, policy=pol))
+
+
+def eval_shape(f: Callable, *args: Any) -> Any:
+  """Runs `f` abstractly; Modules it returns hold ShapeDtypeStructs, metadata kept.
+
+  The arguments are not modified.
+  """
+  return _lifted(f, f"eval_shape({lift.fun_name(f)})",
+                 lambda inner: functools.partial(jax.eval_shape, inner), update=False)(*args)
+
+
+class StateSharding:
+  """Per-filter PartitionSpecs for the state of a graph-node argument of shard_map."""
+
+  def __init__(self, specs: dict):
+    self.filters = tuple(specs)
+    self.specs = tuple(specs.values())
+    self.predicates = filterlib.filters_to_predicates(self.filters)
+
+  def spec_for(self, path, leaf) -> PartitionSpec:
+    for pred, spec in zip(self.predicates, self.specs):
+      if pred(path, leaf):
+        return spec
+    raise errors.TransformError(
+        f"shard_map: StateSharding filters do not match {errors.path_str(path)}; "
+        "add a catch-all entry such as `...: PartitionSpec()`.")
+
+
+def shard_map(f: Callable | None = None, *, mesh: Any = None, in_specs: Any,
+              out_specs: Any, check_vma: bool = True, axis_names: Any = None) -> Callable:
+  """`jax.shard_map` whose arguments may be graph objects.
+
+  For a graph-node argument the in_spec is one PartitionSpec for all of its
+  state or a `StateSharding({filter: spec})`; its state comes out with the
+  same specs.
+  """
+  if f is None:
+    return functools.partial(shard_map, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                             check_vma=check_vma, axis_names=axis_names)
+  what = f"shard_map({lift.fun_name(f)})"
+
+  @functools.wraps(f)
+  def wrapper(*args):
+    specs = in_specs if isinstance(in_specs, tuple) else (in_specs,) * len(args)
+    if len(specs) != len(args):
+      raise errors.TransformError(
+          f"{what}: in_specs has {len(specs)} entries for {len(args)} arguments.")
+    ex = lift.extract(tuple(args))
+    node_arg = node_arg_index(args)
+    leaf_specs = []
+    for path, leaf in zip(ex.paths, ex.leaves):
+      spec = specs[node_arg[path[0]]]
+      leaf_specs.append(spec.spec_for(path[1:], leaf) if isinstance(spec, StateSharding)
+                        else spec)
+    plain_specs = []
+    for arg, spec in zip(args, specs):
+      for leaf in jax.tree_util.tree_leaves(arg, is_leaf=graph.is_graph_node):
+        if not graph.is_graph_node(leaf):
+          plain_specs.append(spec)
+    plain = lift.plain_leaves(ex)
+    vals = [lift._raw(x) for x in ex.leaves]
+
+    def inner(leaves, plain_leaves):
+      new_leaves, restructure, out, has_nodes = lift.run_inside(
+          ex.graphdef, ex.treedef, leaves, lift.fill_plain(ex, plain_leaves),
+          lambda call_args: f(*call_args), what)
+      if restructure is not None or has_nodes:
+        raise errors.TransformError(
+            f"{what}: the function must keep the graph's structure and return arrays.")
+      return [lift._raw(x) for x in new_leaves], out
+
+    kwargs = {"mesh": mesh} if mesh is not None else {}
+    if axis_names is not None:
+      kwargs["axis_names"] = axis_names
+    mapped = jax.shard_map(inner, in_specs=(leaf_specs, plain_specs),
+                           out_specs=(leaf_specs, out_specs), check_vma=check_vma, **kwargs)
+    new_vals, out = mapped(vals, plain)
+    lift.apply_updates(ex, new_vals, None)
+    return out
+
+  return wrapper

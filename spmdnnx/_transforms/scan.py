@@ -1,0 +1,241 @@
+"""`scan` over graph objects: loop a function over stacked state and inputs.
+
+``in_axes`` gives one spec per positional argument: ``Carry`` (at most one
+argument: threaded from step to step), an int (scanned along that axis), None
+(broadcast), or for graph nodes ``StateAxes({filter: Carry | int | None})``.
+``out_axes`` mirrors the function's output: ``Carry`` where it returns the
+new carry, ints for per-step outputs stacked along that axis.
+
+Graph state follows its spec: scanned Variables are sliced per step (their
+stacked logical axis name is removed inside, restored outside) and updates
+are stacked back; carried and broadcast Variables are threaded through the
+loop, so updates made in one step (BatchNorm statistics, Rngs counters) are
+seen by the next step and by the caller.
+
+>>> import jax.numpy as jnp
+>>> def step(total, x):
+...   return total + x, total
+>>> total, partials = scan(step)(jnp.array(0.0), jnp.arange(4.0))
+>>> float(total), partials.tolist()
+(6.0, [0.0, 0.0, 1.0, 3.0])
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from spmdnnx import errors
+from spmdnnx import _graph as graph
+from spmdnnx._transforms import axes as axeslib
+from spmdnnx._transforms import lift
+from spmdnnx._transforms.axes import Carry
+from spmdnnx._variables import Variable
+
+
+def _moveaxis(leaf: Any, src: int, dst: int) -> Any:
+  if src == dst:
+    return leaf
+  if isinstance(leaf, Variable):
+    new = graph.detach(leaf)
+    object.__setattr__(new, "raw_value", jnp.moveaxis(leaf.raw_value, src, dst))
+    return new
+  return jnp.moveaxis(leaf, src, dst)
+
+
+def _avals(tree: Any) -> list:
+  return [(tuple(jnp.shape(x)), jnp.result_type(x)) for x in jax.tree.leaves(tree)]
+
+
+def _split_out(out: Any, out_axes: Any, what: str) -> tuple[Any, list]:
+  """Splits f's output into (carry or None, [(position, value, axis), ...])."""
+  if out_axes is Carry:
+    return out, []
+  if isinstance(out_axes, tuple):
+    if not isinstance(out, tuple) or len(out) != len(out_axes):
+      raise errors.TransformError(
+          f"{what}: out_axes has {len(out_axes)} entries, so the function must "
+          f"return a tuple of that length; it returned {type(out).__name__}"
+          f"{'' if not isinstance(out, tuple) else ' of length ' + str(len(out))}.")
+    carry, ys = None, []
+    for i, (value, axis) in enumerate(zip(out, out_axes)):
+      if axis is Carry:
+        carry = value
+      else:
+        ys.append((i, value, axis))
+    return carry, ys
+  return None, [(None, out, out_axes)]
+
+
+def scan(f: Callable | None = None, *, length: int | None = None, reverse: bool = False,
+         unroll: int | bool = 1, in_axes: Any = (Carry, 0), out_axes: Any = (Carry, 0),
+         stack_axis: str | None = axeslib.STACK_AXIS,
+         transform_metadata: Mapping | None = None) -> Callable:
+  """Scans `f` over the leading (or given) axis of its scanned arguments.
+
+  Args:
+    f: the step function.
+    length: number of steps (needed when nothing is scanned).
+    reverse, unroll: as in `jax.lax.scan`.
+    in_axes / out_axes: see the module doc.
+    stack_axis: logical name of the scanned axis in Variables' metadata.
+
+  Raises:
+    TransformError: several Carry arguments; a Carry in in_axes but not in
+      out_axes (or the reverse); a carry whose shapes change between steps;
+      state that lacks the scanned axis.
+  """
+  if f is None:
+    return functools.partial(scan, length=length, reverse=reverse, unroll=unroll,
+                             in_axes=in_axes, out_axes=out_axes, stack_axis=stack_axis,
+                             transform_metadata=transform_metadata)
+  name = axeslib.stack_axis_name(stack_axis, transform_metadata)
+  what = f"scan({getattr(f, '__qualname__', getattr(f, '__name__', 'fun'))})"
+  out_has_carry = out_axes is Carry or (isinstance(out_axes, tuple) and Carry in out_axes)
+  flat_out = out_axes if isinstance(out_axes, tuple) else (out_axes,)
+  if any(a is None for a in flat_out):
+    raise errors.TransformError(
+        f"{what}: out_axes {out_axes!r} contains None; per-step outputs are stacked, "
+        "so give an int axis (or Carry for the carry).")
+
+  @functools.wraps(f)
+  def wrapper(*args):
+    specs = axeslib.broadcast_arg_specs(in_axes, len(args), what)
+    carry_args = [i for i, s in enumerate(specs) if s is Carry]
+    if len(carry_args) > 1:
+      raise errors.TransformError(
+          f"{what}: in_axes marks arguments {carry_args} as Carry; at most one "
+          "argument can be the carry (bundle several values in a tuple).")
+    if carry_args and not out_has_carry:
+      raise errors.TransformError(
+          f"{what}: argument {carry_args[0]} is the Carry, but out_axes "
+          f"{out_axes!r} has no Carry, so the carry would be lost. Return the "
+          "new carry and mark its position in out_axes, e.g. out_axes=(Carry, 0).")
+    if out_has_carry and not carry_args:
+      raise errors.TransformError(
+          f"{what}: out_axes {out_axes!r} has a Carry but no argument is marked "
+          "Carry in in_axes; mark the argument that holds the initial carry.")
+    ex = lift.extract(tuple(args))
+    node_arg = axeslib.node_arg_index(args)
+    leaf_ax = axeslib.leaf_axes(ex.paths, ex.leaves, node_arg, specs, what)
+    n = axeslib.check_mapped(ex.paths, ex.leaves, leaf_ax, None, what)
+
+    # Plain (non-graph) argument leaves, each with its argument's spec.
+    plain_specs = []
+    for arg, spec in zip(args, specs):
+      for leaf in jax.tree_util.tree_leaves(arg, is_leaf=graph.is_graph_node):
+        plain_specs.append(None if graph.is_graph_node(leaf) else spec)
+    plain_idx = [i for i, x in enumerate(ex.arg_leaves) if not isinstance(x, lift.NodeSlot)]
+    for i in plain_idx:
+      spec = plain_specs[i]
+      if isinstance(spec, int) and spec is not Carry:
+        size = jnp.shape(ex.arg_leaves[i])[spec]
+        if n is not None and size != n:
+          raise errors.TransformError(
+              f"{what}: scanned inputs have different lengths ({n} and {size}).")
+        n = size
+    steps = length if length is not None else n
+    if steps is None:
+      raise errors.TransformError(
+          f"{what}: nothing is scanned, so the number of steps is unknown; pass length=.")
+
+    carry_state = [i for i, a in enumerate(leaf_ax) if not isinstance(a, int) or a is Carry]
+    scan_state = [i for i, a in enumerate(leaf_ax) if isinstance(a, int) and a is not Carry]
+    carry_plain = [i for i in plain_idx if plain_specs[i] is Carry]
+    scan_plain = [i for i in plain_idx if isinstance(plain_specs[i], int)
+                  and plain_specs[i] is not Carry]
+    bcast_plain = [i for i in plain_idx if plain_specs[i] is None]
+
+    init_state = [ex.leaves[i] for i in carry_state]
+    xs_state = [_moveaxis(axeslib.remove_axis_name(ex.leaves[i], leaf_ax[i], name),
+                          leaf_ax[i], 0) for i in scan_state]
+    init_plain = [ex.arg_leaves[i] for i in carry_plain]
+    xs_plain = [jnp.moveaxis(ex.arg_leaves[i], plain_specs[i], 0) for i in scan_plain]
+    bcast = [ex.arg_leaves[i] for i in bcast_plain]
+    carry_treedef = None
+    if carry_args:
+      carry_treedef = jax.tree_util.tree_structure(args[carry_args[0]],
+                                                   is_leaf=graph.is_graph_node)
+    ys_axes: list = []
+
+    def body(carry, x):
+      c_state, c_plain = carry
+      x_state, x_plain = x
+      leaves = list(ex.leaves)
+      for i, v in zip(carry_state, c_state):
+        leaves[i] = v
+      for i, v in zip(scan_state, x_state):
+        leaves[i] = v
+      arg_leaves = list(ex.arg_leaves)
+      for group, values in ((carry_plain, c_plain), (scan_plain, x_plain),
+                            (bcast_plain, bcast)):
+        for i, v in zip(group, values):
+          arg_leaves[i] = v
+      new_leaves, restructure, out, has_nodes = lift.run_inside(
+          ex.graphdef, ex.treedef, leaves, arg_leaves, lambda call_args: f(*call_args),
+          what, regraph=True)
+      lift.require_kept_structure(
+          restructure, what, "the step function",
+          "a scan body must keep the graph's structure. Create the state before "
+          "the scan (e.g. with vmap over the constructor).")
+      lift.require_no_new_nodes(
+          out, has_nodes, what, "the step function",
+          "return arrays (or the Modules it was given), and let scan propagate "
+          "Module state through its arguments.")
+      carry_out, ys = _split_out(out, out_axes, what)
+      new_c_plain = []
+      if carry_args:
+        c_leaves, c_treedef = jax.tree_util.tree_flatten(carry_out, is_leaf=lift._is_marker)
+        expected = [arg_leaves[i] for i in carry_plain]
+        new_c_plain = [v for v in c_leaves if not lift._is_marker(v)]
+        if len(new_c_plain) != len(expected):
+          raise errors.TransformError(
+              f"{what}: the carry returned by the step has structure {c_treedef}, "
+              f"but the carry passed in has {carry_treedef}; return a carry with "
+              "the same structure, shapes and dtypes.")
+        if _avals(new_c_plain) != _avals(expected):
+          raise errors.TransformError(
+              f"{what}: the carry changes shape or dtype across steps: in "
+              f"{_avals(expected)}, out {_avals(new_c_plain)}. A scan carry must keep "
+              "its shapes and dtypes (cast or pad inside the step).")
+      new_c_state = [new_leaves[i] for i in carry_state]
+      if _avals(new_c_state) != _avals([leaves[i] for i in carry_state]):
+        raise errors.TransformError(
+            f"{what}: carried Module state changes shape or dtype across steps.")
+      new_x_state = [new_leaves[i] for i in scan_state]
+      ys_axes[:] = [axis for _, _, axis in ys]
+      return (new_c_state, new_c_plain), (new_x_state, [v for _, v, _ in ys])
+
+    (c_state, c_plain), (y_state, ys) = jax.lax.scan(
+        body, (init_state, init_plain), (xs_state, xs_plain), length=steps,
+        reverse=reverse, unroll=unroll)
+
+    new_leaves = list(ex.leaves)
+    for i, v in zip(carry_state, c_state):
+      new_leaves[i] = v
+    for i, v in zip(scan_state, y_state):
+      new_leaves[i] = axeslib.insert_axis_name(_moveaxis(v, 0, leaf_ax[i]), leaf_ax[i], name)
+    lift.apply_updates(ex, new_leaves, None)
+
+    ys = [jax.tree.map(lambda y, a=axis: jnp.moveaxis(y, 0, a), y)
+          for y, axis in zip(ys, ys_axes)]
+    carry_value = None
+    if carry_args:
+      carry_in = args[carry_args[0]]
+      c_leaves = jax.tree_util.tree_leaves(carry_in, is_leaf=graph.is_graph_node)
+      it = iter(c_plain)
+      filled = [leaf if graph.is_graph_node(leaf) else next(it) for leaf in c_leaves]
+      carry_value = jax.tree_util.tree_unflatten(carry_treedef, filled)
+    if out_axes is Carry:
+      return carry_value
+    if isinstance(out_axes, tuple):
+      result, it = [], iter(ys)
+      for axis in out_axes:
+        result.append(carry_value if axis is Carry else next(it))
+      return tuple(result)
+    return ys[0]
+
+  return wrapper

@@ -1,0 +1,242 @@
+"""`vmap` over graph objects, with stacked-axis metadata kept right.
+
+``in_axes`` gives one spec per positional argument: an int, None, or for
+graph nodes ``StateAxes({filter: axis_or_None})``. The state of a node comes
+out along the same axes it went in. New Variables created inside (vmap over a
+constructor or over ``__init__``) come out stacked along their owner's axis,
+with the stack's logical name (``"layers"`` by default, ``stack_axis=None`` to
+opt out) inserted into their ``logical_axes``.
+
+>>> import jax, jax.numpy as jnp
+>>> from spmdnnx._module import Module
+>>> from spmdnnx._variables import Param
+>>> class Lin(Module):
+...   def __init__(self, key):
+...     self.w = Param(jax.random.normal(key, (2, 3)), logical_axes=("embed", "mlp"))
+>>> stack = vmap(Lin)(jax.random.split(jax.random.key(0), 4))
+>>> stack.w.shape, stack.w.logical_axes
+((4, 2, 3), ('layers', 'embed', 'mlp'))
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any, Callable, Mapping
+
+import jax
+
+from spmdnnx import errors
+from spmdnnx import _graph as graph
+from spmdnnx._transforms import axes as axeslib
+from spmdnnx._transforms import lift
+from spmdnnx._variables import Variable
+
+
+class _Retry(Exception):
+  """Raised at trace time when the body changed the graph's structure."""
+
+  def __init__(self, restructure, leaves):
+    super().__init__("structure changed")
+    self.restructure, self.leaves = restructure, leaves
+
+
+class _Cell:
+  __slots__ = ("has_nodes", "restructure")
+
+  def __init__(self):
+    self.has_nodes = False
+    self.restructure = None
+
+
+def arg_leaf_specs(args: tuple, specs: tuple, what: str) -> list:
+  """Expands per-argument specs to one spec per non-node argument leaf."""
+  out = []
+
+  def expand(spec, sub):
+    if isinstance(spec, (list, tuple, dict)):
+      # A pytree prefix of the argument, as jax.vmap accepts.
+      treedef = jax.tree_util.tree_structure(spec, is_leaf=lambda x: x is None)
+      try:
+        subs = treedef.flatten_up_to(sub)
+      except (ValueError, TypeError) as e:
+        raise errors.TransformError(
+            f"{what}: in_axes entry {spec!r} is not a pytree prefix of the argument "
+            f"({type(sub).__name__}): {e}") from e
+      for s, x in zip(jax.tree_util.tree_leaves(spec, is_leaf=lambda x: x is None), subs):
+        expand(s, x)
+      return
+    for leaf in jax.tree_util.tree_leaves(sub, is_leaf=graph.is_graph_node):
+      if graph.is_graph_node(leaf):
+        out.append(None)  # replaced by a NodeSlot; not passed through
+      elif isinstance(spec, axeslib.StateAxes):
+        raise errors.TransformError(
+            f"{what}: StateAxes given for an argument that is not a graph object "
+            f"({type(sub).__name__}); use an int or None for plain arrays.")
+      else:
+        out.append(spec)
+
+  for arg, spec in zip(args, specs):
+    expand(spec, arg)
+  return out
+
+
+def _prefix_axes(out_axes: Any, out: Any) -> list:
+  """One out-axis per leaf of `out` (markers count as one leaf each)."""
+  result = []
+
+  def walk(spec, sub):
+    if isinstance(spec, (list, tuple)) and isinstance(sub, (list, tuple)) \
+        and len(spec) == len(sub) and not hasattr(sub, "_fields"):
+      for s, x in zip(spec, sub):
+        walk(s, x)
+    elif isinstance(spec, Mapping) and isinstance(sub, Mapping):
+      for k in sub:
+        walk(spec.get(k), sub[k])
+    else:
+      n = len(jax.tree_util.tree_leaves(sub, is_leaf=lift._is_marker))
+      result.extend([spec] * n)
+
+  walk(out_axes, out)
+  return result
+
+
+def vmap(f: Callable | None = None, *, in_axes: Any = 0, out_axes: Any = 0,
+         axis_name: Any = None, axis_size: int | None = None,
+         spmd_axis_name: Any = None, stack_axis: str | None = axeslib.STACK_AXIS,
+         transform_metadata: Mapping | None = None) -> Callable:
+  """Vectorises `f` over mapped axes of its arguments (graph objects included).
+
+  Args:
+    f: the function (or a Module class / method, e.g. ``__init__``).
+    in_axes: per-argument specs: int, None, or StateAxes for graph objects.
+    out_axes: specs for the outputs (graph objects returned get theirs).
+    axis_name, axis_size, spmd_axis_name: as in `jax.vmap`.
+    stack_axis: logical name recorded for the mapped axis of Variables
+      (default ``"layers"``; None leaves metadata unchanged). Flax's
+      ``transform_metadata={"partition_name": ...}`` is accepted too.
+  """
+  if f is None:
+    return functools.partial(vmap, in_axes=in_axes, out_axes=out_axes,
+                             axis_name=axis_name, axis_size=axis_size,
+                             spmd_axis_name=spmd_axis_name, stack_axis=stack_axis,
+                             transform_metadata=transform_metadata)
+  name = axeslib.stack_axis_name(stack_axis, transform_metadata)
+  what = f"vmap({getattr(f, '__qualname__', getattr(f, '__name__', 'fun'))})"
+
+  @functools.wraps(f)
+  def wrapper(*args):
+    specs = axeslib.broadcast_arg_specs(in_axes, len(args), what)
+    if any(s is axeslib.Carry for s in specs):
+      raise errors.TransformError(f"{what}: Carry is only meaningful for scan.")
+    ex = lift.extract(tuple(args))
+    node_arg = axeslib.node_arg_index(args)
+    leaf_ax = axeslib.leaf_axes(ex.paths, ex.leaves, node_arg, specs, what)
+    arg_specs = arg_leaf_specs(args, specs, what)
+    plain = lift.plain_leaves(ex)
+    plain_axes = [s for x, s in zip(ex.arg_leaves, arg_specs)
+                  if not isinstance(x, lift.NodeSlot)]
+    size = axeslib.check_mapped(ex.paths, ex.leaves, leaf_ax, axis_size, what)
+    size = _check_plain_sizes(plain, plain_axes, size, what)
+    in_leaves = [axeslib.remove_axis_name(l, a, name) for l, a in zip(ex.leaves, leaf_ax)]
+
+    def owner_axis(path, leaf):
+      axis = axeslib.axis_for(specs[node_arg[path[0]]], path, leaf)
+      return None if axis is axeslib.UNMATCHED else axis
+
+    def run(state_axes, paths, first):
+      cell = _Cell()
+
+      def inner(leaves, plain_leaves):
+        new_leaves, restructure, out, has_nodes = lift.run_inside(
+            ex.graphdef, ex.treedef, leaves, lift.fill_plain(ex, plain_leaves),
+            lambda call_args: f(*call_args), what, regraph=True)
+        if restructure is not None and first:
+          raise _Retry(restructure, [_abstract(v) for v in new_leaves])
+        cell.has_nodes, cell.restructure = has_nodes, restructure
+        return new_leaves, out
+
+      vm = jax.vmap(inner, in_axes=(list(leaf_ax), plain_axes),
+                    out_axes=(list(state_axes), out_axes), axis_name=axis_name,
+                    axis_size=axis_size,
+                    spmd_axis_name=spmd_axis_name)
+      try:
+        return vm(in_leaves, plain), cell
+      except ValueError as e:
+        _raise_batched_broadcast(e, paths, what)
+        raise
+
+    try:
+      (new_leaves, out), cell = run(leaf_ax, ex.paths, True)
+      out_state_axes = leaf_ax
+    except _Retry as retry:
+      out_state_axes = [owner_axis(p, l) for p, l in zip(retry.restructure.paths, retry.leaves)]
+      (new_leaves, out), cell = run(out_state_axes, retry.restructure.paths, False)
+    # Restore the stacked-axis name on mapped state, and on returned new nodes.
+    new_leaves = [axeslib.insert_axis_name(l, a, name)
+                  for l, a in zip(new_leaves, out_state_axes)]
+    lift.apply_updates(ex, new_leaves, cell.restructure)
+    if cell.has_nodes:
+      out = _stack_node_outputs(out, out_axes, name)
+      out = lift.resolve_outputs(ex.nodes, out)
+    return out
+
+  return wrapper
+
+
+def _raise_batched_broadcast(e: ValueError, paths: list, what: str) -> None:
+  """Turns JAX's error for a batched update of broadcast state into a TransformError."""
+  m = re.search(r"out_axes\[0\]\[(\d+)\].*got axis spec None but output was batched",
+                str(e))
+  if m is None or int(m.group(1)) >= len(paths):
+    return
+  path = errors.path_str(paths[int(m.group(1))][1:])
+  raise errors.TransformError(
+      f"{what}: state {path} is broadcast (in_axes None) but the function wrote a "
+      "per-example value into it, which cannot be stored back in one array. Map "
+      "that state (an int axis, or StateAxes({filter: 0, ...})), or keep its "
+      "update independent of the mapped inputs. Variables created inside follow "
+      "their owner's axis: to create stacked weights with vmap on __init__, map "
+      "`self` too, e.g. in_axes=(0, 0).") from e
+
+
+def _check_plain_sizes(plain: list, axes: list, size: int | None, what: str) -> int | None:
+  """Checks mapped array arguments agree with each other and with mapped state.
+
+  Raises:
+    TransformError: listing each mapped size and what has it.
+  """
+  sizes: dict[int, list] = {} if size is None else {size: ["mapped state or axis_size"]}
+  for i, (leaf, axis) in enumerate(zip(plain, axes)):
+    if not isinstance(axis, int) or not hasattr(leaf, "shape"):
+      continue
+    shape = leaf.shape
+    if not -len(shape) <= axis < len(shape):
+      raise errors.TransformError(
+          f"{what}: in_axes asks to map argument leaf {i} (shape {tuple(shape)}) "
+          f"along axis {axis}, which it lacks; use None to broadcast it.")
+    sizes.setdefault(shape[axis], []).append(f"argument leaf {i} {tuple(shape)}")
+  axeslib.raise_size_mismatch(sizes, what)
+  return next(iter(sizes)) if sizes else size
+
+
+def _abstract(leaf: Any) -> Any:
+  if isinstance(leaf, Variable):
+    v = leaf.raw_value
+    return graph.make_variable(type(leaf), leaf.frozen_metadata(),
+                               jax.ShapeDtypeStruct(v.shape, v.dtype))
+  return leaf
+
+
+def _stack_node_outputs(out: Any, out_axes: Any, name: str | None) -> Any:
+  """Inserts the stack name into Variables of new nodes returned from vmap."""
+  leaves, treedef = jax.tree_util.tree_flatten(out, is_leaf=lift._is_marker)
+  axes = _prefix_axes(out_axes, out)
+  fixed = []
+  for leaf, axis in zip(leaves, axes):
+    if isinstance(leaf, lift.NodeOut):
+      state = jax.tree.map(lambda v: axeslib.insert_axis_name(v, axis, name), leaf.state,
+                           is_leaf=lambda x: isinstance(x, Variable))
+      leaf = lift.NodeOut(leaf.graphdef, state)
+    fixed.append(leaf)
+  return jax.tree_util.tree_unflatten(treedef, fixed)

@@ -1,0 +1,318 @@
+"""Attention: `MultiHeadAttention`, `dot_product_attention` and mask helpers.
+
+Masks are boolean (or 0/1) arrays broadcastable to
+``(*batch, num_heads, q_length, kv_length)``; True means "may attend".
+Projections are `LinearGeneral` layers whose kernels are annotated by default:
+q/k/v ``("embed", "heads", "kv")``, output ``("heads", "kv", "embed")``.
+
+With ``decode=True`` the layer attends one new token per call to keys and
+values cached in `Cache` Variables made by `MultiHeadAttention.init_cache`.
+
+>>> import jax.numpy as jnp
+>>> from spmdnnx._rngs import Rngs
+>>> mha = MultiHeadAttention(num_heads=2, in_features=8, rngs=Rngs(0))
+>>> x = jnp.ones((1, 5, 8))
+>>> mha(x, mask=make_causal_mask(jnp.ones((1, 5)))).shape
+(1, 5, 8)
+>>> mha.query.kernel.logical_axes
+('embed', 'heads', 'kv')
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from spmdnnx import errors
+from spmdnnx._module import Module
+from spmdnnx.nn import _common
+from spmdnnx.nn import initializers
+from spmdnnx.nn._dropout import draw_key, own_stream
+from spmdnnx.nn._linear import LinearGeneral
+from spmdnnx.nn._normalization import LayerNorm
+from spmdnnx._rngs import Rngs
+from spmdnnx._variables import Cache, Intermediate
+
+QKV_KERNEL_AXES = ("embed", "heads", "kv")
+OUT_KERNEL_AXES = ("heads", "kv", "embed")
+CACHE_AXES = ("batch", "length", "heads", "kv")
+
+
+def dot_product_attention_weights(query, key, bias=None, mask=None,
+                                  broadcast_dropout: bool = True, dropout_rng=None,
+                                  dropout_rate: float = 0.0, deterministic: bool = False,
+                                  dtype: Any = None, precision: Any = None,
+                                  module: Module | None = None):
+  """Softmax attention weights ``(*batch, heads, q_len, kv_len)``.
+
+  Args:
+    query: ``(*batch, q_len, heads, head_dim)``.
+    key: ``(*batch, kv_len, heads, head_dim)``.
+    bias, mask: added to / masking the logits (mask True = keep).
+    broadcast_dropout: share the dropout mask over batch and heads.
+    dropout_rng, dropout_rate, deterministic: attention dropout.
+    dtype: compute dtype (None: common dtype of query and key).
+    precision: einsum precision.
+    module: if given, the weights are sown there as ``attention_weights``.
+  """
+  query, key = _common.promote_dtype(query, key, dtype=dtype)
+  depth = query.shape[-1]
+  query = query / jnp.sqrt(jnp.asarray(depth, query.dtype))
+  logits = jnp.einsum("...qhd,...khd->...hqk", query, key, precision=precision)
+  if logits.dtype != jnp.float64:
+    logits = logits.astype(jnp.float32)  # softmax in f32 even for bf16 inputs
+  if bias is not None:
+    logits = logits + bias.astype(logits.dtype)
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+  weights = jax.nn.softmax(logits, axis=-1).astype(query.dtype)
+  if module is not None:
+    module.sow(Intermediate, "attention_weights", weights)
+  if not deterministic and dropout_rate > 0.0:
+    if dropout_rng is None:
+      raise errors.ConfigError(
+          "dot_product_attention: dropout_rate > 0 and not deterministic, but no "
+          "dropout_rng was given; pass one or set deterministic=True.")
+    keep = 1.0 - dropout_rate
+    shape = ((1,) * (key.ndim - 2) + weights.shape[-2:] if broadcast_dropout
+             else weights.shape)
+    kept = jax.random.bernoulli(dropout_rng, keep, shape)
+    weights = jnp.where(kept, weights / jnp.asarray(keep, weights.dtype),
+                        jnp.zeros((), weights.dtype))
+  return weights
+
+
+def dot_product_attention(query, key, value, bias=None, mask=None,
+                          broadcast_dropout: bool = True, dropout_rng=None,
+                          dropout_rate: float = 0.0, deterministic: bool = False,
+                          dtype: Any = None, precision: Any = None,
+                          module: Module | None = None):
+  """Scaled dot-product attention ``softmax(q k^T / sqrt(d)) v`` per head.
+
+  Shapes: query ``(*batch, q_len, heads, d)``, key/value
+  ``(*batch, kv_len, heads, d)``; returns ``(*batch, q_len, heads, d)``.
+  Other arguments: see `dot_product_attention_weights`.
+
+  Raises:
+    ShapeError: when query, key and value disagree on batch, heads or depth.
+  """
+  if not (query.ndim == key.ndim == value.ndim and key.shape == value.shape
+          and query.shape[:-3] == key.shape[:-3] and query.shape[-2:] == key.shape[-2:]):
+    raise errors.ShapeError(
+        "dot_product_attention: expected query (*batch, q_len, heads, d) and key/value "
+        f"(*batch, kv_len, heads, d); got query {tuple(query.shape)}, key "
+        f"{tuple(key.shape)}, value {tuple(value.shape)}.")
+  weights = dot_product_attention_weights(
+      query, key, bias, mask, broadcast_dropout, dropout_rng, dropout_rate,
+      deterministic, dtype, precision, module)
+  (value,) = _common.promote_dtype(value, dtype=weights.dtype)
+  return jnp.einsum("...hqk,...khd->...qhd", weights, value, precision=precision)
+
+
+def make_attention_mask(query_input, key_input, pairwise_fn: Callable = jnp.multiply,
+                        extra_batch_dims: int = 0, dtype: Any = jnp.float32):
+  """A ``(*batch, 1, q_len, kv_len)`` mask from per-position query/key values.
+
+  >>> make_attention_mask(jnp.array([[1, 1, 0]]), jnp.array([[1, 0]])).shape
+  (1, 1, 3, 2)
+  """
+  mask = pairwise_fn(jnp.expand_dims(query_input, -1), jnp.expand_dims(key_input, -2))
+  mask = jnp.expand_dims(mask, -3)
+  mask = jnp.expand_dims(mask, tuple(range(extra_batch_dims)))
+  return mask.astype(dtype)
+
+
+def make_causal_mask(x, extra_batch_dims: int = 0, dtype: Any = jnp.float32):
+  """A causal mask ``(*batch, 1, len, len)`` for a ``(*batch, len)`` array."""
+  idx = jnp.broadcast_to(jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape)
+  return make_attention_mask(idx, idx, jnp.greater_equal, extra_batch_dims, dtype)
+
+
+def combine_masks(*masks, dtype: Any = jnp.float32):
+  """Logical AND of masks (None entries skipped); None if all are None.
+
+  Raises:
+    ShapeError: when the masks have different ranks.
+  """
+  masks = [m for m in masks if m is not None]
+  if not masks:
+    return None
+  if len({m.ndim for m in masks}) != 1:
+    raise errors.ShapeError(
+        f"combine_masks: masks must have the same rank, got shapes "
+        f"{[tuple(m.shape) for m in masks]}.")
+  out = functools.reduce(jnp.logical_and, [m.astype(bool) for m in masks])
+  return out.astype(dtype)
+
+
+def _has_axes(init: Callable) -> bool:
+  return _common.initializer_metadata(init).get("logical_axes") is not None
+
+
+def _first(*values):
+  return next((v for v in values if v is not None), None)
+
+
+class MultiHeadAttention(Module):
+  """Multi-head dot-product attention (self or cross), with optional KV cache.
+
+  Args:
+    num_heads: number of heads.
+    in_features: width of the query input.
+    qkv_features: total width of q/k/v across heads (default in_features);
+      must be divisible by num_heads.
+    out_features: output width (default in_features).
+    in_kv_features: width of the key/value inputs (default in_features).
+    dtype, param_dtype, precision: as `Linear`.
+    broadcast_dropout, dropout_rate: attention-weight dropout.
+    deterministic: default mode (None: must be given when dropout_rate > 0).
+    kernel_init, bias_init: q/k/v initializers; out_kernel_init and
+      out_bias_init default to them.
+    use_bias: biases on all projections.
+    attention_fn: ``fn(q, k, v, mask=..., ...)`` (default dot_product_attention).
+    decode: default for decoding with the KV cache.
+    normalize_qk: LayerNorm (scale only) on queries and keys per head.
+    qkv_kernel_axes, out_kernel_axes: logical axes of the projection kernels
+      (defaults ``("embed", "heads", "kv")`` and ``("heads", "kv", "embed")``).
+    rngs: random streams (params; a forked 'dropout' stream is kept when
+      dropout_rate > 0 and keep_rngs).
+
+  Raises:
+    ConfigError: for non-positive sizes or heads that do not divide qkv_features.
+  """
+
+  def __init__(self, num_heads: int, in_features: int, qkv_features: int | None = None,
+               out_features: int | None = None, in_kv_features: int | None = None, *,
+               dtype: Any = None, param_dtype: Any = jnp.float32,
+               broadcast_dropout: bool = True, dropout_rate: float = 0.0,
+               deterministic: bool | None = None, precision: Any = None,
+               kernel_init: Callable = initializers.default_kernel_init(),
+               out_kernel_init: Callable | None = None,
+               bias_init: Callable = initializers.zeros,
+               out_bias_init: Callable | None = None, use_bias: bool = True,
+               attention_fn: Callable = dot_product_attention, decode: bool | None = None,
+               normalize_qk: bool = False, qkv_kernel_axes: Any = None,
+               out_kernel_axes: Any = None, keep_rngs: bool = True, rngs: Rngs):
+    qkv_features = in_features if qkv_features is None else qkv_features
+    out_features = in_features if out_features is None else out_features
+    in_kv_features = in_features if in_kv_features is None else in_kv_features
+    _common.check_positive("MultiHeadAttention", num_heads=num_heads,
+                           in_features=in_features, qkv_features=qkv_features,
+                           out_features=out_features, in_kv_features=in_kv_features)
+    if qkv_features % num_heads:
+      raise errors.ConfigError(
+          f"MultiHeadAttention: qkv_features ({qkv_features}) must be divisible by "
+          f"num_heads ({num_heads}); each head gets qkv_features // num_heads features.")
+    head_dim = qkv_features // num_heads
+    _common.set_attrs(
+        self, num_heads=num_heads, in_features=in_features, qkv_features=qkv_features,
+        out_features=out_features, in_kv_features=in_kv_features, head_dim=head_dim,
+        dtype=dtype, param_dtype=param_dtype, broadcast_dropout=broadcast_dropout,
+        dropout_rate=dropout_rate, deterministic=deterministic, precision=precision,
+        attention_fn=attention_fn, decode=decode, normalize_qk=normalize_qk,
+        query_ln=None, key_ln=None,
+        rngs=own_stream(rngs, "dropout") if keep_rngs and dropout_rate > 0 else None)
+    qkv_axes = qkv_kernel_axes if qkv_kernel_axes is not None else (
+        None if _has_axes(kernel_init) else QKV_KERNEL_AXES)
+    proj = functools.partial(
+        LinearGeneral, out_features=(num_heads, head_dim), use_bias=use_bias,
+        dtype=dtype, param_dtype=param_dtype, precision=precision,
+        kernel_init=kernel_init, bias_init=bias_init, kernel_axes=qkv_axes, rngs=rngs)
+    self.query = proj(in_features)
+    self.key = proj(in_kv_features)
+    self.value = proj(in_kv_features)
+    out_init = _first(out_kernel_init, kernel_init)
+    out_axes = out_kernel_axes if out_kernel_axes is not None else (
+        None if _has_axes(out_init) else OUT_KERNEL_AXES)
+    self.out = LinearGeneral(
+        (num_heads, head_dim), out_features, axis=(-2, -1), use_bias=use_bias,
+        dtype=dtype, param_dtype=param_dtype, precision=precision, kernel_init=out_init,
+        bias_init=_first(out_bias_init, bias_init), kernel_axes=out_axes, rngs=rngs)
+    if normalize_qk:
+      ln = functools.partial(LayerNorm, head_dim, use_bias=False, dtype=dtype,
+                             param_dtype=param_dtype, scale_axes=("kv",), rngs=rngs)
+      self.query_ln, self.key_ln = ln(), ln()
+
+  def init_cache(self, input_shape: tuple, dtype: Any = jnp.float32) -> None:
+    """Creates zeroed `Cache`s for decoding inputs of shape ``(*batch, max_len, features)``.
+
+    Creates ``cached_key``/``cached_value`` of shape
+    ``(*batch, max_len, num_heads, head_dim)`` and ``cache_index`` (0).
+    """
+    shape = tuple(input_shape[:-1]) + (self.num_heads, self.head_dim)
+    axes = CACHE_AXES if len(shape) == 4 else None
+    self.cached_key = Cache(jnp.zeros(shape, dtype), logical_axes=axes)
+    self.cached_value = Cache(jnp.zeros(shape, dtype), logical_axes=axes)
+    self.cache_index = Cache(jnp.array(0, dtype=jnp.int32))
+
+  def _decode_step(self, key, value, mask):
+    if "cached_key" not in self.__dict__:
+      raise errors.ConfigError(
+          f"{_common.layer_name(self)}: decode=True needs a cache; call "
+          "init_cache((batch, max_length, in_features)) first.")
+    cached = self.cached_key.value.shape
+    expected = cached[:-3] + (1,) + cached[-2:]
+    if key.shape != expected:
+      raise errors.ShapeError(
+          f"{_common.layer_name(self)}: decoding takes one token per call: expected "
+          f"projected keys of shape {expected}, got {tuple(key.shape)} (input length "
+          f"{key.shape[-3]}); the cache was made for shape {cached}.")
+    index = self.cache_index.value
+    start = (0,) * (len(cached) - 3) + (index, 0, 0)
+    key = lax.dynamic_update_slice(
+        self.cached_key.value, key.astype(self.cached_key.dtype), start)
+    value = lax.dynamic_update_slice(
+        self.cached_value.value, value.astype(self.cached_value.dtype), start)
+    self.cached_key.value, self.cached_value.value = key, value
+    self.cache_index.value = index + 1
+    max_len = cached[-3]
+    visible = jnp.arange(max_len) <= index
+    visible = jnp.broadcast_to(visible, cached[:-3] + (1, 1, max_len))
+    return key, value, combine_masks(mask, visible, dtype=bool)
+
+  def __call__(self, inputs_q, inputs_k=None, inputs_v=None, *, mask=None,
+               deterministic: bool | None = None, rngs: Any = None,
+               sow_weights: bool = False, decode: bool | None = None):
+    """Attends from ``inputs_q`` to ``inputs_k``/``inputs_v`` (default: self-attention).
+
+    Raises:
+      ShapeError: for inputs whose feature size differs from the layer's.
+      ConfigError: decoding without a cache, or dropout without rngs.
+    """
+    if inputs_k is None:
+      if inputs_v is not None:
+        raise errors.ConfigError(
+            f"{_common.layer_name(self)}: inputs_v given without inputs_k; pass "
+            "inputs_k too (or neither, for self-attention).")
+      inputs_k = inputs_q
+    inputs_v = inputs_k if inputs_v is None else inputs_v
+    _common.check_features(self, inputs_q, -1, self.in_features, "in features")
+    _common.check_features(self, inputs_k, -1, self.in_kv_features, "in kv features")
+    _common.check_features(self, inputs_v, -1, self.in_kv_features, "in kv features")
+    query, key, value = self.query(inputs_q), self.key(inputs_k), self.value(inputs_v)
+    if self.normalize_qk:
+      query, key = self.query_ln(query), self.key_ln(key)
+    if _first(decode, self.decode, False):
+      key, value, mask = self._decode_step(key, value, mask)
+    dropout_rng = None
+    if self.dropout_rate > 0.0:
+      deterministic = _first(deterministic, self.deterministic)
+      if deterministic is None:
+        raise errors.ConfigError(
+            f"{_common.layer_name(self)}: dropout_rate > 0, so say whether to apply "
+            "it: pass deterministic=True/False at construction or call time (or use "
+            "model.train()/model.eval()).")
+      if not deterministic:
+        dropout_rng = draw_key("MultiHeadAttention", "dropout", rngs, self.rngs)
+    else:
+      deterministic = True
+    x = self.attention_fn(
+        query, key, value, mask=mask, dropout_rng=dropout_rng,
+        dropout_rate=self.dropout_rate, broadcast_dropout=self.broadcast_dropout,
+        deterministic=deterministic, dtype=self.dtype, precision=self.precision,
+        module=self if sow_weights else None)
+    return self.out(x)

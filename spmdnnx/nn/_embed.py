@@ -1,0 +1,76 @@
+"""`Embed`: a lookup table from integer ids to feature vectors.
+
+The table's dimensions have a fixed role, so it is annotated by default with
+logical axes ``("vocab", "embed")``. `Embed.attend` reuses the table as the
+output projection (tied embeddings).
+
+>>> import jax.numpy as jnp
+>>> from spmdnnx._rngs import Rngs
+>>> emb = Embed(10, 4, rngs=Rngs(0))
+>>> emb(jnp.array([[1, 2, 3]])).shape, emb.embedding.logical_axes
+((1, 3, 4), ('vocab', 'embed'))
+>>> emb.attend(jnp.ones((1, 3, 4))).shape
+(1, 3, 10)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from spmdnnx import errors
+from spmdnnx._module import Module
+from spmdnnx.nn import _common
+from spmdnnx.nn import initializers
+from spmdnnx._rngs import Rngs
+
+DEFAULT_EMBEDDING_AXES = ("vocab", "embed")
+
+
+class Embed(Module):
+  """An embedding table of shape ``(num_embeddings, features)``.
+
+  Args:
+    num_embeddings: vocabulary size.
+    features: embedding width.
+    dtype: dtype of the returned embeddings (None: param_dtype).
+    param_dtype: storage dtype of the table.
+    embedding_init: table initializer (may carry `with_partitioning` axes).
+    embedding_axes: logical axes of the table; default ``("vocab", "embed")``.
+      Pass ``(None, None)`` for an unannotated table.
+    rngs: random streams.
+
+  Raises:
+    ConfigError: for non-positive sizes.
+  """
+
+  def __init__(self, num_embeddings: int, features: int, *, dtype: Any = None,
+               param_dtype: Any = jnp.float32,
+               embedding_init: Callable = initializers.default_embed_init(),
+               embedding_axes: Sequence[str | None] | None = None, rngs: Rngs):
+    _common.check_positive("Embed", num_embeddings=num_embeddings, features=features)
+    _common.set_attrs(self, num_embeddings=num_embeddings, features=features,
+                      dtype=dtype, param_dtype=param_dtype)
+    self.embedding = _common.make_param(
+        "Embed", "embedding", embedding_init, rngs.params(), (num_embeddings, features),
+        param_dtype, embedding_axes, DEFAULT_EMBEDDING_AXES)
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    """Looks up ``inputs`` (integer ids of any shape) -> ``inputs.shape + (features,)``."""
+    if not jnp.issubdtype(jnp.result_type(inputs), jnp.integer):
+      raise errors.ShapeError(
+          f"{_common.layer_name(self)}: expected integer ids, got an input of "
+          f"dtype {jnp.result_type(inputs)} and shape {tuple(jnp.shape(inputs))}; "
+          "cast the ids with .astype(jnp.int32).")
+    table = self.embedding.value
+    if self.dtype is not None:
+      table = table.astype(self.dtype)
+    return jnp.take(table, inputs, axis=0)
+
+  def attend(self, query: jax.Array) -> jax.Array:
+    """Scores ``query`` (``(..., features)``) against every embedding: ``query @ table.T``."""
+    _common.check_features(self, query, -1, self.features, "features")
+    query, table = _common.promote_dtype(query, self.embedding.value, dtype=self.dtype)
+    return jnp.dot(query, table.T)

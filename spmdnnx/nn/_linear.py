@@ -1,0 +1,267 @@
+"""Dense layers: `Linear`, `LinearGeneral` and `Einsum`.
+
+These are generic layers, so their parameters are unannotated unless the user
+names the axes (``kernel_axes=("embed", "mlp")``, or Flax's
+``kernel_init=nnx.with_partitioning(init, ("embed", "mlp"))``). The bias takes
+the kernel's output axis names by default.
+
+>>> import jax.numpy as jnp
+>>> from spmdnnx._rngs import Rngs
+>>> layer = Linear(3, 4, kernel_axes=("embed", "mlp"), rngs=Rngs(0))
+>>> layer(jnp.ones((2, 3))).shape, layer.bias.logical_axes
+((2, 4), ('mlp',))
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from spmdnnx import errors
+from spmdnnx._module import Module
+from spmdnnx.nn import _common
+from spmdnnx.nn import initializers
+from spmdnnx._rngs import Rngs
+
+_DEFAULT_KERNEL_INIT = initializers.default_kernel_init()
+
+
+def _bias_default(kernel_axes: Any, n_out: int) -> tuple | None:
+  if kernel_axes is None:
+    return None
+  return tuple(kernel_axes)[-n_out:]
+
+
+class Linear(Module):
+  """A dense layer ``y = x @ kernel + bias`` over the last input axis.
+
+  Args:
+    in_features: size of the input's last axis.
+    out_features: size of the output's last axis.
+    use_bias: whether to add a bias.
+    dtype: compute dtype (None: the common dtype of inputs and params).
+    param_dtype: storage dtype of the parameters.
+    precision: matmul precision (`jax.lax.Precision`).
+    kernel_init, bias_init: initializers (may carry `with_partitioning` axes).
+    kernel_axes: logical axes of the (in, out) kernel; default unannotated.
+    bias_axes: logical axes of the bias; default the kernel's output axis.
+    rngs: random streams; the kernel is drawn from ``rngs.params()``.
+
+  Raises:
+    ConfigError: for non-positive feature counts.
+    MetadataError: for axes that do not fit the parameter shapes.
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
+               dtype: Any = None, param_dtype: Any = jnp.float32,
+               precision: Any = None, kernel_init: Callable = _DEFAULT_KERNEL_INIT,
+               bias_init: Callable = initializers.zeros,
+               dot_general: Callable = lax.dot_general,
+               kernel_axes: Sequence[str | None] | None = None,
+               bias_axes: Sequence[str | None] | None = None, rngs: Rngs):
+    _common.check_positive("Linear", in_features=in_features, out_features=out_features)
+    _common.set_attrs(self, in_features=in_features, out_features=out_features,
+                      use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                      precision=precision, dot_general=dot_general)
+    self.kernel = _common.make_param(
+        "Linear", "kernel", kernel_init, rngs.params(), (in_features, out_features),
+        param_dtype, kernel_axes)
+    _common.set_attrs(self, bias=None)
+    if use_bias:
+      self.bias = _common.make_param(
+          "Linear", "bias", bias_init, rngs.params(), (out_features,), param_dtype,
+          bias_axes, _bias_default(self.kernel.logical_axes, 1))
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    _common.check_features(self, inputs, -1, self.in_features, "in features")
+    bias = self.bias.value if self.bias is not None else None
+    x, kernel, bias = _common.promote_dtype(inputs, self.kernel.value, bias, dtype=self.dtype)
+    y = self.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
+                         precision=self.precision)
+    if bias is not None:
+      y = y + bias
+    return y
+
+
+def _as_tuple(owner: str, name: str, value: Any) -> tuple:
+  value = (value,) if isinstance(value, int) else tuple(value)
+  _common.check_positive(owner, **{f"{name}[{i}]": v for i, v in enumerate(value)})
+  return value
+
+
+class LinearGeneral(Module):
+  """A dense layer contracting several input axes into several output axes.
+
+  Args:
+    in_features: size(s) of the contracted input axes.
+    out_features: size(s) of the produced output axes.
+    axis: the input axes to contract (int or tuple, same length as in_features).
+    use_bias, dtype, param_dtype, precision, kernel_init, bias_init: as `Linear`.
+    kernel_axes: logical axes of the ``in_features + out_features`` kernel.
+    bias_axes: logical axes of the bias (default: the kernel's output axes).
+    rngs: random streams.
+
+  The initializer sees the kernel flattened to ``(prod(in), prod(out))`` so
+  fan-in based scaling counts every contracted axis.
+
+  >>> from spmdnnx._rngs import Rngs
+  >>> q = LinearGeneral(8, (2, 4), rngs=Rngs(0))
+  >>> q(jnp.ones((3, 8))).shape
+  (3, 2, 4)
+  """
+
+  def __init__(self, in_features: int | Sequence[int], out_features: int | Sequence[int],
+               *, axis: int | Sequence[int] = -1, use_bias: bool = True,
+               dtype: Any = None, param_dtype: Any = jnp.float32, precision: Any = None,
+               kernel_init: Callable = _DEFAULT_KERNEL_INIT,
+               bias_init: Callable = initializers.zeros,
+               dot_general: Callable = lax.dot_general,
+               kernel_axes: Sequence[str | None] | None = None,
+               bias_axes: Sequence[str | None] | None = None, rngs: Rngs):
+    name = "LinearGeneral"
+    self.in_features = _as_tuple(name, "in_features", in_features)
+    self.out_features = _as_tuple(name, "out_features", out_features)
+    self.axis = (axis,) if isinstance(axis, int) else tuple(axis)
+    if len(self.axis) != len(self.in_features):
+      raise errors.ConfigError(
+          f"{name}: axis {self.axis} names {len(self.axis)} input axes but "
+          f"in_features {self.in_features} has {len(self.in_features)}; give one "
+          "contracted axis per in_features entry.")
+    _common.set_attrs(self, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                      precision=precision, dot_general=dot_general)
+    shape = self.in_features + self.out_features
+    flat = (math.prod(self.in_features), math.prod(self.out_features))
+
+    def flat_init(key, _shape, dtype):
+      return kernel_init(key, flat, dtype).reshape(shape)
+
+    flat_init.metadata = getattr(kernel_init, "metadata", {})
+    self.kernel = _common.make_param(
+        name, "kernel", flat_init, rngs.params(), shape, param_dtype, kernel_axes)
+    _common.set_attrs(self, bias=None)
+    if use_bias:
+      self.bias = _common.make_param(
+          name, "bias", bias_init, rngs.params(), self.out_features, param_dtype,
+          bias_axes, _bias_default(self.kernel.logical_axes, len(self.out_features)))
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    ndim = jnp.ndim(inputs)
+    axes = tuple(a % ndim for a in self.axis) if ndim else ()
+    got = tuple(jnp.shape(inputs)[a] for a in axes) if len(axes) == len(self.axis) else ()
+    if got != self.in_features or len(set(axes)) != len(axes):
+      raise errors.ShapeError(
+          f"{_common.layer_name(self)}: expected input axes {self.axis} to have "
+          f"sizes {self.in_features}, got an input of shape {tuple(jnp.shape(inputs))}.")
+    bias = self.bias.value if self.bias is not None else None
+    x, kernel, bias = _common.promote_dtype(inputs, self.kernel.value, bias, dtype=self.dtype)
+    n_in = len(axes)
+    y = self.dot_general(x, kernel, ((axes, tuple(range(n_in))), ((), ())),
+                         precision=self.precision)
+    if bias is not None:
+      y = y + bias
+    return y
+
+
+_OPERAND = re.compile(r"^[a-zA-Z]*(\.\.\.)?[a-zA-Z]*$")
+
+
+class Einsum(Module):
+  """A layer computing ``einsum(einsum_str, inputs, kernel) (+ bias)``.
+
+  Args:
+    einsum_str: a two-operand equation, inputs first, e.g. ``"bd,dh->bh"``.
+    kernel_shape: the kernel's shape (one entry per letter of operand two).
+    bias_shape: optional bias shape: the sizes of the output letters that come
+      only from the kernel, in output order.
+    dtype, param_dtype, precision, kernel_init, bias_init: as `Linear`.
+    kernel_axes, bias_axes: logical axes (default: unannotated, and the bias
+      takes the kernel axes of its letters).
+    rngs: random streams.
+
+  Raises:
+    ConfigError: when the equation does not fit the kernel or bias shape.
+
+  >>> from spmdnnx._rngs import Rngs
+  >>> layer = Einsum("btd,dnh->btnh", (8, 2, 4), rngs=Rngs(0))
+  >>> layer(jnp.ones((1, 3, 8))).shape
+  (1, 3, 2, 4)
+  """
+
+  def __init__(self, einsum_str: str, kernel_shape: Sequence[int],
+               bias_shape: Sequence[int] | None = None, *, dtype: Any = None,
+               param_dtype: Any = jnp.float32, precision: Any = None,
+               kernel_init: Callable = _DEFAULT_KERNEL_INIT,
+               bias_init: Callable = initializers.zeros,
+               kernel_axes: Sequence[str | None] | None = None,
+               bias_axes: Sequence[str | None] | None = None, rngs: Rngs):
+    self.einsum_str = einsum_str.replace(" ", "")
+    lhs, kernel_letters, out = self._parse(self.einsum_str)
+    kernel_shape = tuple(kernel_shape)
+    if len(kernel_letters) != len(kernel_shape):
+      raise errors.ConfigError(
+          f"Einsum: the kernel operand {kernel_letters!r} of {einsum_str!r} has "
+          f"{len(kernel_letters)} axes but kernel_shape {kernel_shape} has "
+          f"{len(kernel_shape)}; make them agree.")
+    _common.check_positive("Einsum", **{f"kernel_shape[{i}]": s
+                                        for i, s in enumerate(kernel_shape)})
+    _common.set_attrs(self, dtype=dtype, param_dtype=param_dtype, precision=precision,
+                      kernel_shape=kernel_shape, bias_shape=None)
+    self.kernel = _common.make_param(
+        "Einsum", "kernel", kernel_init, rngs.params(), kernel_shape, param_dtype,
+        kernel_axes)
+    _common.set_attrs(self, bias=None)
+    if bias_shape is not None:
+      own = [c for c in out if c in kernel_letters and c not in lhs]
+      sizes = tuple(kernel_shape[kernel_letters.index(c)] for c in own)
+      if tuple(bias_shape) != sizes:
+        raise errors.ConfigError(
+            f"Einsum: bias_shape {tuple(bias_shape)} must equal the sizes {sizes} of "
+            f"the output letters {''.join(own)!r} that come only from the kernel.")
+      self.bias_shape = sizes
+      k_axes = self.kernel.logical_axes
+      default = None if k_axes is None else tuple(k_axes[kernel_letters.index(c)] for c in own)
+      self.bias = _common.make_param(
+          "Einsum", "bias", bias_init, rngs.params(), sizes, param_dtype, bias_axes, default)
+
+  @staticmethod
+  def _parse(einsum_str: str) -> tuple[str, str, str]:
+    parts = einsum_str.split("->")
+    operands = parts[0].split(",")
+    if len(parts) != 2 or len(operands) != 2 or not all(
+        _OPERAND.match(p) for p in operands + [parts[1]]):
+      raise errors.ConfigError(
+          f"Einsum: einsum_str {einsum_str!r} must have the form "
+          "'<inputs>,<kernel>-><output>' (two operands and an explicit output), "
+          "e.g. 'bd,dh->bh'.")
+    return operands[0], operands[1], parts[1]
+
+  def __call__(self, inputs: jax.Array, einsum_str: str | None = None) -> jax.Array:
+    eq = self.einsum_str if einsum_str is None else einsum_str.replace(" ", "")
+    lhs, _, out = self._parse(eq)
+    if "..." not in lhs and len(lhs) != jnp.ndim(inputs):
+      raise errors.ShapeError(
+          f"{_common.layer_name(self)}: the input operand {lhs!r} of {eq!r} has "
+          f"{len(lhs)} axes but the input has shape {tuple(jnp.shape(inputs))}.")
+    bias = self.bias.value if self.bias is not None else None
+    x, kernel, bias = _common.promote_dtype(inputs, self.kernel.value, bias, dtype=self.dtype)
+    try:
+      y = jnp.einsum(eq, x, kernel, precision=self.precision)
+    except ValueError as e:
+      raise errors.ShapeError(
+          f"{_common.layer_name(self)}: input of shape {tuple(x.shape)} does not fit "
+          f"{eq!r} with kernel shape {self.kernel_shape}: {e}") from None
+    if bias is not None:
+      _, kernel_letters, _ = self._parse(eq)
+      shape = [1] * y.ndim
+      own = [i for i, c in enumerate(out.replace("...", "")) if c in kernel_letters
+             and c not in lhs]
+      offset = y.ndim - len(out.replace("...", ""))
+      for j, i in enumerate(own):
+        shape[offset + i] = bias.shape[j]
+      y = y + bias.reshape(shape)
+    return y

@@ -1,0 +1,100 @@
+"""The ambient sharding context: which mesh and axis rules are in force.
+
+`use_sharding` pushes a (mesh, rules) pair on a per-thread stack for the
+duration of a ``with`` block; `current_context` reads the innermost one.
+Sharded init, `get_named_sharding`, `constrain`, batch helpers and the lifted
+`jit` all use it when not given a mesh or rules explicitly.
+
+>>> from spmdnnx.spmd._mesh import MeshConfig, make_mesh
+>>> with use_sharding(make_mesh(MeshConfig(fsdp=-1)), "fsdp"):
+...   current_context().rules.name
+'fsdp'
+>>> current_context() is None
+True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+from typing import Any, Iterator
+
+from spmdnnx import errors
+from spmdnnx.spmd import _rules as rules_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingContext:
+  """One active `use_sharding` block.
+
+  Attributes:
+    mesh: a `jax.sharding.Mesh` (or `AbstractMesh` for planning), or None
+      when only rules were given.
+    rules: the `AxisRules`.
+  """
+
+  mesh: Any
+  rules: rules_lib.AxisRules
+
+
+class _Stack(threading.local):
+
+  def __init__(self):
+    self.items: list[ShardingContext] = []
+
+
+_STACK = _Stack()
+
+
+def current_context() -> ShardingContext | None:
+  """The innermost active sharding context of this thread, or None."""
+  items = _STACK.items
+  return items[-1] if items else None
+
+
+@contextlib.contextmanager
+def use_sharding(mesh: Any, rules: Any) -> Iterator[ShardingContext]:
+  """Makes ``mesh`` and ``rules`` the ambient sharding context.
+
+  Args:
+    mesh: a Mesh or AbstractMesh (None for rules-only planning).
+    rules: `AxisRules`, a list of pairs, a dict, or a shipped preset name
+      such as ``"fsdp_tp"``.
+
+  Yields:
+    The `ShardingContext`.
+
+  Raises:
+    AxisRulesError: if the rules name a mesh axis the mesh lacks.
+  """
+  rules = rules_lib.as_rules(rules)
+  if mesh is not None:
+    rules.validate(mesh)
+  ctx = ShardingContext(mesh, rules)
+  _STACK.items.append(ctx)
+  try:
+    yield ctx
+  finally:
+    _STACK.items.pop()
+
+
+def resolve_args(mesh: Any = None, rules: Any = None, *, need_mesh: bool = True,
+                 what: str = "this call") -> tuple[Any, rules_lib.AxisRules]:
+  """Explicit arguments, else the ambient context; raises if one is missing.
+
+  Raises:
+    ShardingError: when neither the arguments nor the context provide them.
+  """
+  ctx = current_context()
+  if mesh is None and ctx is not None:
+    mesh = ctx.mesh
+  if rules is None and ctx is not None:
+    rules = ctx.rules
+  if rules is None or (need_mesh and mesh is None):
+    lacking = " and ".join(n for n, v in (("mesh", mesh if need_mesh else 1), ("rules", rules))
+                           if v is None)
+    raise errors.ShardingError(
+        f"{what} needs {lacking}: pass them as arguments or run inside "
+        "`with spmdnnx.use_sharding(mesh, rules):`.")
+  return mesh, rules_lib.as_rules(rules)
