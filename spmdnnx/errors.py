@@ -29,7 +29,34 @@ def path_str(path: Iterable[Any]) -> str:
 
 
 class SpmdnnxError(Exception):
-  """Base class of every error spmdnnx raises on bad input."""
+  """Base class of every error spmdnnx raises on bad input.
+
+  Besides the message, an error carries the facts it names as structured
+  keyword fields (``paths``, ``shapes``, ``axes``, ``step``, ...), readable as
+  attributes and together as ``error.fields``, so callers can react to them
+  without parsing text. A field that was not given reads as ``None``.
+
+  >>> e = ShapeError("bad shape at 'w'", paths=["w"], shapes=[(2, 3)])
+  >>> e.paths, e.shapes, e.axes
+  (['w'], [(2, 3)], None)
+  """
+
+  def __init__(self, message: str = "", **fields: Any):
+    super().__init__(message)
+    self.fields = dict(fields)
+
+  def __getattr__(self, name: str) -> Any:
+    # Only reached for attributes that are not set: unknown fields read None.
+    if name.startswith("__") or name == "fields":
+      raise AttributeError(name)
+    return self.__dict__.get("fields", {}).get(name)
+
+  def __reduce__(self):
+    return (_rebuild_error, (type(self), str(self), self.fields))
+
+
+def _rebuild_error(cls, message, fields):
+  return cls(message, **fields)
 
 
 class FilterError(SpmdnnxError, TypeError):
@@ -78,3 +105,15 @@ class ShardingWarning(UserWarning):
 
 class CheckpointError(SpmdnnxError, RuntimeError):
   """A checkpoint cannot be written or restored safely."""
+
+
+class DataError(SpmdnnxError, ValueError):
+  """A data source or pipeline cannot deliver what the config asks for."""
+
+
+class TrainingError(SpmdnnxError, RuntimeError):
+  """A training run cannot go on (non-finite loss, stalled step, ...)."""
+
+
+class LaunchError(SpmdnnxError, RuntimeError):
+  """A (multi-process) job cannot be started or was stopped by a fault."""

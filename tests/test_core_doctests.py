@@ -7,7 +7,7 @@ import jax
 import pytest
 
 MODULES = [
-    "spmdnnx._variables", "spmdnnx._filters", "spmdnnx._state", "spmdnnx._graph",
+    "spmdnnx.errors", "spmdnnx._variables", "spmdnnx._filters", "spmdnnx._state", "spmdnnx._graph",
     "spmdnnx._module", "spmdnnx._rngs",
     "spmdnnx._transforms.jit", "spmdnnx._transforms.grad", "spmdnnx._transforms.vmap",
     "spmdnnx._transforms.scan", "spmdnnx._transforms.control", "spmdnnx._transforms.misc",
