@@ -47,8 +47,11 @@ Rule = tuple[str, MeshAxes]
 
 #: The documented logical axis vocabulary (see docs/sharding.md); every
 #: shipped rule set has a rule for each of these names.
-LOGICAL_AXES = ("batch", "length", "embed", "mlp", "heads", "kv", "vocab", "norm",
-                "layers", "expert", "conv_in", "conv_out", "spatial")
+LOGICAL_AXES = ("batch", "length", "embed", "mlp", "heads", "kv", "kv_heads", "vocab", "norm",
+                "layers", "expert", "conv_in", "conv_out", "spatial",
+                "activation_batch", "activation_length", "activation_embed",
+                "activation_mlp", "activation_heads", "activation_kv_heads",
+                "activation_head_dim", "activation_vocab")
 
 #: Where the shipped rule sets live (repository `configs/rules/*.json`).
 RULES_DIR = pathlib.Path(
