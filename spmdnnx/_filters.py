@@ -189,7 +189,7 @@ def to_predicate(filter: Filter) -> Predicate:
   raise errors.FilterError(
       f"{filter!r} (of type {type(filter).__name__}) is not a filter. Use a "
       "Variable type (e.g. nnx.Param), '...', a string, PathContains(key), "
-      "All/Any/Not, or a callable (path, value) -> bool.")
+      "All/Any/Not, or a callable (path, value) -> bool.", value=repr(filter))
 
 
 def is_everything(filter: Filter) -> bool:
@@ -203,5 +203,5 @@ def filters_to_predicates(filters: tuple) -> tuple[Predicate, ...]:
       raise errors.FilterError(
           f"Filter '...' (Everything) appears at position {i} of {len(filters)}; "
           "it matches all remaining state, so the filters after it would get "
-          "nothing. Put '...' last.")
+          "nothing. Put '...' last.", argument="filters", value=i)
   return tuple(to_predicate(f) for f in filters)

@@ -120,7 +120,8 @@ class Optimizer(Object):
     if not params.flat_state():
       raise errors.ConfigError(
           f"Optimizer: wrt={wrt!r} selects no Variables of the "
-          f"{type(model).__name__}; check the filter (default nnx.Param).")
+          f"{type(model).__name__}; check the filter (default nnx.Param).",
+          argument="wrt", value=repr(wrt))
     self.step = OptState(jnp.array(0, dtype=jnp.uint32))
     self.model = model
     self.tx = tx
@@ -179,12 +180,13 @@ class Optimizer(Object):
     else:
       raise errors.ConfigError(
           f"Optimizer.update takes (model, grads) or (grads,), got {len(args)} "
-          "positional arguments.")
+          "positional arguments.", argument="args", value=len(args))
     if model is not self.model:
       raise errors.ConfigError(
           f"Optimizer.update: the {type(model).__name__} passed is not the model this "
           "optimizer was built for (optimizer.model). Pass optimizer.model, or pass "
-          "model and optimizer to one transform/split together so the reference is kept.")
+          "model and optimizer to one transform/split together so the reference is kept.",
+          argument="model")
     params = pure(graph.state(model, self.wrt))
     grads = self._match_grads(params, grads)
     with _optax_promotion():
@@ -201,7 +203,7 @@ class Optimizer(Object):
     if not isinstance(grads, Mapping):
       raise errors.GraphError(
           f"Optimizer.update: grads must be a State (e.g. from nnx.grad), got "
-          f"{type(grads).__name__}.")
+          f"{type(grads).__name__}.", argument="grads", value=type(grads).__name__)
     given = dict(pure(grads).flat_state())
     wanted = dict(params.flat_state())
     missing = [errors.path_str(p) for p in wanted if p not in given]
@@ -209,12 +211,14 @@ class Optimizer(Object):
       raise errors.GraphError(
           f"Optimizer.update: grads have no entry for {len(missing)} optimized "
           f"Variable(s): {errors.format_paths(missing)}. Differentiate with respect "
-          "to the same Variables as the optimizer's wrt filter.")
-    bad = [f"{errors.path_str(p)} (param {tuple(v.shape)}, grad "
-           f"{tuple(jnp.shape(given[p]))})"
-           for p, v in wanted.items() if tuple(jnp.shape(given[p])) != tuple(v.shape)]
-    if bad:
+          "to the same Variables as the optimizer's wrt filter.", paths=missing)
+    mismatched = [(p, tuple(v.shape), tuple(jnp.shape(given[p])))
+                  for p, v in wanted.items() if tuple(jnp.shape(given[p])) != tuple(v.shape)]
+    if mismatched:
+      bad = [f"{errors.path_str(p)} (param {ps}, grad {gs})" for p, ps, gs in mismatched]
       raise errors.ShapeError(
           f"Optimizer.update: {len(bad)} gradient(s) differ in shape from their "
-          f"parameter: {errors.format_paths(bad)}.")
+          f"parameter: {errors.format_paths(bad)}.",
+          paths=[errors.path_str(p) for p, _, _ in mismatched],
+          shapes=[(ps, gs) for _, ps, gs in mismatched])
     return State.from_flat_path([(p, given[p]) for p in wanted])

@@ -196,5 +196,13 @@ def test_errors():
     opt.update(model, partial)
   bad = jax.tree.map(lambda v: v, grads)
   bad["l1"]["bias"] = jnp.zeros((3,))
-  with pytest.raises(errors.ShapeError, match=r"l1/bias \(param \(16,\), grad \(3,\)\)"):
+  with pytest.raises(errors.ShapeError, match=r"l1/bias \(param \(16,\), grad \(3,\)\)") as e:
     opt.update(model, bad)
+  assert e.value.paths == ["l1/bias"] and e.value.shapes == [((16,), (3,))]
+  with pytest.raises(errors.GraphError, match=r"grads must be a State \(e.g. from nnx.grad\), "
+                                              r"got list") as e:
+    opt.update(model, [1.0])
+  assert e.value.argument == "grads"
+  with pytest.raises(errors.GraphError, match="grads have no entry") as e:
+    opt.update(model, partial)
+  assert e.value.paths == ["l1/bias", "l1/kernel", "l2/bias", "l2/kernel"]

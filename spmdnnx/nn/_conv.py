@@ -42,12 +42,14 @@ def canonical_padding(owner: str, padding: Any, n: int) -> str | tuple:
     if padding.upper() not in PADDING_STRINGS:
       raise errors.ConfigError(
           f"{owner}: padding {padding!r} is not one of {PADDING_STRINGS}; pass one "
-          "of those strings, an int, or a sequence of (low, high) pairs.")
+          "of those strings, an int, or a sequence of (low, high) pairs.",
+          argument="padding", value=padding)
     padding = padding.upper()
     if padding == "CAUSAL" and n != 1:
       raise errors.ConfigError(
           f"{owner}: padding 'CAUSAL' only applies to 1 spatial dimension, the "
-          f"kernel has {n}; pad explicitly with (low, high) pairs instead.")
+          f"kernel has {n}; pad explicitly with (low, high) pairs instead.",
+          argument="padding", value=padding)
     return padding
   if isinstance(padding, int) and not isinstance(padding, bool):
     padding = [(padding, padding)] * n
@@ -59,7 +61,8 @@ def canonical_padding(owner: str, padding: Any, n: int) -> str | tuple:
       not all(len(p) == 2 and all(isinstance(v, int) for v in p) for p in pairs)):
     raise errors.ConfigError(
         f"{owner}: explicit padding {padding!r} must be an int or {n} ints or "
-        f"(low, high) int pairs, one per spatial dimension.")
+        f"(low, high) int pairs, one per spatial dimension.",
+        argument="padding", value=padding)
   return pairs
 
 
@@ -70,7 +73,7 @@ def _kernel_size(owner: str, kernel_size: Any) -> tuple:
   if not 1 <= len(kernel_size) <= 3:
     raise errors.ConfigError(
         f"{owner}: kernel_size {kernel_size} must have 1 to 3 entries (one per "
-        "spatial dimension).")
+        "spatial dimension).", argument="kernel_size", value=kernel_size)
   return _common.canonical_tuple(owner, "kernel_size", kernel_size, len(kernel_size))
 
 
@@ -79,7 +82,8 @@ def _flatten_batch(layer: Any, x: jax.Array, n: int, features: int, axis_what: s
   if jnp.ndim(x) < n + 1:
     raise errors.ShapeError(
         f"{_common.layer_name(layer)}: expected an input of shape (*batch, "
-        f"{n} spatial dims, {features}), got shape {tuple(jnp.shape(x))}.")
+        f"{n} spatial dims, {features}), got shape {tuple(jnp.shape(x))}.",
+        shapes=[tuple(jnp.shape(x))])
   _common.check_features(layer, x, -1, features, axis_what)
   batch = x.shape[:x.ndim - n - 1]
   return x.reshape((math.prod(batch),) + x.shape[x.ndim - n - 1:]), batch
@@ -144,11 +148,13 @@ class Conv(Module):
     if in_features % feature_group_count or out_features % feature_group_count:
       raise errors.ConfigError(
           f"{name}: in_features ({in_features}) and out_features ({out_features}) "
-          f"must both be divisible by feature_group_count ({feature_group_count}).")
+          f"must both be divisible by feature_group_count ({feature_group_count}).",
+          argument="feature_group_count", value=feature_group_count)
     shape = ks + (in_features // feature_group_count, out_features)
     if mask is not None and tuple(mask.shape) != shape:
       raise errors.ConfigError(
-          f"{name}: mask shape {tuple(mask.shape)} must equal the kernel shape {shape}.")
+          f"{name}: mask shape {tuple(mask.shape)} must equal the kernel shape {shape}.",
+          shapes=[tuple(mask.shape), shape])
     _common.set_attrs(
         self, in_features=in_features, out_features=out_features, kernel_size=ks,
         strides=_common.canonical_tuple(name, "strides", strides, n),
@@ -224,12 +230,14 @@ class ConvTranspose(Module):
     if padding in ("CIRCULAR", "CAUSAL"):
       raise errors.ConfigError(
           f"{name}: padding {padding!r} is not supported for transposed convs; "
-          "use 'SAME', 'VALID' or explicit (low, high) pairs.")
+          "use 'SAME', 'VALID' or explicit (low, high) pairs.",
+          argument="padding", value=padding)
     shape = ks + ((out_features, in_features) if transpose_kernel
                   else (in_features, out_features))
     if mask is not None and tuple(mask.shape) != shape:
       raise errors.ConfigError(
-          f"{name}: mask shape {tuple(mask.shape)} must equal the kernel shape {shape}.")
+          f"{name}: mask shape {tuple(mask.shape)} must equal the kernel shape {shape}.",
+          shapes=[tuple(mask.shape), shape])
     _common.set_attrs(
         self, in_features=in_features, out_features=out_features, kernel_size=ks,
         strides=_common.canonical_tuple(name, "strides", 1 if strides is None else strides, n),

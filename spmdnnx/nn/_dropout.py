@@ -43,7 +43,7 @@ def draw_key(owner: str, collection: str, call_rngs: Any, own: Any) -> jax.Array
   raise errors.ConfigError(
       f"{owner}: random dropout needs a key, but no rngs were given. Pass "
       f"rngs=nnx.Rngs({collection}=0) at construction or call time, or run "
-      "deterministically (deterministic=True, or model.eval()).")
+      "deterministically (deterministic=True, or model.eval()).", argument="rngs")
 
 
 def own_stream(rngs: Any, collection: str) -> RngStream | None:
@@ -88,7 +88,8 @@ class Dropout(Module):
                rngs: Rngs | RngStream | None = None):
     if not 0.0 <= rate <= 1.0:
       raise errors.ConfigError(
-          f"Dropout: rate must be a probability in [0, 1], got {rate}.")
+          f"Dropout: rate must be a probability in [0, 1], got {rate}.",
+          argument="rate", value=rate)
     _common.set_attrs(self, rate=rate, broadcast_dims=tuple(broadcast_dims),
                       deterministic=deterministic, rng_collection=rng_collection,
                       rngs=own_stream(rngs, rng_collection))

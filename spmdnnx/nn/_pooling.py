@@ -28,7 +28,8 @@ def _padding(padding: Any, n: int) -> Any:
   if isinstance(padding, str):
     if padding.upper() not in ("SAME", "VALID"):
       raise errors.ConfigError(
-          f"pool: padding {padding!r} must be 'SAME', 'VALID' or {n} (low, high) pairs.")
+          f"pool: padding {padding!r} must be 'SAME', 'VALID' or {n} (low, high) pairs.",
+          argument="padding", value=padding)
     return padding.upper()
   try:
     pairs = tuple(tuple(p) for p in padding)
@@ -37,7 +38,7 @@ def _padding(padding: Any, n: int) -> Any:
   if len(pairs) != n or not all(len(p) == 2 for p in pairs):
     raise errors.ConfigError(
         f"pool: explicit padding {padding!r} must have one (low, high) pair per "
-        f"spatial dimension ({n}).")
+        f"spatial dimension ({n}).", argument="padding", value=padding)
   return ((0, 0),) + pairs + ((0, 0),)
 
 
@@ -58,7 +59,7 @@ def pool(inputs: jax.Array, init: Any, reduce_fn: Callable,
   if inputs.ndim < n + 1:
     raise errors.ShapeError(
         f"pool: a {n}-d window needs an input of shape (*batch, {n} spatial dims, "
-        f"features), got shape {tuple(inputs.shape)}.")
+        f"features), got shape {tuple(inputs.shape)}.", shapes=[tuple(inputs.shape)])
   unbatched = inputs.ndim == n + 1
   x = inputs[None] if unbatched else inputs
   batch = x.shape[:x.ndim - n - 1]

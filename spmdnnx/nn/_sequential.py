@@ -44,12 +44,13 @@ class Sequential(Module):
       if not callable(fn):
         raise errors.ConfigError(
             f"Sequential: entry {i} is a {type(fn).__name__}, not a callable; "
-            "pass Modules or functions.")
+            "pass Modules or functions.", paths=[str(i)], value=type(fn).__name__)
     self.layers = list(fns)
 
   def __call__(self, *args: Any, rngs: Any = None, **kwargs: Any) -> Any:
     if not self.layers:
-      raise errors.ConfigError("Sequential: called with no layers; add at least one.")
+      raise errors.ConfigError("Sequential: called with no layers; add at least one.",
+                              argument="layers")
     out = None
     for i, fn in enumerate(self.layers):
       if i > 0:

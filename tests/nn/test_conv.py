@@ -140,3 +140,14 @@ def test_conv_errors():
     conv(jnp.ones((5, 3)))
   with pytest.raises(errors.ConfigError, match="not supported for transposed"):
     ConvTranspose(2, 2, 3, padding="CIRCULAR", rngs=nnx.Rngs(0))
+  with pytest.raises(errors.ConfigError, match=r"Conv: kernel_size \(1, 1, 1, 1\) must have 1 to 3 "
+                                               r"entries") as e:
+    Conv(2, 2, (1, 1, 1, 1), rngs=nnx.Rngs(0))
+  assert e.value.argument == "kernel_size" and e.value.value == (1, 1, 1, 1)
+  with pytest.raises(errors.ConfigError, match=r"explicit padding \(\(1, 2, 3\),\) must be an int "
+                                               r"or 2 ints") as e:
+    Conv(2, 2, (3, 3), padding=((1, 2, 3),), rngs=nnx.Rngs(0))
+  assert e.value.argument == "padding"
+  with pytest.raises(errors.ShapeError, match="expected an input of shape") as e:
+    conv(jnp.ones((5, 3)))
+  assert e.value.shapes == [(5, 3)]

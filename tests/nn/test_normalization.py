@@ -106,3 +106,19 @@ def test_norm_errors():
     GroupNorm(6, num_groups=2, group_size=3)
   with pytest.raises(errors.MetadataError, match=r"scale_axes \('a', 'b'\) has 2 entries"):
     RMSNorm(4, scale_axes=("a", "b"))
+  with pytest.raises(errors.ConfigError, match=r"group_size 4 must divide num_features 6"):
+    GroupNorm(6, num_groups=None, group_size=4)
+  gn = GroupNorm(4, num_groups=2, reduction_axes=(1,), rngs=nnx.Rngs(0))
+  with pytest.raises(errors.ConfigError, match=r"GroupNorm: reduction_axes \(1,\) must include "
+                                               r"the feature axis -1") as e:
+    gn(jnp.ones((2, 3, 4)))
+  assert e.value.axes == (1,) and e.value.shapes == [(2, 3, 4)]
+
+
+def test_norm_errors_carry_fields():
+  with pytest.raises(errors.ShapeError, match="expected 4 features") as e:
+    LayerNorm(4, rngs=nnx.Rngs(0))(jnp.ones((2, 3)))
+  assert e.value.shapes == [(2, 3)] and e.value.axes == (1,)
+  with pytest.raises(errors.ConfigError, match="momentum") as e:
+    BatchNorm(3, momentum=-0.5)
+  assert e.value.argument == "momentum" and e.value.value == -0.5

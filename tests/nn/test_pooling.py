@@ -44,3 +44,10 @@ def test_pool_errors():
     max_pool(jnp.ones((4, 1)), (2, 2))
   with pytest.raises(errors.ConfigError, match=r"window_shape must be a positive int"):
     max_pool(jnp.ones((1, 4, 1)), (0,))
+  with pytest.raises(errors.ConfigError, match=r"pool: explicit padding \(\(0, 0\),\) must have one "
+                                               r"\(low, high\) pair per spatial dimension \(2\)") as e:
+    avg_pool(jnp.ones((1, 4, 4, 1)), (2, 2), padding=((0, 0),))
+  assert e.value.argument == "padding"
+  with pytest.raises(errors.ShapeError, match="a 2-d window") as e:
+    max_pool(jnp.ones((4, 1)), (2, 2))
+  assert e.value.shapes == [(4, 1)]
