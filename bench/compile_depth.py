@@ -3,7 +3,8 @@
 A model is an unrolled stack of L residual blocks ``x + layer(x)`` (features
 64, input ``(8, 8, 64)``), one column per layer kind: `Linear`, `LayerNorm`,
 `RMSNorm`, `BatchNorm`, `GroupNorm`, and a hand-written plain-JAX LayerNorm
-(the baseline). The step is ``jax.jit(jax.grad(loss))`` over the split state,
+(the baseline; ``--kinds "textbook LN"`` adds the two-pass textbook formula,
+which is quadratic). The step is ``jax.jit(jax.grad(loss))`` over the split state,
 built fresh for every measurement, and ``.lower()`` + ``.compile()`` are timed
 together; the median over rounds is printed, then the growth L=max / L=min for
 each kind (goal: <= 5x for 8 -> 32, i.e. at most ~linear in depth). The size of
@@ -57,6 +58,16 @@ class Residual(nnx.Module):
 
 
 def _plain_layer_norm(params, x):
+  """LayerNorm in the formulation spmdnnx uses (see docs/layers.md)."""
+  scale, bias = params
+  square = jnp.square(x)
+  mean = jnp.mean(x, -1, keepdims=True)
+  var = jnp.maximum(jnp.mean(square, -1, keepdims=True) - jnp.square(mean), 0.0)
+  return (x - mean) * (lax.rsqrt(var + 1e-6) * scale) + bias
+
+
+def _plain_layer_norm_textbook(params, x):
+  """The textbook two-pass LayerNorm: its grad step compiles in quadratic time."""
   scale, bias = params
   mean = jnp.mean(x, -1, keepdims=True)
   var = jnp.mean(jnp.square(x - mean), -1, keepdims=True)
@@ -65,12 +76,13 @@ def _plain_layer_norm(params, x):
 
 def _step_and_args(kind: str, depth: int, x):
   """A fresh jitted grad step (new function object) and its arguments."""
-  if kind == "plain-jax LN":
+  if kind in PLAIN:
     params = [(jnp.ones(FEATURES), jnp.zeros(FEATURES)) for _ in range(depth)]
+    norm = PLAIN[kind]
 
     def plain_loss(params, x):
       for p in params:
-        x = x + _plain_layer_norm(p, x)
+        x = x + norm(p, x)
       return jnp.mean(x ** 2)
 
     return jax.jit(jax.grad(plain_loss)), (params, x)
@@ -90,6 +102,7 @@ def time_compile(kind: str, depth: int, x) -> tuple[float, int]:
   return seconds, compiled.as_text().count("\n")
 
 
+PLAIN = {"plain-jax LN": _plain_layer_norm, "textbook LN": _plain_layer_norm_textbook}
 KINDS = ("Linear", "LayerNorm", "RMSNorm", "BatchNorm", "GroupNorm", "plain-jax LN")
 
 
@@ -97,7 +110,8 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--depths", default="8,16,32")
   parser.add_argument("--repeats", type=int, default=2)
-  parser.add_argument("--kinds", default=",".join(KINDS))
+  parser.add_argument("--kinds", default=",".join(KINDS),
+                      help=f"comma-separated, from {', '.join(KINDS + ('textbook LN',))}")
   args = parser.parse_args()
   depths = [int(n) for n in args.depths.split(",")]
   kinds = args.kinds.split(",")

@@ -43,11 +43,16 @@ def compute_stats(x: jax.Array, axes: tuple, *, use_mean: bool = True,
                   axis_index_groups: Any = None, mask: jax.Array | None = None):
   """Mean and (biased) variance of x over `axes` (kept as size-1 dims).
 
-  Computed in at least float32. With ``use_mean=False`` the mean is zero and
-  the variance is ``E[x^2]`` (RMSNorm). `axis_name` averages the statistics
-  across a named mapped axis.
+  Computed in at least float32. With ``use_mean=False`` the mean is None (not
+  subtracted) and the variance is ``E[x^2]`` (RMSNorm). `axis_name` averages
+  the statistics across a named mapped axis.
+
+  >>> mean, var = compute_stats(jnp.array([[1.0, 3.0]]), (1,))
+  >>> mean.tolist(), var.tolist()
+  ([[2.0]], [[1.0]])
   """
   x = x.astype(_stat_dtype(x.dtype))
+  square = jnp.square(x)   # squared before x is first reduced: see _normalize
 
   def mean(v):
     m = jnp.mean(v, axes, where=mask, keepdims=True)
@@ -56,32 +61,58 @@ def compute_stats(x: jax.Array, axes: tuple, *, use_mean: bool = True,
     return m
 
   if not use_mean:
-    var = mean(jnp.square(x))
-    return jnp.zeros_like(var), var
+    return None, mean(square)
   mu = mean(x)
   if use_fast_variance:
-    var = jnp.maximum(mean(jnp.square(x)) - jnp.square(mu), 0.0)
+    var = jnp.maximum(mean(square) - jnp.square(mu), 0.0)
   else:
     var = mean(jnp.square(x - mu))
   return mu, var
 
 
-def _standardize(x: jax.Array, mean: jax.Array, var: jax.Array, epsilon: float):
-  return (x.astype(mean.dtype) - mean) * lax.rsqrt(var + epsilon)
+def _normalize(layer: Any, x: jax.Array, mean: jax.Array, var: jax.Array,
+               param_shape: Sequence[int]) -> jax.Array:
+  """``(x - mean) * (rsqrt(var + eps) * scale) + bias``, cast to the output dtype.
 
-
-def _affine(layer: Any, y: jax.Array, x: jax.Array, feature_axis: int) -> jax.Array:
-  """y * scale + bias along `feature_axis`, cast to the layer's output dtype."""
+  The formulation (with `compute_stats` squaring ``x`` before its first
+  reduction) is chosen for compile time, not numerics: XLA:CPU duplicates
+  cheap elementwise producers into every fusion that can absorb them, so in
+  an unrolled stack of ``x + norm(x)`` blocks the residual stream and its
+  cotangent are recomputed from the first block inside each later fusion
+  unless some consumer cannot fuse them (a reduction over more than 32
+  elements becomes a non-fusible reduce-window) and the fusion pass's
+  order-dependent analysis keeps that value materialized. With the
+  textbook order, ``((x - mean) * rsqrt(var + eps)) * scale``, the grad step's
+  HLO and compile time grow quadratically with depth (32 LayerNorm blocks:
+  80 s vs 3 s); with this order they grow linearly. `RMSNorm` (no mean)
+  keeps ``x * rsqrt(ms + eps) * scale``, the order that is linear for it.
+  ``tests/nn/test_normalization.py`` guards the HLO growth, and
+  ``bench/compile_depth.py`` measures it (docs/layers.md).
+  """
   scale = layer.scale.value if layer.scale is not None else None
   bias = layer.bias.value if layer.bias is not None else None
   out_dtype = layer.dtype or _common.result_dtype(x, scale, bias)
-  shape = [1] * x.ndim
-  shape[feature_axis] = x.shape[feature_axis]
-  if scale is not None:
-    y = y * scale.astype(y.dtype).reshape(shape)
+  shape = tuple(param_shape)
+  mul = lax.rsqrt(var + layer.epsilon)
+  x = x.astype(var.dtype)
+  if mean is None:
+    y = x * mul
+    if scale is not None:
+      y = y * scale.astype(y.dtype).reshape(shape)
+  else:
+    if scale is not None:
+      mul = mul * scale.astype(mul.dtype).reshape(shape)
+    y = (x - mean) * mul
   if bias is not None:
     y = y + bias.astype(y.dtype).reshape(shape)
   return y.astype(out_dtype)
+
+
+def _param_shape(x: jax.Array, feature_axis: int) -> tuple:
+  """Shape that broadcasts a per-feature parameter along `feature_axis` of x."""
+  shape = [1] * x.ndim
+  shape[feature_axis] = x.shape[feature_axis]
+  return tuple(shape)
 
 
 def _axes(x: jax.Array, axes: int | Sequence[int]) -> tuple:
@@ -95,7 +126,8 @@ def _check_input(layer: Any, x: jax.Array, feature_axes: tuple) -> None:
     raise errors.ShapeError(
         f"{_common.layer_name(layer)}: expected {layer.num_features} features on "
         f"axis {feature_axes}, got an input of shape {tuple(x.shape)}; check "
-        "num_features or the layer's feature axis.")
+        "num_features or the layer's feature axis.",
+        shapes=[tuple(x.shape)], axes=feature_axes)
 
 
 def _init_affine(layer: Any, name: str, rngs: Rngs, use_scale: bool, use_bias: bool,
@@ -158,7 +190,7 @@ class LayerNorm(Module):
                               use_fast_variance=self.use_fast_variance,
                               axis_name=self.axis_name,
                               axis_index_groups=self.axis_index_groups, mask=mask)
-    return _affine(self, _standardize(x, mean, var, self.epsilon), x, feature_axes[0])
+    return _normalize(self, x, mean, var, _param_shape(x, feature_axes[0]))
 
 
 class RMSNorm(LayerNorm):
@@ -212,7 +244,7 @@ class BatchNorm(Module):
     if not 0.0 <= momentum <= 1.0:
       raise errors.ConfigError(
           f"BatchNorm: momentum must be in [0, 1], got {momentum}; typical values "
-          "are 0.9 or 0.99.")
+          "are 0.9 or 0.99.", argument="momentum", value=momentum)
     _common.set_attrs(self, num_features=num_features,
                       use_running_average=use_running_average, axis=axis,
                       momentum=momentum, epsilon=epsilon, dtype=dtype,
@@ -247,7 +279,7 @@ class BatchNorm(Module):
           self.mean.dtype)
       self.var.value = (m * self.var.value + (1 - m) * var.reshape(n)).astype(
           self.var.dtype)
-    return _affine(self, _standardize(x, mean, var, self.epsilon), x, feature_axes[0])
+    return _normalize(self, x, mean, var, _param_shape(x, feature_axes[0]))
 
 
 class GroupNorm(Module):
@@ -285,19 +317,21 @@ class GroupNorm(Module):
     if (num_groups is None) == (group_size is None):
       raise errors.ConfigError(
           "GroupNorm: give exactly one of num_groups and group_size (got "
-          f"num_groups={num_groups}, group_size={group_size}).")
+          f"num_groups={num_groups}, group_size={group_size}).",
+          argument="num_groups", value=(num_groups, group_size))
     if group_size is not None:
       _common.check_positive("GroupNorm", group_size=group_size)
       if num_features % group_size:
         raise errors.ConfigError(
             f"GroupNorm: group_size {group_size} must divide num_features "
-            f"{num_features}.")
+            f"{num_features}.", argument="group_size", value=group_size)
       num_groups = num_features // group_size
     _common.check_positive("GroupNorm", num_groups=num_groups)
     if num_features % num_groups:
       raise errors.ConfigError(
           f"GroupNorm: num_groups {num_groups} must divide num_features "
-          f"{num_features}; pick a divisor (or group_size=...).")
+          f"{num_features}; pick a divisor (or group_size=...).",
+          argument="num_groups", value=num_groups)
     _common.set_attrs(self, num_features=num_features, num_groups=num_groups,
                       group_size=num_features // num_groups, epsilon=epsilon,
                       dtype=dtype, param_dtype=param_dtype,
@@ -316,7 +350,7 @@ class GroupNorm(Module):
       if x.ndim - 1 not in axes:
         raise errors.ConfigError(
             f"GroupNorm: reduction_axes {self.reduction_axes} must include the "
-            "feature axis -1.")
+            "feature axis -1.", axes=axes, shapes=[tuple(x.shape)])
     g = self.num_groups
     grouped = x.reshape(x.shape[:-1] + (g, self.group_size))
     g_axes = tuple(a if a < x.ndim - 1 else x.ndim for a in axes)
@@ -325,5 +359,5 @@ class GroupNorm(Module):
     mean, var = compute_stats(grouped, g_axes, use_fast_variance=self.use_fast_variance,
                               axis_name=self.axis_name,
                               axis_index_groups=self.axis_index_groups, mask=mask)
-    y = _standardize(grouped, mean, var, self.epsilon).reshape(x.shape)
-    return _affine(self, y, x, x.ndim - 1)
+    shape = (1,) * (x.ndim - 1) + (g, self.group_size)
+    return _normalize(self, grouped, mean, var, shape).reshape(x.shape)

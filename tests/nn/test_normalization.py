@@ -122,3 +122,34 @@ def test_norm_errors_carry_fields():
   with pytest.raises(errors.ConfigError, match="momentum") as e:
     BatchNorm(3, momentum=-0.5)
   assert e.value.argument == "momentum" and e.value.value == -0.5
+
+
+class _Residual(nnx.Module):
+  def __init__(self, make, depth):
+    self.layers = [make() for _ in range(depth)]
+
+  def __call__(self, x):
+    for layer in self.layers:
+      x = x + layer(x)
+    return x
+
+
+def _grad_hlo_lines(make, depth):
+  graphdef, state = nnx.split(_Residual(make, depth))
+  step = jax.jit(jax.grad(lambda s, x: jnp.mean(nnx.merge(graphdef, s)(x) ** 2)))
+  return step.lower(state, jnp.ones((8, 8, 64))).compile().as_text().count("\n")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["LayerNorm", "RMSNorm", "BatchNorm", "GroupNorm"])
+def test_grad_step_hlo_grows_linearly_with_depth(kind):
+  # Issue 9 item 11: XLA:CPU re-inlined the whole residual stream into every
+  # later fusion, so the optimized HLO (and compile time) of an unrolled
+  # x + Norm(x) stack grew quadratically (LayerNorm/BatchNorm: 3.1x from 4 to
+  # 8 blocks). Linear growth doubles it.
+  make = {"LayerNorm": lambda: LayerNorm(64, rngs=nnx.Rngs(0)),
+          "RMSNorm": lambda: RMSNorm(64, rngs=nnx.Rngs(0)),
+          "BatchNorm": lambda: BatchNorm(64, rngs=nnx.Rngs(0)),
+          "GroupNorm": lambda: GroupNorm(64, num_groups=8, rngs=nnx.Rngs(0))}[kind]
+  four, eight = _grad_hlo_lines(make, 4), _grad_hlo_lines(make, 8)
+  assert eight / four < 2.3, (four, eight)
