@@ -56,8 +56,7 @@ def constrain(x: Any, logical_axes: Sequence[str | None], *, mesh: Any = None,
   rules_lib.check_rank((name,), logical_axes, shape)
   if not isinstance(mesh, Mesh):
     # Rules but no devices: still report unknown names, then do nothing.
-    sizes = {a: 1 for a in rules.mesh_axis_names}
-    rules_lib.report_problems([((name,), rules.resolve_detailed(logical_axes, shape, sizes))],
+    rules_lib.report_problems([((name,), rules.resolve_detailed(logical_axes, shape, None))],
                               rules)
     return x
   spec = rules.resolve(logical_axes, shape, mesh, path=(name,))

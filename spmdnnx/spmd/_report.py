@@ -206,7 +206,7 @@ def sharding_report(model_or_state: Any, mesh: Any = None, rules: Any = None, *,
   mesh_shape: dict[str, int] = {}
   specs = {}
   if planned:
-    mesh, rules = context_lib.resolve_args(mesh, rules, what="sharding_report")
+    mesh, rules = context_lib.mesh_and_rules(mesh, rules, what="sharding_report")
     mesh_shape = mesh_axes_lib.axis_sizes(mesh)
     found = resolve_lib.leaf_specs([p for p, *_ in planned], [l for _, l, *_ in planned],
                                    rules, mesh_shape)
@@ -258,4 +258,6 @@ def _check(report: ShardingReport, strict: float | None, large_bytes: int) -> No
     raise errors.ShardingError(
         f"{report.replicated_param_fraction:.1%} of parameter bytes are fully "
         f"replicated, more than the allowed {strict:.1%}: {errors.format_paths(listed)}. "
-        "Annotate these parameters or change the axis rules so they are sharded.")
+        "Annotate these parameters or change the axis rules so they are sharded.",
+        paths=[r.path for r in biggest], shapes=[r.shape for r in biggest],
+        axes=[r.logical_axes for r in biggest])
