@@ -271,8 +271,11 @@ def sharding_report(model_or_state: Any, mesh: Any = None, rules: Any = None, *,
   if needs_plan or (items and context_lib.current_context() is not None):
     mesh, rules = context_lib.mesh_and_rules(mesh, rules, what="sharding_report")
     mesh_shape = mesh_axes_lib.axis_sizes(mesh)
-    found = resolve_lib.leaf_specs([p for p, *_ in items], [l for _, l, *_ in items],
-                                   rules, mesh_shape)
+    with warnings.catch_warnings():
+      if not needs_plan:  # the plan is only compared, not shown: sharded_init already warned
+        warnings.simplefilter("ignore", errors.ShardingWarning)
+      found = resolve_lib.leaf_specs([p for p, *_ in items], [l for _, l, *_ in items],
+                                     rules, mesh_shape)
     plans = [tuple(s) for s in found]
   rows = []
   for (path, leaf, value, actual), plan in zip(items, plans):

@@ -92,3 +92,17 @@ def test_explicit_mesh_and_rules_plan_every_row(mesh):
   report = sharding_report(Net(Rngs(0)), mesh, "fsdp_tp")
   w = {r.path: r for r in report.rows}["w"]
   assert w.source == "rules" and w.spec == ("fsdp", "tensor") and not w.differs
+
+
+class Odd(Module):
+
+  def __init__(self, rngs):
+    self.w = Param(jnp.ones((6, 32)), logical_axes=("embed", "mlp"))
+
+
+def test_comparing_a_sharded_model_does_not_repeat_init_warnings(mesh):
+  with use_sharding(mesh, "fsdp_tp"):
+    with pytest.warns(errors.ShardingWarning, match=r"w dim 0 \('embed', size 6"):
+      model = sharded_init(lambda: Odd(Rngs(0)))
+    report = sharding_report(model)  # no second warning (warnings are errors here)
+  assert not report.misplaced and report.rows[0].spec == (None, "tensor")
