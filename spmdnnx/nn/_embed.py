@@ -35,6 +35,7 @@ from spmdnnx.nn import _common
 from spmdnnx.nn import initializers
 from spmdnnx._rngs import Rngs
 from spmdnnx.spmd._constrain import layout_activation
+from spmdnnx.spmd._context import current_context
 
 DEFAULT_EMBEDDING_AXES = ("vocab", "embed")
 #: The table's layout while it is looked up (activation names, see module doc).
@@ -84,7 +85,7 @@ class Embed(Module):
     table = self.embedding.value
     if self.dtype is not None:
       table = table.astype(self.dtype)
-    if self.activation_axes is None:
+    if self.activation_axes is None or current_context() is None:
       return jnp.take(table, inputs, axis=0)
     table = layout_activation(table, LOOKUP_TABLE_AXES)
     out = jnp.take(table, inputs, axis=0)
