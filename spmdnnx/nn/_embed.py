@@ -34,7 +34,7 @@ from spmdnnx._module import Module
 from spmdnnx.nn import _common
 from spmdnnx.nn import initializers
 from spmdnnx._rngs import Rngs
-from spmdnnx.spmd._constrain import layout_activation
+from spmdnnx.spmd._constrain import constrain, layout_activation
 from spmdnnx.spmd._context import current_context
 
 DEFAULT_EMBEDDING_AXES = ("vocab", "embed")
@@ -89,6 +89,8 @@ class Embed(Module):
       return jnp.take(table, inputs, axis=0)
     table = layout_activation(table, LOOKUP_TABLE_AXES)
     out = jnp.take(table, inputs, axis=0)
+    if isinstance(self.activation_axes, tuple):  # the user's names: checked like constrain
+      return constrain(out, self.activation_axes, name=_common.layer_name(self))
     return layout_activation(out, _common.output_axes(
         self.activation_axes, out.ndim, "activation_embed"))
 

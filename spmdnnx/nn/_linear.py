@@ -12,7 +12,8 @@ kernel output axis (``mlp`` -> ``activation_mlp``, ``embed`` ->
 ``activation_embed``, ``heads``, ``kv``, ``kv_heads``, ``vocab`` likewise).
 Unannotated kernels, other ranks, or rules without those names: no
 constraint. ``activation_axes=None`` switches it off; a tuple of names
-replaces it (also for `Einsum`, which has no default).
+replaces it (also for `Einsum`, which has no default) and is checked like
+`spmdnnx.spmd.constrain`: a wrong rank or a name without a rule raises.
 
 >>> import jax.numpy as jnp
 >>> from spmdnnx._rngs import Rngs
@@ -36,7 +37,7 @@ from spmdnnx._module import Module
 from spmdnnx.nn import _common
 from spmdnnx.nn import initializers
 from spmdnnx._rngs import Rngs
-from spmdnnx.spmd._constrain import layout_activation
+from spmdnnx.spmd._constrain import constrain, layout_activation
 from spmdnnx.spmd._context import current_context
 
 _DEFAULT_KERNEL_INIT = initializers.default_kernel_init()
@@ -287,7 +288,7 @@ class Einsum(Module):
         shape[offset + i] = bias.shape[j]
       y = y + bias.reshape(shape)
     if isinstance(self.activation_axes, tuple):
-      y = layout_activation(y, self.activation_axes)
+      y = constrain(y, self.activation_axes, name=_common.layer_name(self))
     return y
 
 
@@ -296,8 +297,8 @@ def _layout_output(layer: Any, y: jax.Array, n_out: int) -> jax.Array:
   setting = layer.activation_axes
   if setting is None or current_context() is None:
     return y
-  if isinstance(setting, tuple):
-    return layout_activation(y, setting)
+  if isinstance(setting, tuple):  # the user's names: checked like spmdnnx.spmd.constrain
+    return constrain(y, setting, name=_common.layer_name(layer))
   kernel_axes = layer.kernel.logical_axes
   features = _common.activation_names(None if kernel_axes is None else kernel_axes[-n_out:])
   if features is None:

@@ -173,6 +173,20 @@ def test_layers_inside_shard_map_are_not_constrained():
   np.testing.assert_allclose(y, lin(jnp.ones((B, E))), rtol=1e-6)
 
 
+def test_user_given_names_are_checked():
+  mesh = make_mesh(MeshConfig(fsdp=4, tensor=2))
+  lin = Linear(E, 8, activation_axes=("activation_batch",), rngs=Rngs(0))
+  emb = Embed(V, E, activation_axes=("activation_batch", "hidden", None), rngs=Rngs(0))
+  with use_sharding(mesh, "fsdp_tp"):
+    with pytest.raises(errors.MetadataError, match=r"Linear: logical_axes \('activation_batch',\) "
+                                                   r"has 1 entries but the array has shape "
+                                                   r"\(8, 8\)"):
+      lin(jnp.ones((B, E)))
+    with pytest.raises(errors.AxisRulesError, match=r"No axis rule for logical name\(s\) "
+                                                    r"\['hidden'\]; used by: Embed"):
+      emb(jnp.zeros((B, L), jnp.int32))
+
+
 @pytest.mark.parametrize("layer, match", [
     (lambda: Linear(2, 2, activation_axes="batch", rngs=Rngs(0)),
      r"Linear: activation_axes must be 'default', None \(no output constraint\) or a tuple of "
