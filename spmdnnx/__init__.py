@@ -86,7 +86,7 @@ from spmdnnx._transforms import while_loop as while_loop
 
 # SPMD: rules, mesh, sharded state
 from spmdnnx.spmd import AxisRules as AxisRules
-from spmdnnx.spmd import _constrain as constrain
+from spmdnnx.spmd import constrain as constrain
 from spmdnnx.spmd import current_context as current_context
 from spmdnnx.spmd import get_named_sharding as get_named_sharding
 from spmdnnx.spmd import get_partition_spec as get_partition_spec

@@ -8,6 +8,12 @@ q/k/v ``("embed", "heads", "kv")``, output ``("heads", "kv", "embed")``.
 With ``decode=True`` the layer attends one new token per call to keys and
 values cached in `Cache` Variables made by `MultiHeadAttention.init_cache`.
 
+Under `use_sharding` the projections constrain their outputs by activation
+names (see `spmdnnx.nn.Linear`): q/k/v and the attention result to
+``("activation_batch", "activation_length", "activation_heads",
+"activation_head_dim")``, the output to ``(..., "activation_embed")``.
+``activation_axes=None`` switches this off.
+
 >>> import jax.numpy as jnp
 >>> from spmdnnx._rngs import Rngs
 >>> mha = MultiHeadAttention(num_heads=2, in_features=8, rngs=Rngs(0))
@@ -35,6 +41,7 @@ from spmdnnx.nn._dropout import draw_key, own_stream
 from spmdnnx.nn._linear import LinearGeneral
 from spmdnnx.nn._normalization import LayerNorm
 from spmdnnx._rngs import Rngs
+from spmdnnx.spmd._constrain import layout_activation
 from spmdnnx._variables import Cache, Intermediate
 
 QKV_KERNEL_AXES = ("embed", "heads", "kv")
@@ -178,6 +185,8 @@ class MultiHeadAttention(Module):
     normalize_qk: LayerNorm (scale only) on queries and keys per head.
     qkv_kernel_axes, out_kernel_axes: logical axes of the projection kernels
       (defaults ``("embed", "heads", "kv")`` and ``("heads", "kv", "embed")``).
+    activation_axes: ``"default"`` (constrain projections and the attention
+      result by activation names under `use_sharding`) or None (do not).
     rngs: random streams (params; a forked 'dropout' stream is kept when
       dropout_rate > 0 and keep_rngs).
 
@@ -196,7 +205,8 @@ class MultiHeadAttention(Module):
                out_bias_init: Callable | None = None, use_bias: bool = True,
                attention_fn: Callable = dot_product_attention, decode: bool | None = None,
                normalize_qk: bool = False, qkv_kernel_axes: Any = None,
-               out_kernel_axes: Any = None, keep_rngs: bool = True, rngs: Rngs):
+               out_kernel_axes: Any = None, keep_rngs: bool = True,
+               activation_axes: Any = "default", rngs: Rngs):
     qkv_features = in_features if qkv_features is None else qkv_features
     out_features = in_features if out_features is None else out_features
     in_kv_features = in_features if in_kv_features is None else in_kv_features
@@ -208,20 +218,27 @@ class MultiHeadAttention(Module):
           f"MultiHeadAttention: qkv_features ({qkv_features}) must be divisible by "
           f"num_heads ({num_heads}); each head gets qkv_features // num_heads features.")
     head_dim = qkv_features // num_heads
+    if activation_axes is not None and activation_axes != "default":
+      raise errors.ConfigError(
+          f"MultiHeadAttention: activation_axes must be 'default' or None (no "
+          f"constraints), got {activation_axes!r}; for another layout pass None and "
+          "constrain with spmdnnx.spmd.constrain (e.g. in your attention_fn).",
+          axes=activation_axes)
     _common.set_attrs(
         self, num_heads=num_heads, in_features=in_features, qkv_features=qkv_features,
         out_features=out_features, in_kv_features=in_kv_features, head_dim=head_dim,
         dtype=dtype, param_dtype=param_dtype, broadcast_dropout=broadcast_dropout,
         dropout_rate=dropout_rate, deterministic=deterministic, precision=precision,
         attention_fn=attention_fn, decode=decode, normalize_qk=normalize_qk,
-        query_ln=None, key_ln=None,
+        query_ln=None, key_ln=None, activation_axes=activation_axes,
         rngs=own_stream(rngs, "dropout") if keep_rngs and dropout_rate > 0 else None)
     qkv_axes = qkv_kernel_axes if qkv_kernel_axes is not None else (
         None if _has_axes(kernel_init) else QKV_KERNEL_AXES)
     proj = functools.partial(
         LinearGeneral, out_features=(num_heads, head_dim), use_bias=use_bias,
         dtype=dtype, param_dtype=param_dtype, precision=precision,
-        kernel_init=kernel_init, bias_init=bias_init, kernel_axes=qkv_axes, rngs=rngs)
+        kernel_init=kernel_init, bias_init=bias_init, kernel_axes=qkv_axes,
+        activation_axes=activation_axes, rngs=rngs)
     self.query = proj(in_features)
     self.key = proj(in_kv_features)
     self.value = proj(in_kv_features)
@@ -231,7 +248,8 @@ class MultiHeadAttention(Module):
     self.out = LinearGeneral(
         (num_heads, head_dim), out_features, axis=(-2, -1), use_bias=use_bias,
         dtype=dtype, param_dtype=param_dtype, precision=precision, kernel_init=out_init,
-        bias_init=_first(out_bias_init, bias_init), kernel_axes=out_axes, rngs=rngs)
+        bias_init=_first(out_bias_init, bias_init), kernel_axes=out_axes,
+        activation_axes=activation_axes, rngs=rngs)
     if normalize_qk:
       ln = functools.partial(LayerNorm, head_dim, use_bias=False, dtype=dtype,
                              param_dtype=param_dtype, scale_axes=("kv",), rngs=rngs)
@@ -315,4 +333,7 @@ class MultiHeadAttention(Module):
         dropout_rate=self.dropout_rate, broadcast_dropout=self.broadcast_dropout,
         deterministic=deterministic, dtype=self.dtype, precision=self.precision,
         module=self if sow_weights else None)
+    if self.activation_axes is not None and x.ndim == 4:
+      x = layout_activation(x, ("activation_batch", "activation_length", "activation_heads",
+                                "activation_head_dim"))
     return self.out(x)

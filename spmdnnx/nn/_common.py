@@ -124,3 +124,53 @@ def set_attrs(obj: Any, **attrs: Any) -> None:
   """Sets several (configuration) attributes of a Module at once."""
   for name, value in attrs.items():
     setattr(obj, name, value)
+
+
+#: Activation names of the leading dimensions of a layer output, by its rank
+#: (feature dimensions excluded): batch, then sequence length.
+_LEADING = {0: (), 1: ("activation_batch",), 2: ("activation_batch", "activation_length")}
+
+#: The activation name of an output dimension whose parameter axis is named so.
+ACTIVATION_OF = {"embed": "activation_embed", "mlp": "activation_mlp",
+                 "heads": "activation_heads", "kv_heads": "activation_kv_heads",
+                 "kv": "activation_head_dim", "vocab": "activation_vocab"}
+
+
+def check_activation_axes(owner: str, axes: Any) -> Any:
+  """Validates a layer's ``activation_axes`` argument ("default", None or names).
+
+  Raises:
+    ConfigError: for anything else.
+  """
+  if axes is None or (isinstance(axes, str) and axes == "default"):
+    return axes
+  if isinstance(axes, str) or not isinstance(axes, Sequence) or not all(
+      a is None or isinstance(a, str) for a in axes):
+    raise errors.ConfigError(
+        f"{owner}: activation_axes must be 'default', None (no output constraint) or a "
+        f"tuple of logical names (or None) per output dimension, got {axes!r}.",
+        axes=axes)
+  return tuple(axes)
+
+
+def output_axes(setting: Any, ndim: int, *features: str | None) -> tuple | None:
+  """The logical names a layer output of rank ``ndim`` is constrained to.
+
+  ``setting`` is the layer's ``activation_axes``: a tuple is used as given;
+  ``"default"`` puts batch/length names on the leading dimensions before the
+  ``features`` names, when the rank fits (else None: no constraint).
+  """
+  if setting is None or not isinstance(setting, str):
+    return setting
+  if any(f is None for f in features):
+    return None
+  leading = _LEADING.get(ndim - len(features))
+  return None if leading is None else leading + tuple(features)
+
+
+def activation_names(param_axes: Sequence[str | None] | None) -> tuple | None:
+  """Activation names for output dims annotated ``param_axes`` (None if any is unknown)."""
+  if param_axes is None:
+    return None
+  names = tuple(ACTIVATION_OF.get(a) for a in param_axes)
+  return None if any(n is None for n in names) else names

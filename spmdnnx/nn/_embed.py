@@ -4,6 +4,15 @@ The table's dimensions have a fixed role, so it is annotated by default with
 logical axes ``("vocab", "embed")``. `Embed.attend` reuses the table as the
 output projection (tied embeddings).
 
+Under `use_sharding`, the lookup is laid out by activation names: the table
+is first constrained to ``("activation_vocab", "activation_embed")`` (with the
+shipped presets: its FSDP split gathered, a tensor split over the vocabulary
+kept), so XLA partitions the gather by the ids' batch instead of fighting the
+table's parameter layout, and the output is constrained to
+``("activation_batch", "activation_length", "activation_embed")`` (for ids of
+rank 2; ``("activation_batch", "activation_embed")`` for rank 1). Pass
+``activation_axes=None`` to switch this off, or other output names.
+
 >>> import jax.numpy as jnp
 >>> from spmdnnx._rngs import Rngs
 >>> emb = Embed(10, 4, rngs=Rngs(0))
@@ -25,8 +34,12 @@ from spmdnnx._module import Module
 from spmdnnx.nn import _common
 from spmdnnx.nn import initializers
 from spmdnnx._rngs import Rngs
+from spmdnnx.spmd._constrain import constrain, layout_activation
+from spmdnnx.spmd._context import current_context
 
 DEFAULT_EMBEDDING_AXES = ("vocab", "embed")
+#: The table's layout while it is looked up (activation names, see module doc).
+LOOKUP_TABLE_AXES = ("activation_vocab", "activation_embed")
 
 
 class Embed(Module):
@@ -40,6 +53,9 @@ class Embed(Module):
     embedding_init: table initializer (may carry `with_partitioning` axes).
     embedding_axes: logical axes of the table; default ``("vocab", "embed")``.
       Pass ``(None, None)`` for an unannotated table.
+    activation_axes: logical names the output is constrained to under
+      `use_sharding`: ``"default"`` (by the ids' rank, see the module doc),
+      a tuple (one name per output dimension), or None for no constraints.
     rngs: random streams.
 
   Raises:
@@ -49,10 +65,12 @@ class Embed(Module):
   def __init__(self, num_embeddings: int, features: int, *, dtype: Any = None,
                param_dtype: Any = jnp.float32,
                embedding_init: Callable = initializers.default_embed_init(),
-               embedding_axes: Sequence[str | None] | None = None, rngs: Rngs):
+               embedding_axes: Sequence[str | None] | None = None,
+               activation_axes: Any = "default", rngs: Rngs):
     _common.check_positive("Embed", num_embeddings=num_embeddings, features=features)
     _common.set_attrs(self, num_embeddings=num_embeddings, features=features,
-                      dtype=dtype, param_dtype=param_dtype)
+                      dtype=dtype, param_dtype=param_dtype,
+                      activation_axes=_common.check_activation_axes("Embed", activation_axes))
     self.embedding = _common.make_param(
         "Embed", "embedding", embedding_init, rngs.params(), (num_embeddings, features),
         param_dtype, embedding_axes, DEFAULT_EMBEDDING_AXES)
@@ -67,7 +85,14 @@ class Embed(Module):
     table = self.embedding.value
     if self.dtype is not None:
       table = table.astype(self.dtype)
-    return jnp.take(table, inputs, axis=0)
+    if self.activation_axes is None or current_context() is None:
+      return jnp.take(table, inputs, axis=0)
+    table = layout_activation(table, LOOKUP_TABLE_AXES)
+    out = jnp.take(table, inputs, axis=0)
+    if isinstance(self.activation_axes, tuple):  # the user's names: checked like constrain
+      return constrain(out, self.activation_axes, name=_common.layer_name(self))
+    return layout_activation(out, _common.output_axes(
+        self.activation_axes, out.ndim, "activation_embed"))
 
   def attend(self, query: jax.Array) -> jax.Array:
     """Scores ``query`` (``(..., features)``) against every embedding: ``query @ table.T``."""

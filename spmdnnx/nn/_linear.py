@@ -5,6 +5,16 @@ names the axes (``kernel_axes=("embed", "mlp")``, or Flax's
 ``kernel_init=nnx.with_partitioning(init, ("embed", "mlp"))``). The bias takes
 the kernel's output axis names by default.
 
+Under `use_sharding`, `Linear` and `LinearGeneral` constrain their output by
+activation names: the leading dimensions ``activation_batch`` (and
+``activation_length`` for rank-3 outputs), then the activation name of each
+kernel output axis (``mlp`` -> ``activation_mlp``, ``embed`` ->
+``activation_embed``, ``heads``, ``kv``, ``kv_heads``, ``vocab`` likewise).
+Unannotated kernels, other ranks, or rules without those names: no
+constraint. ``activation_axes=None`` switches it off; a tuple of names
+replaces it (also for `Einsum`, which has no default) and is checked like
+`spmdnnx.spmd.constrain`: a wrong rank or a name without a rule raises.
+
 >>> import jax.numpy as jnp
 >>> from spmdnnx._rngs import Rngs
 >>> layer = Linear(3, 4, kernel_axes=("embed", "mlp"), rngs=Rngs(0))
@@ -27,6 +37,8 @@ from spmdnnx._module import Module
 from spmdnnx.nn import _common
 from spmdnnx.nn import initializers
 from spmdnnx._rngs import Rngs
+from spmdnnx.spmd._constrain import constrain, layout_activation
+from spmdnnx.spmd._context import current_context
 
 _DEFAULT_KERNEL_INIT = initializers.default_kernel_init()
 
@@ -50,6 +62,8 @@ class Linear(Module):
     kernel_init, bias_init: initializers (may carry `with_partitioning` axes).
     kernel_axes: logical axes of the (in, out) kernel; default unannotated.
     bias_axes: logical axes of the bias; default the kernel's output axis.
+    activation_axes: output layout under `use_sharding`: ``"default"`` (see
+      the module doc), a tuple of logical names, or None (no constraint).
     rngs: random streams; the kernel is drawn from ``rngs.params()``.
 
   Raises:
@@ -63,11 +77,13 @@ class Linear(Module):
                bias_init: Callable = initializers.zeros,
                dot_general: Callable = lax.dot_general,
                kernel_axes: Sequence[str | None] | None = None,
-               bias_axes: Sequence[str | None] | None = None, rngs: Rngs):
+               bias_axes: Sequence[str | None] | None = None,
+               activation_axes: Any = "default", rngs: Rngs):
     _common.check_positive("Linear", in_features=in_features, out_features=out_features)
     _common.set_attrs(self, in_features=in_features, out_features=out_features,
                       use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                      precision=precision, dot_general=dot_general)
+                      precision=precision, dot_general=dot_general,
+                      activation_axes=_common.check_activation_axes("Linear", activation_axes))
     self.kernel = _common.make_param(
         "Linear", "kernel", kernel_init, rngs.params(), (in_features, out_features),
         param_dtype, kernel_axes)
@@ -85,7 +101,7 @@ class Linear(Module):
                          precision=self.precision)
     if bias is not None:
       y = y + bias
-    return y
+    return _layout_output(self, y, 1)
 
 
 def _as_tuple(owner: str, name: str, value: Any) -> tuple:
@@ -104,6 +120,7 @@ class LinearGeneral(Module):
     use_bias, dtype, param_dtype, precision, kernel_init, bias_init: as `Linear`.
     kernel_axes: logical axes of the ``in_features + out_features`` kernel.
     bias_axes: logical axes of the bias (default: the kernel's output axes).
+    activation_axes: output layout under `use_sharding`, as `Linear`.
     rngs: random streams.
 
   The initializer sees the kernel flattened to ``(prod(in), prod(out))`` so
@@ -122,7 +139,8 @@ class LinearGeneral(Module):
                bias_init: Callable = initializers.zeros,
                dot_general: Callable = lax.dot_general,
                kernel_axes: Sequence[str | None] | None = None,
-               bias_axes: Sequence[str | None] | None = None, rngs: Rngs):
+               bias_axes: Sequence[str | None] | None = None,
+               activation_axes: Any = "default", rngs: Rngs):
     name = "LinearGeneral"
     self.in_features = _as_tuple(name, "in_features", in_features)
     self.out_features = _as_tuple(name, "out_features", out_features)
@@ -133,7 +151,8 @@ class LinearGeneral(Module):
           f"in_features {self.in_features} has {len(self.in_features)}; give one "
           "contracted axis per in_features entry.")
     _common.set_attrs(self, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                      precision=precision, dot_general=dot_general)
+                      precision=precision, dot_general=dot_general,
+                      activation_axes=_common.check_activation_axes(name, activation_axes))
     shape = self.in_features + self.out_features
     flat = (math.prod(self.in_features), math.prod(self.out_features))
 
@@ -164,7 +183,7 @@ class LinearGeneral(Module):
                          precision=self.precision)
     if bias is not None:
       y = y + bias
-    return y
+    return _layout_output(self, y, len(self.out_features))
 
 
 _OPERAND = re.compile(r"^[a-zA-Z]*(\.\.\.)?[a-zA-Z]*$")
@@ -181,6 +200,8 @@ class Einsum(Module):
     dtype, param_dtype, precision, kernel_init, bias_init: as `Linear`.
     kernel_axes, bias_axes: logical axes (default: unannotated, and the bias
       takes the kernel axes of its letters).
+    activation_axes: a tuple of logical names to constrain the output to under
+      `use_sharding`; the default (``"default"`` or None) adds no constraint.
     rngs: random streams.
 
   Raises:
@@ -198,7 +219,8 @@ class Einsum(Module):
                kernel_init: Callable = _DEFAULT_KERNEL_INIT,
                bias_init: Callable = initializers.zeros,
                kernel_axes: Sequence[str | None] | None = None,
-               bias_axes: Sequence[str | None] | None = None, rngs: Rngs):
+               bias_axes: Sequence[str | None] | None = None,
+               activation_axes: Any = "default", rngs: Rngs):
     self.einsum_str = einsum_str.replace(" ", "")
     lhs, kernel_letters, out = self._parse(self.einsum_str)
     kernel_shape = tuple(kernel_shape)
@@ -210,7 +232,8 @@ class Einsum(Module):
     _common.check_positive("Einsum", **{f"kernel_shape[{i}]": s
                                         for i, s in enumerate(kernel_shape)})
     _common.set_attrs(self, dtype=dtype, param_dtype=param_dtype, precision=precision,
-                      kernel_shape=kernel_shape, bias_shape=None)
+                      kernel_shape=kernel_shape, bias_shape=None,
+                      activation_axes=_common.check_activation_axes("Einsum", activation_axes))
     self.kernel = _common.make_param(
         "Einsum", "kernel", kernel_init, rngs.params(), kernel_shape, param_dtype,
         kernel_axes)
@@ -264,4 +287,20 @@ class Einsum(Module):
       for j, i in enumerate(own):
         shape[offset + i] = bias.shape[j]
       y = y + bias.reshape(shape)
+    if isinstance(self.activation_axes, tuple):
+      y = constrain(y, self.activation_axes, name=_common.layer_name(self))
     return y
+
+
+def _layout_output(layer: Any, y: jax.Array, n_out: int) -> jax.Array:
+  """Constrains a dense layer's output by activation names (see the module doc)."""
+  setting = layer.activation_axes
+  if setting is None or current_context() is None:
+    return y
+  if isinstance(setting, tuple):  # the user's names: checked like spmdnnx.spmd.constrain
+    return constrain(y, setting, name=_common.layer_name(layer))
+  kernel_axes = layer.kernel.logical_axes
+  features = _common.activation_names(None if kernel_axes is None else kernel_axes[-n_out:])
+  if features is None:
+    return y
+  return layout_activation(y, _common.output_axes(setting, y.ndim, *features))

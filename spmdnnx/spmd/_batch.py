@@ -66,7 +66,7 @@ def shard_batch(batch: Any, mesh: Any = None, rules: Any = None,
   Warns:
     ShardingWarning: if a leaf's batch size is not divisible (replicated).
   """
-  mesh, rules = context_lib.resolve_args(mesh, rules, what="shard_batch")
+  mesh, rules = context_lib.mesh_and_rules(mesh, rules, what="shard_batch")
   shardings, leaves, treedef = _shardings(batch, np.shape, mesh, rules, axes)
   out = []
   for leaf, sharding in zip(leaves, shardings):
@@ -100,7 +100,7 @@ def global_batch_from_local(local: Any, mesh: Any = None, rules: Any = None,
     ShardingError: if no mesh or rules are given or active.
     AxisRulesError: if a name in ``axes`` has no rule.
   """
-  mesh, rules = context_lib.resolve_args(mesh, rules, what="global_batch_from_local")
+  mesh, rules = context_lib.mesh_and_rules(mesh, rules, what="global_batch_from_local")
   procs = jax.process_count()
 
   def global_shape(leaf):

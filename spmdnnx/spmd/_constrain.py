@@ -5,9 +5,16 @@ ambient rules and mesh and applies `jax.lax.with_sharding_constraint`. It is
 meant for activations inside a jitted function; outside any `use_sharding`
 block it returns ``x`` unchanged, so layers can call it unconditionally.
 
+Layers call `layout_activation` instead: the same constraint where the rules
+can express it, and silently nothing where they cannot (no context, rules
+without those names, a shard_map body), so a layer's default output layout
+never raises or warns.
+
 >>> import jax.numpy as jnp
 >>> x = jnp.ones((8, 4))
 >>> constrain(x, ("batch", "embed")) is x   # no active context: a no-op
+True
+>>> layout_activation(x, ("activation_batch", "activation_embed")) is x
 True
 """
 
@@ -16,7 +23,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import jax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from spmdnnx.spmd import _context as context_lib
 from spmdnnx.spmd import _rules as rules_lib
@@ -56,9 +63,46 @@ def constrain(x: Any, logical_axes: Sequence[str | None], *, mesh: Any = None,
   rules_lib.check_rank((name,), logical_axes, shape)
   if not isinstance(mesh, Mesh):
     # Rules but no devices: still report unknown names, then do nothing.
-    sizes = {a: 1 for a in rules.mesh_axis_names}
-    rules_lib.report_problems([((name,), rules.resolve_detailed(logical_axes, shape, sizes))],
+    rules_lib.report_problems([((name,), rules.resolve_detailed(logical_axes, shape, None))],
                               rules)
     return x
   spec = rules.resolve(logical_axes, shape, mesh, path=(name,))
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def layout_activation(x: Any, logical_axes: Sequence[str | None] | None) -> Any:
+  """Constrains a layer's output by logical names when the ambient rules can.
+
+  Unlike `constrain` this never raises or warns: it returns ``x`` unchanged
+  when no `use_sharding` context with a concrete, all-`Auto` Mesh is active,
+  inside a `shard_map` body, when ``logical_axes`` is None or does not match
+  ``x``'s rank, or when the rules do not mention every name. A dimension no
+  rule can divide is left unconstrained (XLA chooses) instead of replicated.
+
+  Args:
+    x: the layer output (usually traced).
+    logical_axes: one logical name (or None) per dimension, or None.
+
+  Returns:
+    ``x``, constrained where possible.
+  """
+  ctx = context_lib.current_context()
+  if ctx is None or logical_axes is None or not isinstance(ctx.mesh, Mesh):
+    return x
+  logical_axes = tuple(logical_axes)
+  shape = tuple(getattr(x, "shape", ()))
+  if len(logical_axes) != len(shape) or any(
+      n is not None and n not in ctx.rules for n in logical_axes):
+    return x
+  if any(t != AxisType.Auto for t in ctx.mesh.axis_types):
+    return x
+  ambient = jax.sharding.get_abstract_mesh()
+  if not ambient.empty and ambient.manual_axes:
+    return x  # inside shard_map: the mesh axes are manual here
+  res = ctx.rules.resolve_detailed(logical_axes, shape, ctx.mesh)
+  if res.missing:
+    return x
+  undivided = {dim for dim, *_ in res.undivided}
+  spec = PartitionSpec(*(PartitionSpec.UNCONSTRAINED if i in undivided else e
+                         for i, e in enumerate(res.spec)))
+  return jax.lax.with_sharding_constraint(x, NamedSharding(ctx.mesh, spec))

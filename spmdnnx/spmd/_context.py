@@ -79,9 +79,17 @@ def use_sharding(mesh: Any, rules: Any) -> Iterator[ShardingContext]:
     _STACK.items.pop()
 
 
-def resolve_args(mesh: Any = None, rules: Any = None, *, need_mesh: bool = True,
+def mesh_and_rules(mesh: Any = None, rules: Any = None, *, need_mesh: bool = True,
                  what: str = "this call") -> tuple[Any, rules_lib.AxisRules]:
-  """Explicit arguments, else the ambient context; raises if one is missing.
+  """The mesh and rules a call uses: its explicit arguments, else the ambient context's.
+
+  Args:
+    mesh, rules: what the caller passed (None: take the context's).
+    need_mesh: whether a mesh is required (rules always are).
+    what: the caller's name, for the message.
+
+  Returns:
+    ``(mesh, rules)`` with rules coerced to `AxisRules`.
 
   Raises:
     ShardingError: when neither the arguments nor the context provide them.
@@ -96,5 +104,6 @@ def resolve_args(mesh: Any = None, rules: Any = None, *, need_mesh: bool = True,
                            if v is None)
     raise errors.ShardingError(
         f"{what} needs {lacking}: pass them as arguments or run inside "
-        "`with spmdnnx.use_sharding(mesh, rules):`.")
+        "`with spmdnnx.use_sharding(mesh, rules):`.", missing=lacking.split(" and "),
+        what=what)
   return mesh, rules_lib.as_rules(rules)

@@ -61,7 +61,9 @@ class InitPlan:
                rules: Any, chunk_fraction: float | None = None):
     if chunk_fraction is not None and not 0 < chunk_fraction <= 1:
       raise errors.ConfigError(
-          f"sharded_init: chunk_fraction must be in (0, 1], got {chunk_fraction!r}.")
+          f"sharded_init: chunk_fraction must be in (0, 1], got {chunk_fraction!r}; "
+          "pass e.g. 0.1 (each program builds at most a tenth of a device's share) or "
+          "None for one program.", value=chunk_fraction)
     self._fn = fn
     self._args = args
     self._kwargs = kwargs
@@ -149,7 +151,7 @@ def plan_init(fn: Callable[..., Any], *args: Any, mesh: Any = None, rules: Any =
     ShardingError: if no mesh or rules are given or active.
     ConfigError: if chunk_fraction is not in (0, 1].
   """
-  mesh, rules = context_lib.resolve_args(mesh, rules, what="sharded_init")
+  mesh, rules = context_lib.mesh_and_rules(mesh, rules, what="sharded_init")
   return InitPlan(fn, args, kwargs, mesh, rules, chunk_fraction)
 
 

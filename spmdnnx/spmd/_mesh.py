@@ -18,6 +18,7 @@ devices.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Mapping, Sequence
 
@@ -40,18 +41,21 @@ def _check_level(level: str, degrees: Mapping[str, Any] | None) -> tuple[int, ..
   if unknown:
     raise errors.MeshError(
         f"MeshConfig {level}: unknown parallelism axis {errors.format_paths(map(repr, unknown))}; "
-        f"valid axes are {', '.join(AXES)}.")
+        f"valid axes are {', '.join(AXES)}.", axes=unknown, level=level)
   bad = [f"{k}={v!r}" for k, v in degrees.items()
          if isinstance(v, bool) or not isinstance(v, int) or (v < 1 and v != -1)]
   if bad:
     raise errors.MeshError(
         f"MeshConfig {level}: invalid degree {errors.format_paths(bad)}; each "
-        "degree is a positive int, or -1 to fill the remainder.")
+        "degree is a positive int, or -1 to fill the remainder.",
+        axes=[k for k, v in degrees.items()
+              if isinstance(v, bool) or not isinstance(v, int) or (v < 1 and v != -1)],
+        level=level)
   fill = [k for k, v in degrees.items() if v == -1]
   if len(fill) > 1:
     raise errors.MeshError(
         f"MeshConfig {level}: {' and '.join(map(repr, fill))} are both -1; at most "
-        "one axis per level may fill the remainder.")
+        "one axis per level may fill the remainder.", axes=fill, level=level)
   return tuple(degrees.get(a, 1) for a in AXES)
 
 
@@ -70,7 +74,8 @@ def _fill(level: str, degrees: tuple[int, ...], count: int, unit: str) -> tuple[
           f"({_fmt([1 if d == -1 else d for d in degrees])}), "
           f"which does not divide the {count} {unit}, so {axis}=-1 cannot fill the "
           "remainder. Change the fixed degrees so their product divides "
-          f"{count}.")
+          f"{count}.", axes=[axis], mesh=dict(zip(AXES, degrees)), level=level,
+          product=fixed, count=count)
     return tuple(count // fixed if d == -1 else d for d in degrees)
   if fixed != count:
     offenders = [f"{a}={d}" for a, d in zip(AXES, degrees) if count % d]
@@ -79,12 +84,17 @@ def _fill(level: str, degrees: tuple[int, ...], count: int, unit: str) -> tuple[
         f"MeshConfig {level}: degrees multiply to {fixed} ({_fmt(degrees)}) but there "
         f"are {count} {unit}; offending axis: {', '.join(offenders) or 'none'}. "
         "Make the product equal the count, or set one axis to -1 to fill the "
-        "remainder.")
+        "remainder.", axes=[o.split("=")[0] for o in offenders],
+        mesh=dict(zip(AXES, degrees)), level=level, product=fixed, count=count)
   return degrees
 
 
 class MeshConfig:
   """Named parallelism degrees for a device mesh.
+
+  Validated when created and frozen after: assigning an attribute raises
+  `dataclasses.FrozenInstanceError`; `replace` returns a new, re-validated
+  config. The hash is computed once.
 
   Args:
     ici: degrees within one slice/process, ``{axis: degree}``.
@@ -98,18 +108,65 @@ class MeshConfig:
 
   >>> MeshConfig(fsdp=-1, tensor=2).mesh_shape(8)
   {'data': 1, 'stage': 1, 'fsdp': 4, 'expert': 1, 'sequence': 1, 'tensor': 2}
+  >>> MeshConfig(fsdp=-1, tensor=2).replace(tensor=4)
+  MeshConfig(fsdp=-1, tensor=4)
   """
 
-  __slots__ = ("ici", "dcn")
+  __slots__ = ("_ici", "_dcn", "_hash")
 
   def __init__(self, *, ici: Mapping[str, int] | None = None,
                dcn: Mapping[str, int] | None = None, **degrees: int):
     if degrees and ici is not None:
       raise errors.MeshError(
           f"MeshConfig: give either ici={{...}} or degrees as keywords "
-          f"({', '.join(degrees)}), not both.")
-    self.ici = _check_level("ici", degrees if ici is None else ici)
-    self.dcn = _check_level("dcn", dcn)
+          f"({', '.join(degrees)}), not both.", axes=list(degrees))
+    ici_t = _check_level("ici", degrees if ici is None else ici)
+    dcn_t = _check_level("dcn", dcn)
+    object.__setattr__(self, "_ici", ici_t)
+    object.__setattr__(self, "_dcn", dcn_t)
+    object.__setattr__(self, "_hash", hash((ici_t, dcn_t)))
+
+  @property
+  def ici(self) -> tuple[int, ...]:
+    """Degrees within one slice, one per axis of `AXES` (-1: fill)."""
+    return self._ici
+
+  @property
+  def dcn(self) -> tuple[int, ...]:
+    """Degrees across slices, one per axis of `AXES` (-1: fill)."""
+    return self._dcn
+
+  def __setattr__(self, attr: str, value: Any) -> None:
+    raise dataclasses.FrozenInstanceError(
+        f"MeshConfig is immutable (cannot set {attr!r}); use config.replace(...) "
+        "for a new, validated MeshConfig.")
+
+  def __delattr__(self, attr: str) -> None:
+    raise dataclasses.FrozenInstanceError(f"MeshConfig is immutable (cannot delete {attr!r}).")
+
+  def __reduce__(self) -> tuple:
+    return (MeshConfig.from_dict, (self.to_dict(),))
+
+  def replace(self, *, ici: Mapping[str, int] | None = None,
+              dcn: Mapping[str, int] | None = None, **degrees: int) -> "MeshConfig":
+    """A new config with some degrees changed, validated like the constructor.
+
+    Args:
+      ici: replaces every ici degree (axes not named become 1).
+      dcn: replaces every dcn degree.
+      **degrees: change single ici degrees, keeping the others.
+
+    Raises:
+      MeshError: as the constructor.
+    """
+    current = self.to_dict()
+    if degrees and ici is not None:
+      raise errors.MeshError(
+          f"MeshConfig.replace: give either ici={{...}} or degrees as keywords "
+          f"({', '.join(degrees)}), not both.", axes=list(degrees))
+    new_ici = dict(current["ici"] if ici is None else ici)
+    new_ici.update(degrees)
+    return MeshConfig(ici=new_ici, dcn=current["dcn"] if dcn is None else dcn)
 
   @property
   def multi_level(self) -> bool:
@@ -132,7 +189,8 @@ class MeshConfig:
     """
     if num_devices < 1 or num_slices < 1 or num_devices % num_slices:
       raise errors.MeshError(
-          f"{num_devices} devices cannot be split evenly into {num_slices} slices.")
+          f"{num_devices} devices cannot be split evenly into {num_slices} slices.",
+          count=num_devices, slices=num_slices)
     if not self.multi_level:
       return _fill("ici", self.ici, num_devices, "devices"), (1,) * len(AXES)
     dcn = _fill("dcn", self.dcn, num_slices, "slices (processes)")
@@ -156,7 +214,8 @@ class MeshConfig:
       extra = set(data) - {"ici", "dcn"}
       if extra:
         raise errors.MeshError(
-            f"MeshConfig.from_dict: unexpected keys {sorted(extra)} next to ici/dcn.")
+            f"MeshConfig.from_dict: unexpected keys {sorted(extra)} next to ici/dcn; "
+            "put per-axis degrees inside ici={...} or dcn={...}.", axes=sorted(extra))
       return cls(ici=data.get("ici", {}), dcn=data.get("dcn", {}))
     return cls(**data)
 
@@ -164,7 +223,7 @@ class MeshConfig:
     return isinstance(other, MeshConfig) and (self.ici, self.dcn) == (other.ici, other.dcn)
 
   def __hash__(self) -> int:
-    return hash((self.ici, self.dcn))
+    return self._hash
 
   def __repr__(self) -> str:
     d = self.to_dict()
@@ -179,7 +238,7 @@ def _axis_types(axis_types: Any) -> tuple[AxisType, ...]:
     if axis_types.lower() not in _AXIS_TYPES:
       raise errors.MeshError(
           f"Unknown axis_types {axis_types!r}; use 'auto', 'explicit' or "
-          "jax.sharding.AxisType values.")
+          "jax.sharding.AxisType values.", axis_types=axis_types)
     return (_AXIS_TYPES[axis_types.lower()],) * len(AXES)
   if isinstance(axis_types, AxisType):
     return (axis_types,) * len(AXES)
@@ -187,7 +246,8 @@ def _axis_types(axis_types: Any) -> tuple[AxisType, ...]:
   if len(axis_types) != len(AXES) or not all(isinstance(t, AxisType) for t in axis_types):
     raise errors.MeshError(
         f"axis_types must be 'auto', 'explicit', one AxisType or {len(AXES)} of "
-        f"them (one per axis in {AXES}); got {axis_types!r}.")
+        f"them (one per axis in {AXES}); got {axis_types!r}.", axis_types=axis_types,
+        axes=AXES)
   return axis_types
 
 
@@ -225,7 +285,9 @@ def make_mesh(config: MeshConfig, devices: Sequence[Any] | None = None, *,
   (4, 2, 8)
   """
   if not isinstance(config, MeshConfig):
-    raise errors.MeshError(f"make_mesh expects a MeshConfig, got {type(config).__name__}.")
+    raise errors.MeshError(
+        f"make_mesh expects a MeshConfig, got {type(config).__name__}; build one with "
+        "MeshConfig(fsdp=-1, ...) or MeshConfig.from_dict(...).", got=type(config).__name__)
   devices = list(np.ravel(np.asarray(jax.devices() if devices is None else devices,
                                      dtype=object)))
   types = _axis_types(axis_types)
@@ -238,7 +300,8 @@ def make_mesh(config: MeshConfig, devices: Sequence[Any] | None = None, *,
     if len(set(sizes.values())) != 1:
       raise errors.MeshError(
           f"A hybrid mesh needs the same number of devices in every slice; got "
-          f"{sizes} devices per slice.")
+          f"{sizes} devices per slice. Pass devices= with an equal number from each "
+          "slice.", slices=sizes)
     array = mesh_utils.create_hybrid_device_mesh(
         ici, dcn, devices,
         process_is_granule=devices[0].platform != "tpu",

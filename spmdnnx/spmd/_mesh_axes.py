@@ -31,13 +31,16 @@ def axis_sizes(mesh: Any) -> dict[str, int]:
   else:
     raise errors.MeshError(
         f"Expected a jax.sharding.Mesh, AbstractMesh or a dict of axis sizes, got "
-        f"{type(mesh).__name__}. Build one with spmdnnx.make_mesh(MeshConfig(...)).")
+        f"{type(mesh).__name__}. Build one with spmdnnx.make_mesh(MeshConfig(...)).",
+        got=type(mesh).__name__)
   bad = [f"{k!r}={v!r}" for k, v in sizes.items()
          if not isinstance(k, str) or not isinstance(v, int) or v < 1]
   if bad:
     raise errors.MeshError(
         f"Mesh axis sizes must map names (str) to positive ints; bad entries: "
-        f"{errors.format_paths(bad)}.")
+        f"{errors.format_paths(bad)}.", axes=[k for k, v in sizes.items()
+                                            if not isinstance(k, str) or not isinstance(v, int)
+                                            or v < 1], mesh=sizes)
   return sizes
 
 

@@ -77,10 +77,9 @@ def get_partition_spec(tree: Any, rules: Any = None, mesh: Any = None) -> Any:
     ShardingError: if no rules are given or active.
     AxisRulesError, MetadataError: as `leaf_specs`.
   """
-  mesh, rules = context_lib.resolve_args(mesh, rules, need_mesh=False,
+  mesh, rules = context_lib.mesh_and_rules(mesh, rules, need_mesh=False,
                                          what="get_partition_spec")
-  sizes = ({a: 1 for a in rules.mesh_axis_names} if mesh is None
-           else mesh_axes_lib.axis_sizes(mesh))
+  sizes = None if mesh is None else mesh_axes_lib.axis_sizes(mesh)
   paths, leaves, treedef = flatten_with_paths(tree)
   specs = resolve_lib.leaf_specs(paths, leaves, rules, sizes)
   return jax.tree_util.tree_unflatten(treedef, _replace_values(leaves, specs))
@@ -104,7 +103,7 @@ def get_named_sharding(tree: Any, mesh: Any = None, rules: Any = None) -> Any:
   Warns:
     ShardingWarning: once, for every dimension no rule divides.
   """
-  mesh, rules = context_lib.resolve_args(mesh, rules, what="get_named_sharding")
+  mesh, rules = context_lib.mesh_and_rules(mesh, rules, what="get_named_sharding")
   paths, leaves, treedef = flatten_with_paths(tree)
   specs = resolve_lib.leaf_specs(paths, leaves, rules, mesh)
   shardings = [NamedSharding(mesh, s) for s in specs]

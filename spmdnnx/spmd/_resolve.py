@@ -48,7 +48,8 @@ def leaf_specs(paths: Sequence[Any], leaves: Sequence[Any], rules: Any,
     paths: one path (tuple of keys) per leaf, used in messages.
     leaves: Variables, arrays or ShapeDtypeStructs.
     rules: `AxisRules` or anything `as_rules` accepts.
-    mesh: a Mesh, AbstractMesh or ``{axis: size}`` dict.
+    mesh: a Mesh, AbstractMesh or ``{axis: size}`` dict (None: no mesh yet,
+      every rule applies).
 
   Returns:
     One PartitionSpec per leaf (``P()`` for unannotated leaves).
@@ -71,14 +72,17 @@ def resolve_all(paths: Sequence[Any], axes_list: Sequence[Sequence[str | None] |
                 mesh: Any) -> list[PartitionSpec]:
   """Resolves parallel lists of logical axes and shapes; see `leaf_specs`.
 
-  An entry whose axes or shape is None is replicated (``P()``).
+  An entry whose axes or shape is None is replicated (``P()``). With
+  ``mesh=None`` every rule is taken to apply (planning before a mesh exists).
   """
   rules = rules_lib.as_rules(rules)
-  sizes = mesh_axes_lib.axis_sizes(mesh)
-  rules.validate(sizes)
+  sizes = None if mesh is None else mesh_axes_lib.axis_sizes(mesh)
+  if sizes is not None:
+    rules.validate(sizes)
   specs: list[PartitionSpec] = []
   results = []
-  bad_rank = []
+  bad_rank: list[str] = []
+  bad_fields: list[tuple] = []
   for path, axes, shape in zip(paths, axes_list, shapes, strict=True):
     if axes is None or shape is None:
       specs.append(REPLICATED)
@@ -86,6 +90,7 @@ def resolve_all(paths: Sequence[Any], axes_list: Sequence[Sequence[str | None] |
     axes, shape = tuple(axes), tuple(shape)
     if len(axes) != len(shape):
       bad_rank.append(f"{errors.path_str(path)} (axes {axes!r}, shape {shape})")
+      bad_fields.append((errors.path_str(path), shape, axes))
       specs.append(REPLICATED)
       continue
     res = rules.resolve_detailed(axes, shape, sizes)
@@ -94,7 +99,9 @@ def resolve_all(paths: Sequence[Any], axes_list: Sequence[Sequence[str | None] |
   if bad_rank:
     raise errors.MetadataError(
         f"logical_axes length differs from the array rank for: "
-        f"{errors.format_paths(bad_rank)}. Give one name (or None) per dimension.")
+        f"{errors.format_paths(bad_rank)}. Give one name (or None) per dimension.",
+        paths=[f[0] for f in bad_fields], shapes=[f[1] for f in bad_fields],
+        axes=[f[2] for f in bad_fields])
   rules_lib.report_problems(results, rules)
   return specs
 
@@ -108,6 +115,6 @@ def leaf_shardings(paths: Sequence[Any], variables: Sequence[Any], mesh: Any = N
     ShardingError: if no mesh or rules are given or active; otherwise as
       `leaf_specs`.
   """
-  mesh, rules = context_lib.resolve_args(mesh, rules, what="leaf_shardings")
+  mesh, rules = context_lib.mesh_and_rules(mesh, rules, what="leaf_shardings")
   specs = leaf_specs(paths, variables, rules, mesh)
   return [NamedSharding(mesh, s) for s in specs]

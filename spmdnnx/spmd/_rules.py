@@ -8,6 +8,11 @@ over their product) or None (replicate). One array is resolved at a time:
 * a rule applies to a still-unassigned dimension carrying its logical name
   when none of its mesh axes is already used by another dimension of the same
   array and the product of its mesh-axis sizes divides that dimension;
+* a rule whose mesh axes have total size 1 splits nothing, so it does not
+  claim the dimension: the name's next rule gets its chance (``("mlp",
+  "tensor"), ("mlp", "fsdp")`` puts ``mlp`` on ``fsdp`` when ``tensor=1``).
+  Only if no later rule takes the dimension does the spec name those size-1
+  axes (the same layout as replicated);
 * a ``None`` rule settles its dimension as replicated;
 * a dimension that no rule could take is replicated. When a rule was skipped
   because its sizes did not divide the dimension and the dimension ended up
@@ -29,6 +34,7 @@ P(None, 'model')
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import json
 import math
 import os
@@ -53,10 +59,21 @@ LOGICAL_AXES = ("batch", "length", "embed", "mlp", "heads", "kv", "kv_heads", "v
                 "activation_mlp", "activation_heads", "activation_kv_heads",
                 "activation_head_dim", "activation_vocab")
 
-#: Where the shipped rule sets live (repository `configs/rules/*.json`).
-RULES_DIR = pathlib.Path(
-    os.environ.get("SPMDNNX_RULES_DIR",
-                   pathlib.Path(__file__).resolve().parents[2] / "configs" / "rules"))
+#: Environment variable naming an extra directory of ``<name>.json`` rule sets;
+#: a file there takes precedence over the shipped preset of the same name.
+RULES_DIR_ENV = "SPMDNNX_RULES_DIR"
+
+#: The shipped rule sets are package data: ``spmdnnx/spmd/presets/*.json``.
+_PRESETS = importlib.resources.files("spmdnnx.spmd") / "presets"
+
+
+def _preset_files() -> dict[str, Any]:
+  """``{name: file}`` of every loadable preset (package data, then $SPMDNNX_RULES_DIR)."""
+  files = {f.name[:-5]: f for f in _PRESETS.iterdir() if f.name.endswith(".json")}
+  extra = os.environ.get(RULES_DIR_ENV)
+  if extra and pathlib.Path(extra).is_dir():
+    files.update((f.stem, f) for f in pathlib.Path(extra).glob("*.json"))
+  return files
 
 
 def _rhs_str(axes: MeshAxes) -> str:
@@ -99,7 +116,8 @@ def _as_pairs(rules: Any) -> Iterable[Any]:
   if isinstance(rules, (str, bytes)):
     raise errors.AxisRulesError(
         f"Expected a list of (logical_name, mesh_axes) pairs, got the string "
-        f"{rules!r}. To load a shipped rule set use AxisRules.load({rules!r}).")
+        f"{rules!r}. To load a shipped rule set use AxisRules.load({rules!r}).",
+        rules=rules)
   return rules
 
 
@@ -122,8 +140,16 @@ class Resolution:
   missing: tuple[str, ...] = ()
 
 
+_UNSET: Any = object()
+
+
 class AxisRules:
   """An ordered, immutable list of ``(logical_name, mesh_axes)`` rules.
+
+  Validated when created and frozen after: assigning an attribute raises
+  `dataclasses.FrozenInstanceError`; `replace` returns a new, re-validated
+  `AxisRules`. Equal rule lists (and ``allow_unknown``) compare and hash equal;
+  the hash is computed once.
 
   Args:
     rules: pairs (lists from JSON are accepted), a ``{name: mesh_axes}`` dict,
@@ -139,9 +165,11 @@ class AxisRules:
   >>> rules = AxisRules({"batch": ("data", "fsdp"), "embed": "fsdp"})
   >>> rules.lookup("batch")
   (('data', 'fsdp'),)
+  >>> rules.replace(allow_unknown=True).allow_unknown
+  True
   """
 
-  __slots__ = ("_rules", "_names", "allow_unknown", "name")
+  __slots__ = ("_rules", "_names", "_allow_unknown", "_name", "_hash")
 
   def __init__(self, rules: Any = (), *, allow_unknown: bool | None = None,
                name: str | None = None):
@@ -155,17 +183,55 @@ class AxisRules:
     except TypeError:
       raise errors.AxisRulesError(
           f"Expected a list of (logical_name, mesh_axes) pairs, got "
-          f"{type(rules).__name__}.") from None
+          f"{type(rules).__name__}.", rules=name) from None
     normalized = [_normalize_rule(i, e, problems) for i, e in enumerate(entries)]
     if problems:
       raise errors.AxisRulesError(
           f"Invalid axis rules{_label(name)}: {errors.format_paths(problems)}. Each "
           "rule is (logical_name, mesh_axes) with mesh_axes a mesh axis name, a "
-          "tuple of distinct names, or None to replicate.")
-    self._rules: tuple[Rule, ...] = tuple(normalized)  # type: ignore[arg-type]
-    self._names = frozenset(n for n, _ in self._rules)
-    self.allow_unknown = bool(allow_unknown)
-    self.name = name
+          "tuple of distinct names, or None to replicate.", rules=name, entries=problems)
+    rules_t: tuple[Rule, ...] = tuple(normalized)  # type: ignore[arg-type]
+    init = object.__setattr__
+    init(self, "_rules", rules_t)
+    init(self, "_names", frozenset(n for n, _ in rules_t))
+    init(self, "_allow_unknown", bool(allow_unknown))
+    init(self, "_name", name)
+    init(self, "_hash", hash((rules_t, bool(allow_unknown))))
+
+  def __setattr__(self, attr: str, value: Any) -> None:
+    raise dataclasses.FrozenInstanceError(
+        f"AxisRules is immutable (cannot set {attr!r}); use "
+        f"rules.replace({attr.lstrip('_')}=...) for a new, validated AxisRules.")
+
+  def __delattr__(self, attr: str) -> None:
+    raise dataclasses.FrozenInstanceError(f"AxisRules is immutable (cannot delete {attr!r}).")
+
+  def __reduce__(self) -> tuple:
+    return (_rebuild_rules, (self._rules, self._allow_unknown, self._name))
+
+  def replace(self, *, rules: Any = _UNSET, allow_unknown: Any = _UNSET,
+              name: Any = _UNSET) -> "AxisRules":
+    """A new `AxisRules` with some fields changed, validated like the constructor.
+
+    >>> AxisRules([("embed", "fsdp")]).replace(rules=[("embed", None)]).rules
+    (('embed', None),)
+
+    Raises:
+      AxisRulesError: as the constructor.
+    """
+    return AxisRules(self._rules if rules is _UNSET else rules,
+                     allow_unknown=self._allow_unknown if allow_unknown is _UNSET else allow_unknown,
+                     name=self._name if name is _UNSET else name)
+
+  @property
+  def allow_unknown(self) -> bool:
+    """Whether dimensions with a logical name no rule mentions are replicated."""
+    return self._allow_unknown
+
+  @property
+  def name(self) -> str | None:
+    """A label (preset or file name) shown when printing."""
+    return self._name
 
   # --- container protocol ----------------------------------------------------
   @property
@@ -205,7 +271,7 @@ class AxisRules:
             and self.allow_unknown == other.allow_unknown)
 
   def __hash__(self) -> int:
-    return hash((self._rules, self.allow_unknown))
+    return self._hash
 
   # --- composition ------------------------------------------------------------
   def __add__(self, other: Any) -> "AxisRules":
@@ -248,14 +314,16 @@ class AxisRules:
       AxisRulesError: listing each rule that names a missing mesh axis.
     """
     sizes = mesh_axes_lib.axis_sizes(mesh)
-    bad = [f"({n!r} -> {_rhs_str(a)}) names {m!r}" for n, a in self._rules
-           for m in mesh_axes_lib.entry_axes(a) if m not in sizes]
-    if bad:
+    pairs = [(n, a, m) for n, a in self._rules
+             for m in mesh_axes_lib.entry_axes(a) if m not in sizes]
+    if pairs:
+      bad = [f"({n!r} -> {_rhs_str(a)}) names {m!r}" for n, a, m in pairs]
       raise errors.AxisRulesError(
           f"Axis rules{_label(self.name)} name mesh axes the mesh does not have: "
           f"{errors.format_paths(bad)}. The mesh has axes {tuple(sizes)}. Add the "
           "axis to the mesh (size 1 is fine; spmdnnx.make_mesh keeps every axis) "
-          "or override those rules.")
+          "or override those rules.", rules=self.name,
+          axes=sorted({m for *_, m in pairs}), mesh=dict(sizes))
 
   def resolve_detailed(self, logical_axes: Sequence[str | None], shape: Sequence[int],
                        mesh: Any) -> Resolution:
@@ -264,16 +332,21 @@ class AxisRules:
     Args:
       logical_axes: one logical name (or None) per dimension.
       shape: the array's shape (same length as ``logical_axes``).
-      mesh: a Mesh, AbstractMesh or ``{axis: size}`` dict.
+      mesh: a Mesh, AbstractMesh or ``{axis: size}`` dict; None when the mesh
+        is not known yet: every rule is then taken to apply and divide.
 
     Returns:
       A `Resolution`; its ``spec`` is what `resolve` returns.
     """
-    sizes = mesh if isinstance(mesh, dict) else mesh_axes_lib.axis_sizes(mesh)
+    if mesh is None:
+      sizes = None
+    else:
+      sizes = mesh if isinstance(mesh, dict) else mesh_axes_lib.axis_sizes(mesh)
     unassigned = object()
     assigned: list[Any] = [unassigned] * len(shape)
     used: set[str] = set()
     tried: dict[int, list[tuple[MeshAxes, int]]] = {}
+    size_one: dict[int, MeshAxes] = {}
     missing: list[str] = []
     for name, axes in self._rules:
       dims = [i for i, a in enumerate(logical_axes)
@@ -286,21 +359,32 @@ class AxisRules:
           tried.pop(i, None)  # an explicit fallback to replication: no warning
         continue
       axes_t = mesh_axes_lib.entry_axes(axes)
-      absent = [a for a in axes_t if a not in sizes]
+      absent = [] if sizes is None else [a for a in axes_t if a not in sizes]
       if absent:
         missing.extend(a for a in absent if a not in missing)
         continue
-      ways = math.prod(sizes[a] for a in axes_t)
+      # Without a mesh every rule applies (no size is known to be 1 or not to divide).
+      ways = 0 if sizes is None else math.prod(sizes[a] for a in axes_t)
+      if ways == 1:
+        # Splits nothing on this mesh: leave the dimension to the name's next
+        # rule, and name these axes in the spec only if no later rule takes it.
+        for i in dims:
+          size_one.setdefault(i, axes)
+        continue
       for i in dims:
         if used.intersection(axes_t):
           break
-        if shape[i] % ways:
+        if ways and shape[i] % ways:
           tried.setdefault(i, []).append((axes, ways))
           continue
         assigned[i] = axes
         used.update(axes_t)
-        if ways > 1:
-          tried.pop(i, None)  # sharded by a fallback rule: no warning
+        tried.pop(i, None)  # sharded by a fallback rule: no warning
+    for i, axes in size_one.items():
+      axes_t = mesh_axes_lib.entry_axes(axes)
+      if assigned[i] is unassigned and not used.intersection(axes_t):
+        assigned[i] = axes
+        used.update(axes_t)
     unknown: list[str] = []
     undivided = []
     for i, name in enumerate(logical_axes):
@@ -369,14 +453,19 @@ class AxisRules:
       if "rules" not in data:
         raise errors.AxisRulesError(
             f"Axis-rules JSON{_label(name)} has no 'rules' key; expected "
-            '{"rules": [["embed", "fsdp"], ...]}.')
+            '{"rules": [["embed", "fsdp"], ...]}.', rules=name)
       return cls(data["rules"], allow_unknown=bool(data.get("allow_unknown", False)),
                  name=data.get("name", name))
     return cls(data, name=name)
 
   @classmethod
   def load(cls, name_or_path: str | os.PathLike) -> "AxisRules":
-    """Loads a shipped rule set by name (see `presets`) or a JSON file by path.
+    """Loads a preset by name (see `presets`) or a JSON file by path.
+
+    A bare name (no ``.json`` suffix, no directory) is a preset: a file of
+    ``$SPMDNNX_RULES_DIR`` if that names a directory holding ``<name>.json``,
+    else the rule set shipped as package data (``spmdnnx/spmd/presets``), so
+    presets load from any installation, not only from a source checkout.
 
     >>> AxisRules.load("fsdp_tp").lookup("mlp")
     ('tensor', 'fsdp')
@@ -384,23 +473,38 @@ class AxisRules:
     Raises:
       AxisRulesError: if no such preset or file exists, or it is malformed.
     """
-    path = pathlib.Path(name_or_path)
-    if path.suffix != ".json" and os.sep not in str(name_or_path):
-      path = RULES_DIR / f"{name_or_path}.json"
-    if not path.is_file():
-      raise errors.AxisRulesError(
-          f"No axis-rules file {str(path)!r}. Shipped rule sets: "
-          f"{', '.join(cls.presets())}; or pass the path of a JSON file.")
+    text = os.fspath(name_or_path)
+    is_path = text.endswith(".json") or os.sep in text or "/" in text
+    if is_path:
+      source: Any = pathlib.Path(text)
+      stem = source.stem
+      if not source.is_file():
+        raise errors.AxisRulesError(
+            f"No axis-rules file {text!r}. Shipped rule sets: "
+            f"{', '.join(cls.presets())}; or pass the path of a JSON file.", path=text)
+    else:
+      stem = text
+      source = _preset_files().get(text)
+      if source is None:
+        raise errors.AxisRulesError(
+            f"No axis-rules file '{text}.json' among the presets (package data "
+            f"or ${RULES_DIR_ENV}). Shipped rule sets: "
+            f"{', '.join(cls.presets())}; or pass the path of a JSON file.", path=text)
     try:
-      data = json.loads(path.read_text())
+      data = json.loads(source.read_text())
     except json.JSONDecodeError as e:
-      raise errors.AxisRulesError(f"Axis-rules file {str(path)!r} is not valid JSON: {e}") from None
-    return cls.from_json(data, name=path.stem)
+      raise errors.AxisRulesError(
+          f"Axis-rules file {str(source)!r} is not valid JSON: {e}", path=str(source)) from None
+    return cls.from_json(data, name=stem)
 
   @staticmethod
   def presets() -> tuple[str, ...]:
-    """Names of the rule sets shipped in ``configs/rules``."""
-    return tuple(sorted(p.stem for p in RULES_DIR.glob("*.json")))
+    """Names of the loadable presets: shipped ones plus ``$SPMDNNX_RULES_DIR``'s."""
+    return tuple(sorted(_preset_files()))
+
+
+def _rebuild_rules(rules: tuple, allow_unknown: bool, name: str | None) -> AxisRules:
+  return AxisRules(rules, allow_unknown=allow_unknown, name=name)
 
 
 def _label(name: str | None) -> str:
@@ -422,7 +526,8 @@ def check_rank(path: Any, logical_axes: Sequence[Any], shape: Sequence[int]) -> 
     raise errors.MetadataError(
         f"{errors.path_str(path)}: logical_axes {tuple(logical_axes)!r} has "
         f"{len(logical_axes)} entries but the array has shape {tuple(shape)} "
-        f"({len(shape)} dimensions); give one name (or None) per dimension.")
+        f"({len(shape)} dimensions); give one name (or None) per dimension.",
+        paths=[errors.path_str(path)], shapes=[tuple(shape)], axes=[tuple(logical_axes)])
 
 
 def report_problems(results: Sequence[tuple[Any, Resolution]], rules: AxisRules) -> None:
@@ -438,10 +543,12 @@ def report_problems(results: Sequence[tuple[Any, Resolution]], rules: AxisRules)
   """
   missing = sorted({m for _, r in results for m in r.missing})
   if missing:
+    needing = [errors.path_str(p) for p, r in results if r.missing]
     raise errors.AxisRulesError(
         f"Axis rules{_label(rules.name)} name mesh axes {missing} that the mesh "
-        f"lacks (needed by {errors.format_paths([errors.path_str(p) for p, r in results if r.missing])}). "
-        "Add them to the mesh (size 1 is fine) or override those rules.")
+        f"lacks (needed by {errors.format_paths(needing)}). "
+        "Add them to the mesh (size 1 is fine) or override those rules.",
+        rules=rules.name, axes=missing, paths=needing)
   unknown = [f"{errors.path_str(p)} {list(r.unknown)}" for p, r in results if r.unknown]
   if unknown:
     names = sorted({n for _, r in results for n in r.unknown})
@@ -449,7 +556,8 @@ def report_problems(results: Sequence[tuple[Any, Resolution]], rules: AxisRules)
         f"No axis rule for logical name(s) {names}; used by: "
         f"{errors.format_paths(unknown)}. Add a rule such as "
         f"({names[0]!r}, None) to replicate it, or create the rules with "
-        "allow_unknown=True.")
+        "allow_unknown=True.", rules=rules.name, axes=names,
+        paths=[errors.path_str(p) for p, r in results if r.unknown])
   undivided = []
   for p, r in results:
     for dim, name, size, tried in r.undivided:
