@@ -58,6 +58,7 @@ from spmdnnx._graph import pop as pop
 from spmdnnx._graph import split as split
 from spmdnnx._graph import state as state
 from spmdnnx._graph import update as update
+from spmdnnx._graph import variables as variables
 from spmdnnx._module import Module as Module
 from spmdnnx._module import data as data
 from spmdnnx._module import reseed as reseed

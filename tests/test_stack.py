@@ -573,3 +573,12 @@ def test_scan_doc_has_blocks():
 @pytest.mark.parametrize("index", range(len(DOC_BLOCKS)))
 def test_scan_doc_block_runs(index):
   exec(compile(DOC_BLOCKS[index], f"scan.md block {index}", "exec"), {})
+
+
+def test_stack_factory_using_a_captured_rngs_error():
+  outer = nnx.Rngs(0)
+  with pytest.raises(errors.TraceContextError,
+                     match=r"Rngs stream 'default' was drawn inside vmap\(Stack.*\), but "
+                     r"its Rngs was created outside it .*a Stack make_block that uses the "
+                     r"Rngs it is given"):
+    Stack(lambda rngs: Linear(2, 2, rngs=outer), 3, rngs=nnx.Rngs(1))

@@ -20,7 +20,7 @@ import jax
 from spmdnnx import errors
 from spmdnnx import _filters as filterlib
 from spmdnnx import _graph as graph
-from spmdnnx._variables import Variable
+from spmdnnx._variables import Variable, with_logical_axes
 
 #: Default logical name of a stacked axis.
 STACK_AXIS = "layers"
@@ -194,7 +194,7 @@ def remove_axis_name(leaf: Any, axis: Any, name: str | None) -> Any:
     return leaf
   a = axis % len(axes)
   inner = axes[:a] + axes[a + 1:]
-  return _with_axes(leaf, inner)
+  return with_logical_axes(leaf, inner)
 
 
 def insert_axis_name(leaf: Any, axis: Any, name: str | None) -> Any:
@@ -203,16 +203,7 @@ def insert_axis_name(leaf: Any, axis: Any, name: str | None) -> Any:
   if axes is None:
     return leaf
   a = axis if axis >= 0 else len(axes) + 1 + axis
-  return _with_axes(leaf, axes[:a] + (name,) + axes[a:])
-
-
-def _with_axes(leaf: Variable, axes: tuple) -> Variable:
-  new = graph.detach(leaf)
-  meta = leaf.get_metadata()
-  meta["logical_axes"] = tuple(axes)
-  object.__setattr__(new, "_meta", meta)
-  object.__setattr__(new, "_frozen", None)
-  return new
+  return with_logical_axes(leaf, axes[:a] + (name,) + axes[a:])
 
 
 def stack_axis_name(axis_name_meta: Any, transform_metadata: Mapping | None) -> str | None:

@@ -154,7 +154,7 @@ class JitWrapped:
     else:
       lift.apply_updates(plan.ex, new_vals, cell.restructure)
     if cell.has_nodes:
-      out = lift.resolve_outputs(plan.ex.nodes, out)
+      out = lift.unmark_outputs(plan.ex.nodes, out)
     return out
 
   def _resolve(self, nargs: int, seq: tuple) -> frozenset:
@@ -348,7 +348,7 @@ class JitWrapped:
     new_vals, out = jitted([lift._raw(x) for x in ex.leaves], leaves, static_args, static_kw)
     lift.apply_updates(ex, new_vals, cell.restructure)
     if cell.has_nodes:
-      out = lift.resolve_outputs(ex.nodes, out)
+      out = lift.unmark_outputs(ex.nodes, out)
     return out
 
   # --- introspection -----------------------------------------------------------

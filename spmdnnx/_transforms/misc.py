@@ -81,7 +81,7 @@ def _lifted(f: Callable, what: str, transform: Callable, *, update: bool = True)
     if update:
       lift.apply_updates(ex, new_leaves, cell["restructure"])
     if cell["has_nodes"]:
-      out = lift.resolve_outputs(ex.nodes, out)
+      out = lift.unmark_outputs(ex.nodes, out)
     return out
 
   return wrapper

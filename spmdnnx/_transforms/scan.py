@@ -33,16 +33,14 @@ from spmdnnx import _graph as graph
 from spmdnnx._transforms import axes as axeslib
 from spmdnnx._transforms import lift
 from spmdnnx._transforms.axes import Carry
-from spmdnnx._variables import Variable
+from spmdnnx._variables import Variable, detach
 
 
 def _moveaxis(leaf: Any, src: int, dst: int) -> Any:
   if src == dst:
     return leaf
   if isinstance(leaf, Variable):
-    new = graph.detach(leaf)
-    object.__setattr__(new, "raw_value", jnp.moveaxis(leaf.raw_value, src, dst))
-    return new
+    return detach(leaf, jnp.moveaxis(leaf.raw_value, src, dst))
   return jnp.moveaxis(leaf, src, dst)
 
 

@@ -30,7 +30,7 @@ from spmdnnx import errors
 from spmdnnx import _graph as graph
 from spmdnnx._transforms import axes as axeslib
 from spmdnnx._transforms import lift
-from spmdnnx._variables import Variable
+from spmdnnx._variables import Variable, detach
 
 
 class _Retry(Exception):
@@ -178,7 +178,7 @@ def vmap(f: Callable | None = None, *, in_axes: Any = 0, out_axes: Any = 0,
     lift.apply_updates(ex, new_leaves, cell.restructure)
     if cell.has_nodes:
       out = _stack_node_outputs(out, out_axes, name)
-      out = lift.resolve_outputs(ex.nodes, out)
+      out = lift.unmark_outputs(ex.nodes, out)
     return out
 
   return wrapper
@@ -223,8 +223,7 @@ def _check_plain_sizes(plain: list, axes: list, size: int | None, what: str) -> 
 def _abstract(leaf: Any) -> Any:
   if isinstance(leaf, Variable):
     v = leaf.raw_value
-    return graph.make_variable(type(leaf), leaf.frozen_metadata(),
-                               jax.ShapeDtypeStruct(v.shape, v.dtype))
+    return detach(leaf, jax.ShapeDtypeStruct(v.shape, v.dtype))
   return leaf
 
 
