@@ -416,11 +416,6 @@ def with_logical_axes(var: Variable, axes: tuple) -> Variable:
   return new_variable(type(var), var.raw_value, meta=meta)
 
 
-def set_raw_value(var: Variable, value: Any) -> None:
-  """Writes a Variable's value slot directly (no trace check); transforms only."""
-  _RAW_SET(var, value)
-
-
 def write_back(var: Variable, leaf: Any) -> None:
   """Writes a State leaf (Variable or raw value) into a live Variable, in place.
 

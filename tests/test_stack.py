@@ -582,3 +582,14 @@ def test_stack_factory_using_a_captured_rngs_error():
                      r"its Rngs was created outside it .*a Stack make_block that uses the "
                      r"Rngs it is given"):
     Stack(lambda rngs: Linear(2, 2, rngs=outer), 3, rngs=nnx.Rngs(1))
+
+
+def test_stacked_module_doctests_and_one_layers_default():
+  import inspect
+  from spmdnnx import _stacked
+  result = doctest.testmod(_stacked)
+  assert result.attempted > 0 and result.failed == 0
+  defaults = [inspect.signature(f).parameters["stack_axis"].default
+              for f in (nnx.vmap, nnx.scan, Stack, Stack.from_blocks, stack_states,
+                        unstack_state)]
+  assert defaults == [_stacked.LAYERS_AXIS] * 6

@@ -43,7 +43,7 @@ from spmdnnx._object import Dict, List, Object
 from spmdnnx.spmd import _context as context_lib
 from spmdnnx.spmd import _resolve as resolve_lib
 from spmdnnx._transforms import lift
-from spmdnnx._variables import EPOCH, Variable
+from spmdnnx._variables import EPOCH, Variable, watch_variable
 
 _RAW_SET = Variable.raw_value.__set__
 _RAW_GET = Variable.raw_value.__get__
@@ -65,7 +65,7 @@ def watch(nodes: list) -> None:
   """Marks nodes so that structural changes to them bump the epoch."""
   for node in nodes:
     if isinstance(node, Variable):
-      object.__setattr__(node, "_watched", True)
+      watch_variable(node)
     elif isinstance(node, Object):
       object.__setattr__(node, "_object__watched", True)
     elif isinstance(node, (List, Dict)):

@@ -60,10 +60,6 @@ class Extraction:
   all_nodes: list              # every live node with identity, by GraphDef index
   static_containers: list      # static List/Dict values (watched by jit)
 
-  def node_of_leaf(self, i: int) -> int:
-    """Index (into `nodes`) of the node that owns state leaf i."""
-    return self.paths[i][0]
-
 
 def extract(tree: Any) -> Extraction:
   """Finds the graph nodes in a pytree and splits them jointly."""
@@ -194,7 +190,7 @@ def collect(rebuilt: Rebuilt, out: Any) -> tuple:
     origin = rebuilt.origin
     reuse = {i: origin[id(n)] for i, n in enumerate(w.nodes) if id(n) in origin}
     restructure = Restructure(graphdef, reuse, [p for p, _ in w.pairs])
-  out, has_nodes = _mark(rebuilt.nodes, w, out)
+  out, has_nodes = mark_outputs(rebuilt.nodes, w, out)
   return new_leaves, restructure, out, has_nodes
 
 
@@ -230,18 +226,15 @@ def fun_name(f: Any) -> str:
   return getattr(f, "__qualname__", getattr(f, "__name__", repr(f)))
 
 
-def mark_outputs(nodes: tuple, out: Any) -> tuple[Any, bool]:
-  """Replaces graph nodes in `out` by InputRef (inputs) or NodeOut (new)."""
-  return _mark(nodes, None, out)
+def mark_outputs(nodes: tuple, walk: graph.Walk, out: Any) -> tuple[Any, bool]:
+  """Replaces graph nodes in `out` by InputRef (inputs) or NodeOut (new).
 
-
-def _mark(nodes: tuple, walk: "graph.Walk | None", out: Any) -> tuple[Any, bool]:
-  """`mark_outputs`, reusing `walk` (the Walk of the `nodes` tuple) if given."""
+  `walk` is the `graph.Walk` of the `nodes` tuple: a sub-node of an input
+  (at any depth, pytrees included) is marked with its path in that walk.
+  """
   leaves, treedef = jax.tree_util.tree_flatten(out, is_leaf=graph.is_graph_node)
   if not any(graph.is_graph_node(x) for x in leaves):
     return out, False
-  if walk is None:
-    walk = graph.flatten(tuple(nodes), detach_variables=False)[1]
   where: dict[int, tuple] = {id(node): (i, ()) for i, node in enumerate(nodes)}
   for path, sub in walk.trail:
     if path and graph.is_graph_node(sub):
