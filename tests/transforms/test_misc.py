@@ -274,3 +274,10 @@ def test_split_rngs_squeeze_needs_one_split():
   with pytest.raises(errors.TransformError,
                      match=r"squeeze=True needs splits=1 .*got splits=4; drop squeeze"):
     nnx.split_rngs(nnx.Rngs(0), splits=4, squeeze=True)
+
+
+def test_shard_map_returning_a_module_error(mesh):
+  lin = Linear(4, 8, rngs=nnx.Rngs(0))
+  with pytest.raises(errors.TransformError, match=r"shard_map\(.*\): the function must keep "
+                     r"the graph's structure and return arrays"):
+    nnx.shard_map(lambda m: m, mesh=mesh, in_specs=(P(),), out_specs=P())(lin)
