@@ -54,14 +54,17 @@ class GraphDef:
 
   def __init__(self, spec: Any):
     self.spec = spec
-    self._hash = hash(spec)
+    self._hash = None  # computed on first use, then cached
 
   def __hash__(self):
-    return self._hash
+    h = self._hash
+    if h is None:
+      h = self._hash = hash(self.spec)
+    return h
 
   def __eq__(self, other):
     return isinstance(other, GraphDef) and (
-        self is other or (self._hash == other._hash and self.spec == other.spec))
+        self is other or (hash(self) == hash(other) and self.spec == other.spec))
 
   def __repr__(self):
     return f"GraphDef(\n{repr_spec(self.spec, 1)}\n)"
@@ -167,6 +170,7 @@ class Walk:
 
   Each node with identity (Object, Variable, list/dict) gets an index at its
   first path; later references become `RefSpec`s, which also ends cycles.
+  (`index` maps ``id(node)`` to that index.)
 
   Attributes:
     pairs: ``(path, state leaf)`` per Variable / raw array, DFS order (leaves
@@ -193,65 +197,74 @@ class Walk:
     self.detach = detach
     self.static_containers: list = []
 
-  def _enter(self, value: Any) -> int | RefSpec:
-    """The new index of a node with identity, or a RefSpec if seen before."""
-    key = id(value)
-    if key in self.index:
-      return RefSpec(self.index[key])
-    idx = self.index[key] = len(self.index)
-    self.nodes.append(value)
-    return idx
-
   def visit(self, value: Any, path: PathParts) -> Any:
     """The spec of `value` at `path`, recording what it holds."""
+    typ = type(value)
+    if typ in _SCALARS:
+      return _new(StaticSpec, ("StaticSpec", Static(value)))
     if isinstance(value, Variable):
-      idx = self._enter(value)
-      if type(idx) is RefSpec:
-        return idx
+      idx = self.index.get(id(value))
+      if idx is not None:
+        return _new(RefSpec, ("RefSpec", idx))
+      idx = self.index[id(value)] = len(self.nodes)
+      self.nodes.append(value)
       self.variables.append(value)
       self.pairs.append((path, detach(value) if self.detach else value))
       self.trail.append((path, value))
-      return VariableSpec(type(value), idx, value.frozen_metadata())
+      return _new(VariableSpec, ("VariableSpec", typ, idx, value.frozen_metadata()))
     if isinstance(value, Object):
-      idx = self._enter(value)
-      if type(idx) is RefSpec:
-        return idx
-      children = tuple((name, self.visit(sub, path + (name,)))
-                       for name, sub in value.__dict__.items())
+      idx = self.index.get(id(value))
+      if idx is not None:
+        return _new(RefSpec, ("RefSpec", idx))
+      idx = self.index[id(value)] = len(self.nodes)
+      self.nodes.append(value)
+      visit = self.visit
+      children = tuple([(name, visit(sub, path + (name,)))
+                        for name, sub in value.__dict__.items()])
       self.trail.append((path, value))
-      return NodeSpec(type(value), idx, children)
-    typ = type(value)
-    if typ in (list, List, dict, Dict):
+      return _new(NodeSpec, ("NodeSpec", typ, idx, children))
+    if typ in _MUTABLE_CONTAINERS:
       if not has_data(value):
         if typ in (List, Dict):
           self.static_containers.append(value)
-        return StaticSpec(Static(value))
-      idx = self._enter(value)
-      if type(idx) is RefSpec:
-        return idx
+        return _new(StaticSpec, ("StaticSpec", Static(value)))
+      idx = self.index.get(id(value))
+      if idx is not None:
+        return _new(RefSpec, ("RefSpec", idx))
+      idx = self.index[id(value)] = len(self.nodes)
+      self.nodes.append(value)
       items = value.items() if typ in (dict, Dict) else enumerate(value)
-      children = tuple((k, self.visit(v, path + (k,))) for k, v in items)
+      visit = self.visit
+      children = tuple([(k, visit(v, path + (k,))) for k, v in items])
       self.trail.append((path, value))
-      return NodeSpec(typ, idx, children)
+      return _new(NodeSpec, ("NodeSpec", typ, idx, children))
     if typ is tuple:
       if not has_data(value):
-        return StaticSpec(Static(value))
-      children = tuple((i, self.visit(v, path + (i,))) for i, v in enumerate(value))
+        return _new(StaticSpec, ("StaticSpec", Static(value)))
+      visit = self.visit
+      children = tuple([(i, visit(v, path + (i,))) for i, v in enumerate(value)])
       self.trail.append((path, value))
-      return NodeSpec(tuple, None, children)
+      return _new(NodeSpec, ("NodeSpec", tuple, None, children))
     if _is_array(value):
       self.has_raw = True
       self.variables.append(None)
       self.pairs.append((path, value))
       self.trail.append((path, value))
-      return ArraySpec()
+      return _new(ArraySpec, ("ArraySpec",))
     if has_data(value):
       keyed, treedef = _pytree_children(value)
       keys = tuple(k for k, _ in keyed)
       children = tuple(self.visit(v, path + (k,)) for k, v in keyed)
       self.trail.append((path, value))
-      return PytreeSpec(treedef, keys, children)
-    return StaticSpec(Static(value))
+      return _new(PytreeSpec, ("PytreeSpec", treedef, keys, children))
+    return _new(StaticSpec, ("StaticSpec", Static(value)))
+
+
+# Spec records are built with tuple.__new__ directly in the walker (the hot
+# loop); the tuple layout is the records' ``(kind, *fields)``.
+_new = tuple.__new__
+_SCALARS = frozenset({str, int, float, bool, complex, bytes, type(None)})
+_MUTABLE_CONTAINERS = frozenset({list, List, dict, Dict})
 
 
 def flatten(node: Any, *, detach_variables: bool = True) -> tuple[GraphDef, Walk]:
@@ -286,7 +299,7 @@ class Builder:
       self.nodes[spec.index] = var
       return var
     if kind is NodeSpec:
-      typ, idx, children = spec
+      _, typ, idx, children = spec
       if typ is tuple:
         return tuple(self.build(sub, path + (k,)) for k, sub in children)
       if typ in (list, List):

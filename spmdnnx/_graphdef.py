@@ -12,101 +12,57 @@ kind of position has its own record type with named fields:
 - `PytreeSpec`: a registered pytree (dataclass, namedtuple...) holding data:
   its one-level treedef, child keys and child specs.
 
-Records are tuples underneath (cheap to build and hash) but compare equal only
-to records of the same kind, so two different kinds never collide.
+Records are tuples underneath, ``(kind, *fields)`` (cheap to build, hashed and
+compared in C), and the kind tag keeps two different kinds from ever being equal.
 
 >>> NodeSpec(list, 0, ()) == NodeSpec(list, 0, ())
 True
->>> RefSpec(0) == (0,)
-False
+>>> RefSpec(0).index, RefSpec(0) == (0,)
+(0, False)
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import collections
+from typing import Any
 
 from spmdnnx._variables import freeze
 
 
-class _Record:
-  """Mixin: equality and hash that include the record's kind."""
+def _record(name: str, fields: str, doc: str) -> type:
+  """A spec record type: a tuple ``(kind, *fields)`` with named fields.
 
-  __slots__ = ()
+  The kind tag comes first, so tuple equality and hashing (done in C, fast on
+  deep GraphDefs) never mix two kinds of record.
+  """
+  base = collections.namedtuple(name, ("kind " + fields).split())
+  kind = name
 
-  def __eq__(self, other):
-    return type(other) is type(self) and tuple.__eq__(self, other)
+  def __new__(cls, *values):
+    return tuple.__new__(cls, (kind, *values))
 
-  def __ne__(self, other):
-    return not self.__eq__(other)
+  def __repr__(self):
+    return f"{name}({', '.join(repr(v) for v in self[1:])})"
 
-  def __hash__(self):
-    return hash((type(self).__name__, tuple.__hash__(self)))
-
-
-class _NodeFields(NamedTuple):
-  type: type
-  index: int | None          # None for tuples (no identity)
-  children: tuple            # ((key, spec), ...)
+  return type(name, (base,), {"__slots__": (), "__new__": __new__, "__doc__": doc,
+                              "__repr__": __repr__, "__module__": __name__})
 
 
-class NodeSpec(_Record, _NodeFields):
-  """An Object, list/dict (tracked or not) or tuple, and its children."""
-
-  __slots__ = ()
-
-
-class _VariableFields(NamedTuple):
-  type: type
-  index: int
-  metadata: tuple            # Variable.frozen_metadata()
-
-
-class VariableSpec(_Record, _VariableFields):
-  """A Variable: its type, its node index and its frozen metadata."""
-
-  __slots__ = ()
-
-
-class _RefFields(NamedTuple):
-  index: int
-
-
-class RefSpec(_Record, _RefFields):
-  """A repeated reference to the node (or Variable) with this index."""
-
-  __slots__ = ()
-
-
-class _ArrayFields(NamedTuple):
-  pass
-
-
-class ArraySpec(_Record, _ArrayFields):
-  """A raw array stored on a graph node; its value is a State leaf."""
-
-  __slots__ = ()
-
-
-class _StaticFields(NamedTuple):
-  value: "Static"
-
-
-class StaticSpec(_Record, _StaticFields):
-  """A value that holds no data (ints, strings, functions...), kept as is."""
-
-  __slots__ = ()
-
-
-class _PytreeFields(NamedTuple):
-  treedef: Any               # one-level treedef: children are its leaves
-  keys: tuple                # one key per child
-  children: tuple            # one spec per child
-
-
-class PytreeSpec(_Record, _PytreeFields):
-  """A registered pytree holding data (a dataclass, a namedtuple...)."""
-
-  __slots__ = ()
+NodeSpec = _record(
+    "NodeSpec", "type index children",
+    "An Object, list/dict (tracked or not) or tuple (``index`` None), and its "
+    "``(key, spec)`` children.")
+VariableSpec = _record(
+    "VariableSpec", "type index metadata",
+    "A Variable: its type, its node index and its frozen metadata.")
+RefSpec = _record("RefSpec", "index", "A repeated reference to the node with this index.")
+ArraySpec = _record("ArraySpec", "", "A raw array stored on a graph node (a State leaf).")
+StaticSpec = _record(
+    "StaticSpec", "value",
+    "A value that holds no data (ints, strings, functions...), in a `Static` wrapper.")
+PytreeSpec = _record(
+    "PytreeSpec", "treedef keys children",
+    "A registered pytree holding data: its one-level treedef, child keys and specs.")
 
 
 class Static:
