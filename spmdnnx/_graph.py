@@ -2,7 +2,8 @@
 
 A *graph* is any structure of Objects (Modules, Rngs, ...), Variables, lists,
 tuples, dicts and registered pytrees, possibly with shared references and
-cycles. `split` walks it depth-first and returns:
+cycles. One walker, `Walk`, traverses it depth-first for every graph function
+here and for the lifted transforms; `split` returns what it records:
 
 - a hashable `GraphDef` (types, static attributes, Variable metadata, sharing);
 - `State`s holding detached copies of the Variables (and raw arrays), one
