@@ -58,6 +58,7 @@ from spmdnnx._graph import pop as pop
 from spmdnnx._graph import split as split
 from spmdnnx._graph import state as state
 from spmdnnx._graph import update as update
+from spmdnnx._graph import variables as variables
 from spmdnnx._module import Module as Module
 from spmdnnx._module import data as data
 from spmdnnx._module import reseed as reseed
@@ -71,7 +72,7 @@ from spmdnnx._transforms import eval_shape as eval_shape
 from spmdnnx._transforms import fori_loop as fori_loop
 from spmdnnx._transforms import grad as grad
 from spmdnnx._transforms import jit as jit
-from spmdnnx._transforms import PARTITION_NAME as PARTITION_NAME
+from spmdnnx._stacked import PARTITION_NAME as PARTITION_NAME
 from spmdnnx._transforms import remat as remat
 from spmdnnx._transforms import resolve_policy as resolve_policy
 from spmdnnx._transforms import scan as scan

@@ -2,7 +2,8 @@
 
 A *graph* is any structure of Objects (Modules, Rngs, ...), Variables, lists,
 tuples, dicts and registered pytrees, possibly with shared references and
-cycles. `split` walks it depth-first and returns:
+cycles. One walker, `Walk`, traverses it depth-first for every graph function
+here and for the lifted transforms; `split` returns what it records:
 
 - a hashable `GraphDef` (types, static attributes, Variable metadata, sharing);
 - `State`s holding detached copies of the Variables (and raw arrays), one
@@ -35,60 +36,44 @@ import jax
 import numpy as np
 
 from spmdnnx import errors
-from spmdnnx import _tracectx as tracectx
+from spmdnnx._graphdef import ArraySpec, NodeSpec, PytreeSpec, RefSpec, Static, StaticSpec
+from spmdnnx._graphdef import VariableSpec, repr_spec
 from spmdnnx._object import Dict, List, Object, init_object_slots
 from spmdnnx._state import State, split_pairs
 from spmdnnx._typing import PathParts
-from spmdnnx._variables import Variable, freeze
-
-# Spec tags (first element of each spec tuple in a GraphDef).
-NODE, REF, VAR, LEAF, STATIC, PYTREE = "node", "ref", "var", "leaf", "static", "pytree"
-
-_CONTAINERS = (list, List, dict, Dict, tuple)
-
-
-class _Static:
-  """Hashable wrapper around a static attribute value."""
-
-  __slots__ = ("value", "_key")
-
-  def __init__(self, value):
-    self.value = value
-    self._key = freeze(value)
-
-  def __eq__(self, other):
-    return isinstance(other, _Static) and type(other.value) is type(self.value) \
-        and other._key == self._key
-
-  def __hash__(self):
-    return hash(self._key)
-
-  def __repr__(self):
-    return repr(self.value)
+from spmdnnx._variables import Variable, detach, new_variable, write_back
 
 
 class GraphDef:
-  """The static structure of a graph: hashable, usable as a jit static argument."""
+  """The static structure of a graph: hashable, usable as a jit static argument.
+
+  Attributes:
+    spec: the root's spec record (see `spmdnnx._graphdef`).
+  """
 
   __slots__ = ("spec", "_hash")
 
-  def __init__(self, spec: tuple):
+  def __init__(self, spec: Any):
     self.spec = spec
-    self._hash = hash(spec)
+    self._hash = None  # computed on first use, then cached
 
   def __hash__(self):
-    return self._hash
+    h = self._hash
+    if h is None:
+      h = self._hash = hash(self.spec)
+    return h
 
   def __eq__(self, other):
     return isinstance(other, GraphDef) and (
-        self is other or (self._hash == other._hash and self.spec == other.spec))
+        self is other or (hash(self) == hash(other) and self.spec == other.spec))
 
   def __repr__(self):
-    return f"GraphDef(\n{_repr_spec(self.spec, 1)}\n)"
+    return f"GraphDef(\n{repr_spec(self.spec, 1)}\n)"
 
   @property
   def root_type(self) -> type:
-    return self.spec[1] if self.spec[0] in (NODE, VAR) else type(None)
+    spec = self.spec
+    return spec.type if isinstance(spec, (NodeSpec, VariableSpec)) else type(None)
 
   def apply(self, state: State, *states: State) -> "_ApplyCaller":
     """Functional call: ``(out, (graphdef, state)) = gd.apply(state)(*args)``."""
@@ -116,29 +101,6 @@ class _ApplyCaller:
       fn = getattr(fn, name)
     out = fn(*args, **kwargs)
     return out, split(node)
-
-
-def _repr_spec(spec: tuple, depth: int) -> str:
-  pad = "  " * depth
-  tag = spec[0]
-  if tag == NODE:
-    _, typ, _, attrs, _ = spec
-    lines = [f"{pad}{typ.__name__}("]
-    for key, sub in attrs:
-      lines.append(f"{pad}  {key!r}:")
-      lines.append(_repr_spec(sub, depth + 2))
-    lines.append(f"{pad})")
-    return "\n".join(lines)
-  if tag == VAR:
-    meta = ", ".join(f"{k}={v!r}" for k, v in spec[3])
-    return f"{pad}{spec[1].__name__}({meta})"
-  if tag == REF:
-    return f"{pad}<shared #{spec[1]}>"
-  if tag == LEAF:
-    return f"{pad}<array>"
-  if tag == PYTREE:
-    return f"{pad}pytree {spec[1]}"
-  return f"{pad}{spec[1]!r}"
 
 
 # --------------------------------------------------------------------------------
@@ -179,83 +141,11 @@ def has_data(value: Any) -> bool:
   return len(leaves) != 1 or leaves[0] is not value and has_data(leaves[0])
 
 
-def _dict_keys(d: dict) -> list:
-  return list(d.keys())
-
-
-# --------------------------------------------------------------------------------
-# Flatten
-# --------------------------------------------------------------------------------
-
-
-class _Flattener:
-  """One depth-first walk, assigning indices to shared nodes."""
-
-  __slots__ = ("index", "pairs", "variables", "nodes", "has_raw", "detach", "static_containers")
-
-  def __init__(self, detach: bool = True):
-    self.index: dict[int, int] = {}
-    self.pairs: list = []          # (path, state leaf)
-    self.variables: list = []      # live Variables (or None for raw arrays), DFS order
-    self.nodes: list = []          # every node with identity, DFS order
-    self.has_raw = False
-    self.detach = detach
-    # Tracked List/Dict values that are static now (hold no data) but may get
-    # data later (`self.layers = []`, then append): watched too by jit.
-    self.static_containers: list = []
-
-  def visit(self, value: Any, path: PathParts) -> tuple:
-    if isinstance(value, Variable):
-      key = id(value)
-      if key in self.index:
-        return (REF, self.index[key])
-      idx = self.index[key] = len(self.index)
-      self.nodes.append(value)
-      self.variables.append(value)
-      self.pairs.append((path, detach(value) if self.detach else value))
-      return (VAR, type(value), idx, value.frozen_metadata())
-    if isinstance(value, Object):
-      key = id(value)
-      if key in self.index:
-        return (REF, self.index[key])
-      idx = self.index[key] = len(self.index)
-      self.nodes.append(value)
-      attrs = tuple((name, self.visit(sub, path + (name,)))
-                    for name, sub in value.__dict__.items())
-      return (NODE, type(value), idx, attrs, None)
-    typ = type(value)
-    if typ in (list, List, dict, Dict):
-      if not has_data(value):
-        if typ in (List, Dict):
-          self.static_containers.append(value)
-        return (STATIC, _Static(value))
-      key = id(value)
-      if key in self.index:
-        return (REF, self.index[key])
-      idx = self.index[key] = len(self.index)
-      self.nodes.append(value)
-      if typ in (dict, Dict):
-        attrs = tuple((k, self.visit(v, path + (k,))) for k, v in value.items())
-      else:
-        attrs = tuple((i, self.visit(v, path + (i,))) for i, v in enumerate(value))
-      return (NODE, typ, idx, attrs, None)
-    if typ is tuple:
-      if not has_data(value):
-        return (STATIC, _Static(value))
-      attrs = tuple((i, self.visit(v, path + (i,))) for i, v in enumerate(value))
-      return (NODE, tuple, -1, attrs, None)
-    if _is_array(value):
-      self.has_raw = True
-      self.variables.append(None)
-      self.pairs.append((path, value))
-      return (LEAF,)
-    if has_data(value):
-      keyed, treedef = jax.tree_util.tree_flatten_with_path(value, is_leaf=_stop_at_nodes)
-      # Children are named by their whole key path inside the pytree.
-      keys = tuple(tuple(_key_name(k) for k in keypath) for keypath, _ in keyed)
-      children = tuple(self.visit(v, path + key) for key, (_, v) in zip(keys, keyed))
-      return (PYTREE, treedef, children, keys)
-    return (STATIC, _Static(value))
+def _pytree_children(value: Any) -> tuple[list, Any]:
+  """One level of a registered pytree: ``([(key, child), ...], treedef)``."""
+  keyed, treedef = jax.tree_util.tree_flatten_with_path(
+      value, is_leaf=lambda x: x is not value)
+  return [(_key_name(keypath[-1]), child) for keypath, child in keyed], treedef
 
 
 def _key_name(k) -> Any:
@@ -265,23 +155,124 @@ def _key_name(k) -> Any:
   return str(k)
 
 
-def detach(var: Variable) -> Variable:
-  """A copy of a Variable sharing its value and metadata (not its identity)."""
-  new = object.__new__(type(var))
-  init = object.__setattr__
-  init(new, "raw_value", var.raw_value)
-  init(new, "_meta", var._meta)
-  init(new, "_frozen", var._frozen)
-  init(new, "_trace", tracectx.current_frame())
-  init(new, "_watched", False)
-  return new
+# --------------------------------------------------------------------------------
+# The walker
+# --------------------------------------------------------------------------------
 
 
-def flatten(node: Any, *, detach_variables: bool = True) -> tuple[GraphDef, _Flattener]:
-  """Walks a graph once; returns its GraphDef and the walk's records."""
-  f = _Flattener(detach_variables)
-  spec = f.visit(node, ())
-  return GraphDef(spec), f
+class Walk:
+  """One depth-first walk of a graph: THE traversal every graph function uses.
+
+  `split`, `state`, `graphdef`, `pop`, `update`, `iter_graph` (and through it
+  `reseed`, `split_rngs`, `iter_modules`) and the lifted transforms (argument
+  flattening and output marking) all read a `Walk`, so they agree on what a
+  graph contains: Objects, Variables, lists/dicts/tuples, arrays and
+  registered pytrees (dataclasses, namedtuples) holding any of those.
+
+  Each node with identity (Object, Variable, list/dict) gets an index at its
+  first path; later references become `RefSpec`s, which also ends cycles.
+  (`index` maps ``id(node)`` to that index.)
+
+  Attributes:
+    pairs: ``(path, state leaf)`` per Variable / raw array, DFS order (leaves
+      are detached Variable copies when ``detach``, else the live Variables).
+    variables: the live Variable per pair (None for a raw array).
+    nodes: every node with identity, by index.
+    trail: ``(path, value)`` per node and leaf that holds data, children
+      before parents, each shared node once (what `iter_graph` yields).
+    has_raw: whether some leaf is a raw array (not in a Variable).
+    static_containers: tracked List/Dict values that hold no data now (jit
+      watches them: they may get data later).
+  """
+
+  __slots__ = ("index", "pairs", "variables", "nodes", "trail", "has_raw", "detach",
+               "static_containers")
+
+  def __init__(self, detach: bool = True):
+    self.index: dict[int, int] = {}
+    self.pairs: list = []
+    self.variables: list = []
+    self.nodes: list = []
+    self.trail: list = []
+    self.has_raw = False
+    self.detach = detach
+    self.static_containers: list = []
+
+  def visit(self, value: Any, path: PathParts) -> Any:
+    """The spec of `value` at `path`, recording what it holds."""
+    typ = type(value)
+    if typ in _SCALARS:
+      return _new(StaticSpec, ("StaticSpec", Static(value)))
+    if isinstance(value, Variable):
+      idx = self.index.get(id(value))
+      if idx is not None:
+        return _new(RefSpec, ("RefSpec", idx))
+      idx = self.index[id(value)] = len(self.nodes)
+      self.nodes.append(value)
+      self.variables.append(value)
+      self.pairs.append((path, detach(value) if self.detach else value))
+      self.trail.append((path, value))
+      return _new(VariableSpec, ("VariableSpec", typ, idx, value.frozen_metadata()))
+    if isinstance(value, Object):
+      idx = self.index.get(id(value))
+      if idx is not None:
+        return _new(RefSpec, ("RefSpec", idx))
+      idx = self.index[id(value)] = len(self.nodes)
+      self.nodes.append(value)
+      visit = self.visit
+      children = tuple([(name, visit(sub, path + (name,)))
+                        for name, sub in value.__dict__.items()])
+      self.trail.append((path, value))
+      return _new(NodeSpec, ("NodeSpec", typ, idx, children))
+    if typ in _MUTABLE_CONTAINERS:
+      if not has_data(value):
+        if typ in (List, Dict):
+          self.static_containers.append(value)
+        return _new(StaticSpec, ("StaticSpec", Static(value)))
+      idx = self.index.get(id(value))
+      if idx is not None:
+        return _new(RefSpec, ("RefSpec", idx))
+      idx = self.index[id(value)] = len(self.nodes)
+      self.nodes.append(value)
+      items = value.items() if typ in (dict, Dict) else enumerate(value)
+      visit = self.visit
+      children = tuple([(k, visit(v, path + (k,))) for k, v in items])
+      self.trail.append((path, value))
+      return _new(NodeSpec, ("NodeSpec", typ, idx, children))
+    if typ is tuple:
+      if not has_data(value):
+        return _new(StaticSpec, ("StaticSpec", Static(value)))
+      visit = self.visit
+      children = tuple([(i, visit(v, path + (i,))) for i, v in enumerate(value)])
+      self.trail.append((path, value))
+      return _new(NodeSpec, ("NodeSpec", tuple, None, children))
+    if _is_array(value):
+      self.has_raw = True
+      self.variables.append(None)
+      self.pairs.append((path, value))
+      self.trail.append((path, value))
+      return _new(ArraySpec, ("ArraySpec",))
+    if has_data(value):
+      keyed, treedef = _pytree_children(value)
+      keys = tuple(k for k, _ in keyed)
+      children = tuple(self.visit(v, path + (k,)) for k, v in keyed)
+      self.trail.append((path, value))
+      return _new(PytreeSpec, ("PytreeSpec", treedef, keys, children))
+    return _new(StaticSpec, ("StaticSpec", Static(value)))
+
+
+# Spec records are built with tuple.__new__ directly in the walker (the hot
+# loop); the tuple layout is the records' ``(kind, *fields)``.
+_new = tuple.__new__
+_SCALARS = frozenset({str, int, float, bool, complex, bytes, type(None)})
+_MUTABLE_CONTAINERS = frozenset({list, List, dict, Dict})
+
+
+def flatten(node: Any, *, detach_variables: bool = True) -> tuple[GraphDef, Walk]:
+  """Walks a graph once; returns its GraphDef and the `Walk`'s records."""
+  w = Walk(detach_variables)
+  spec = w.visit(node, ())
+  return GraphDef(spec), w
 
 
 # --------------------------------------------------------------------------------
@@ -289,8 +280,12 @@ def flatten(node: Any, *, detach_variables: bool = True) -> tuple[GraphDef, _Fla
 # --------------------------------------------------------------------------------
 
 
-class _Builder:
-  """Rebuilds objects from a spec, taking leaves from `take(path, spec)`."""
+class Builder:
+  """Rebuilds objects from a spec, taking leaves from ``take(path, spec)``.
+
+  ``take`` is called for every `VariableSpec` and `ArraySpec`, in DFS order,
+  and returns the Variable / value to put there.
+  """
 
   __slots__ = ("take", "nodes")
 
@@ -298,76 +293,53 @@ class _Builder:
     self.take = take
     self.nodes: dict[int, Any] = {}
 
-  def build(self, spec: tuple, path: PathParts) -> Any:
-    tag = spec[0]
-    if tag == VAR:
+  def build(self, spec: Any, path: PathParts) -> Any:
+    kind = type(spec)
+    if kind is VariableSpec:
       var = self.take(path, spec)
-      self.nodes[spec[2]] = var
+      self.nodes[spec.index] = var
       return var
-    if tag == NODE:
-      typ, idx, attrs = spec[1], spec[2], spec[3]
+    if kind is NodeSpec:
+      _, typ, idx, children = spec
       if typ is tuple:
-        return tuple(self.build(sub, path + (k,)) for k, sub in attrs)
+        return tuple(self.build(sub, path + (k,)) for k, sub in children)
       if typ in (list, List):
         out = typ()
         self.nodes[idx] = out
-        list.extend(out, (self.build(sub, path + (k,)) for k, sub in attrs))
+        list.extend(out, (self.build(sub, path + (k,)) for k, sub in children))
         return out
       if typ in (dict, Dict):
         out = typ()
         self.nodes[idx] = out
-        for k, sub in attrs:
+        for k, sub in children:
           dict.__setitem__(out, k, self.build(sub, path + (k,)))
         return out
       obj = object.__new__(typ)
       init_object_slots(obj)
       self.nodes[idx] = obj
       d = obj.__dict__
-      for k, sub in attrs:
+      for k, sub in children:
         d[k] = self.build(sub, path + (k,))
       return obj
-    if tag == REF:
-      return self.nodes[spec[1]]
-    if tag == LEAF:
+    if kind is RefSpec:
+      return self.nodes[spec.index]
+    if kind is ArraySpec:
       return self.take(path, spec)
-    if tag == STATIC:
-      return spec[1].value
-    if tag == PYTREE:
-      children = [self.build(sub, path + key) for key, sub in zip(spec[3], spec[2])]
-      return jax.tree_util.tree_unflatten(spec[1], children)
-    raise errors.GraphError(f"Corrupt GraphDef spec at {errors.path_str(path)}: {spec!r}")
+    if kind is StaticSpec:
+      return spec.value.value
+    if kind is PytreeSpec:
+      children = [self.build(sub, path + (k,)) for k, sub in zip(spec.keys, spec.children)]
+      return jax.tree_util.tree_unflatten(spec.treedef, children)
+    raise errors.GraphError(
+        f"Corrupt GraphDef spec at {errors.path_str(path)}: {spec!r}; build "
+        "GraphDefs with split()/graphdef(), not by hand.", paths=[path])
 
 
-def _variable_from(spec: tuple, leaf: Any) -> Any:
-  """Makes a fresh Variable for a VAR spec from a State leaf or a raw value."""
+def variable_from(spec: VariableSpec, leaf: Any) -> Variable:
+  """A fresh Variable for `spec` from a State leaf (a Variable) or a raw value."""
   if isinstance(leaf, Variable):
     return detach(leaf)
-  return make_variable(spec[1], spec[3], leaf)
-
-
-def make_variable(cls: type, frozen_meta: tuple, value: Any) -> Variable:
-  """Builds a Variable of `cls` from frozen metadata without validation."""
-  new = object.__new__(cls)
-  init = object.__setattr__
-  init(new, "raw_value", value)
-  init(new, "_meta", None)
-  init(new, "_frozen", frozen_meta)
-  init(new, "_trace", tracectx.current_frame())
-  init(new, "_watched", False)
-  return new
-
-
-def unflatten_ordered(graphdef: GraphDef, values: list) -> Any:
-  """Rebuilds a graph taking leaf values in DFS order (used by transforms)."""
-  it = iter(values)
-
-  def take(path, spec):
-    value = next(it)
-    if spec[0] == VAR:
-      return make_variable(spec[1], spec[3], value)
-    return value
-
-  return _Builder(take).build(graphdef.spec, ())
+  return new_variable(spec.type, leaf, frozen=spec.metadata)
 
 
 # --------------------------------------------------------------------------------
@@ -432,7 +404,8 @@ def merge(graphdef: GraphDef, state: State | None = None, /, *states: State) -> 
       leaves.update(s.flat_state())
     elif isinstance(s, dict):
       leaves.update(State(s).flat_state())
-    elif graphdef.spec[0] in (VAR, LEAF) and (isinstance(s, Variable) or _is_array(s)):
+    elif isinstance(graphdef.spec, (VariableSpec, ArraySpec)) and (
+        isinstance(s, Variable) or _is_array(s)):
       leaves[()] = s  # the graph is a single Variable (or array)
     else:
       raise errors.GraphError(
@@ -444,9 +417,9 @@ def merge(graphdef: GraphDef, state: State | None = None, /, *states: State) -> 
       missing.append(path)
       return None
     leaf = leaves.pop(path)
-    return _variable_from(spec, leaf) if spec[0] == VAR else _raw(leaf)
+    return variable_from(spec, leaf) if type(spec) is VariableSpec else raw(leaf)
 
-  node = _Builder(take).build(graphdef.spec, ())
+  node = Builder(take).build(graphdef.spec, ())
   if missing or leaves:
     parts = []
     if missing:
@@ -458,55 +431,69 @@ def merge(graphdef: GraphDef, state: State | None = None, /, *states: State) -> 
     raise errors.GraphError(
         "merge: the State does not match the GraphDef: " + "; ".join(parts) +
         ". Pass the State(s) produced by split() of the same graph (all of them, "
-        "if you split by several filters).")
+        "if you split by several filters).", paths=missing + list(leaves))
   return node
 
 
-def _raw(leaf):
+def raw(leaf: Any) -> Any:
+  """The value of a State leaf (a Variable's value, or the array itself)."""
   return leaf.raw_value if isinstance(leaf, Variable) else leaf
 
 
 def update(node: Any, state: State, /, *states: State) -> None:
-  """Writes States into a live graph, in place (new paths create Variables)."""
+  """Writes States into a live graph, in place (new paths create Variables).
+
+  Raises:
+    GraphError: a path that goes through a node the graph lacks, or into an
+      immutable container (tuple, pytree).
+  """
+  live: dict | None = None
   for s in (state,) + states:
     if not isinstance(s, State):
       s = State(s)
     for path, leaf in s.flat_state():
-      _set_path(node, path, leaf)
-
-
-def _child(obj: Any, key: Any) -> Any:
-  if isinstance(obj, Object):
-    return obj.__dict__.get(key, _MISSING)
-  if isinstance(obj, dict):
-    return obj.get(key, _MISSING)
-  if isinstance(obj, (list, tuple)):
-    return obj[key] if isinstance(key, int) and 0 <= key < len(obj) else _MISSING
-  return _MISSING
+      if live is None:
+        _, w = flatten(node, detach_variables=False)
+        live = {p: v for (p, _), v in zip(w.pairs, w.variables) if v is not None}
+      target = live.get(path)
+      if target is not None:
+        write_back(target, leaf)
+      else:
+        _set_path(node, path, leaf)
 
 
 _MISSING = object()
 
 
+def child(obj: Any, key: Any) -> Any:
+  """The child of a graph position under `key` (as the walker names it), or _MISSING."""
+  if isinstance(obj, Object):
+    return obj.__dict__.get(key, _MISSING)
+  if isinstance(obj, dict):
+    return obj.get(key, _MISSING)
+  if type(obj) in (list, List, tuple):
+    return obj[key] if isinstance(key, int) and 0 <= key < len(obj) else _MISSING
+  if isinstance(obj, Variable) or _is_array(obj) or not has_data(obj):
+    return _MISSING
+  for k, sub in _pytree_children(obj)[0]:
+    if k == key:
+      return sub
+  return _MISSING
+
+
 def _set_path(root: Any, path: PathParts, leaf: Any) -> None:
   parent = root
   for i, key in enumerate(path[:-1]):
-    parent = _child(parent, key)
+    parent = child(parent, key)
     if parent is _MISSING:
       raise errors.GraphError(
           f"update: path {errors.path_str(path)} does not exist in the graph "
           f"(no {errors.path_str(path[:i + 1])}); update can add Variables to "
-          "existing nodes but not create nodes.")
+          "existing nodes but not create nodes.", paths=[path])
   key = path[-1]
-  target = _child(parent, key)
+  target = child(parent, key)
   if isinstance(target, Variable):
-    if isinstance(leaf, Variable):
-      object.__setattr__(target, "raw_value", leaf.raw_value)
-      if leaf._meta is not target._meta or leaf._frozen is not target._frozen:
-        if leaf.frozen_metadata() != target.frozen_metadata():
-          target.set_metadata(**leaf.get_metadata())
-    else:
-      object.__setattr__(target, "raw_value", leaf)
+    write_back(target, leaf)
     return
   new = detach(leaf) if isinstance(leaf, Variable) else leaf
   if isinstance(parent, Object):
@@ -516,20 +503,26 @@ def _set_path(root: Any, path: PathParts, leaf: Any) -> None:
   else:
     raise errors.GraphError(
         f"update: cannot set {errors.path_str(path)} inside a "
-        f"{type(parent).__name__} (immutable); rebuild it with merge instead.")
+        f"{type(parent).__name__} (immutable); rebuild it with merge instead.",
+        paths=[path])
 
 
 def pop(node: Any, *filters) -> State | tuple[State, ...]:
-  """Removes the Variables matching each filter from the graph; returns them."""
+  """Removes the Variables matching each filter from the graph; returns them.
+
+  Raises:
+    FilterError: no filter given.
+    GraphError: a matching Variable inside an immutable container.
+  """
   if not filters:
     raise errors.FilterError("pop needs at least one filter, e.g. pop(model, nnx.Intermediate).")
-  _, f = flatten(node)
-  parts = split_pairs(f.pairs, filters, exhaustive=False)[:len(filters)]
+  _, w = flatten(node)
+  parts = split_pairs(w.pairs, filters, exhaustive=False)[:len(filters)]
   for part in parts:
     for path, _ in part:
       parent = node
       for key in path[:-1]:
-        parent = _child(parent, key)
+        parent = child(parent, key)
       if isinstance(parent, Object):
         delattr(parent, path[-1])
       elif isinstance(parent, (dict, list)):
@@ -537,8 +530,34 @@ def pop(node: Any, *filters) -> State | tuple[State, ...]:
       else:
         raise errors.GraphError(
             f"pop: cannot remove {errors.path_str(path)} from an immutable "
-            f"{type(parent).__name__}.")
+            f"{type(parent).__name__}.", paths=[path])
   states = tuple(State.from_flat_path(p) for p in parts)
+  return states[0] if len(states) == 1 else states
+
+
+def variables(node: Any, *filters) -> State | tuple[State, ...]:
+  """The live Variables of a graph as a State (not copies), like Flax's `nnx.variables`.
+
+  Mutating a returned Variable (``v.value = ...``) changes the graph. With
+  filters, one State per filter (not exhaustive), as `state` does.
+
+  >>> import jax.numpy as jnp
+  >>> from spmdnnx._variables import Param
+  >>> from spmdnnx._object import Object
+  >>> class M(Object):
+  ...   def __init__(self):
+  ...     self.w = Param(jnp.zeros(2))
+  >>> m = M()
+  >>> variables(m, Param)["w"].value = jnp.ones(2)
+  >>> m.w.value.tolist()
+  [1.0, 1.0]
+  """
+  _, w = flatten(node, detach_variables=False)
+  pairs = [(p, v) for p, v in w.pairs if isinstance(v, Variable)]
+  if not filters:
+    return _as_state(pairs)
+  parts = split_pairs(pairs, filters, exhaustive=False)[:len(filters)]
+  states = tuple(_as_state(p) for p in parts)
   return states[0] if len(states) == 1 else states
 
 
@@ -550,39 +569,13 @@ def clone(node: Any) -> Any:
 def iter_graph(node: Any) -> Iterator[tuple[PathParts, Any]]:
   """Yields ``(path, value)`` for every node and leaf, children before parents.
 
-  Each shared node is yielded once, at its first path. The walk is taken
-  before the first item is yielded, so the graph may be modified while
-  iterating (model surgery).
+  Descends into everything `split` does (registered pytrees included). Each
+  shared node is yielded once, at its first path. The walk is taken before
+  the first item is yielded, so the graph may be modified while iterating
+  (model surgery).
   """
-  out: list = []
-  seen: set = set()
-
-  def visit(value, path):
-    if isinstance(value, (Object, Variable, List, Dict, list, dict)):
-      if id(value) in seen:
-        return
-      seen.add(id(value))
-    if isinstance(value, Object):
-      for k, sub in list(value.__dict__.items()):
-        visit(sub, path + (k,))
-    elif isinstance(value, (dict, Dict)):
-      if has_data(value):
-        for k, sub in list(value.items()):
-          visit(sub, path + (k,))
-      else:
-        return
-    elif isinstance(value, (list, tuple)):
-      if has_data(value):
-        for i, sub in enumerate(value):
-          visit(sub, path + (i,))
-      else:
-        return
-    elif not (isinstance(value, Variable) or _is_array(value)):
-      return
-    out.append((path, value))
-
-  visit(node, ())
-  yield from out
+  _, w = flatten(node, detach_variables=False)
+  yield from w.trail
 
 
 def iter_children(node: Object) -> Iterator[tuple[Any, Object]]:

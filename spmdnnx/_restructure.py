@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from spmdnnx._graph import NODE, VAR, GraphDef, _Builder, _raw, _variable_from
+from spmdnnx._graph import Builder, GraphDef, raw, variable_from
+from spmdnnx._graphdef import NodeSpec, VariableSpec
 from spmdnnx._object import Object
 from spmdnnx._typing import PathParts
-from spmdnnx._variables import Variable, bump_epoch
+from spmdnnx._variables import Variable, bump_epoch, thaw, write_back
 
 
 def rebuild_into(graphdef: GraphDef, leaves: list, reuse: dict[int, Any]) -> Any:
@@ -29,24 +30,22 @@ def rebuild_into(graphdef: GraphDef, leaves: list, reuse: dict[int, Any]) -> Any
 
   def take(path, spec):
     leaf = next(it)
-    if spec[0] != VAR:
-      return _raw(leaf)
-    target = reuse.get(spec[2])
+    if type(spec) is not VariableSpec:
+      return raw(leaf)
+    target = reuse.get(spec.index)
     if target is None:
-      return _variable_from(spec, leaf)
-    object.__setattr__(target, "raw_value", _raw(leaf))
-    frozen = leaf.frozen_metadata() if isinstance(leaf, Variable) else spec[3]
-    if frozen != target.frozen_metadata():
-      target.set_metadata(**(leaf.get_metadata() if isinstance(leaf, Variable)
-                             else dict(spec[3])))
+      return variable_from(spec, leaf)
+    write_back(target, leaf)
+    if not isinstance(leaf, Variable) and spec.metadata != target.frozen_metadata():
+      target.set_metadata(**{k: thaw(v) for k, v in spec.metadata})
     return target
 
   builder = _ReusingBuilder(take, reuse)
   return builder.build(graphdef.spec, ())
 
 
-class _ReusingBuilder(_Builder):
-  """A _Builder that fills existing objects in place where told to."""
+class _ReusingBuilder(Builder):
+  """A Builder that fills existing objects in place where told to."""
 
   __slots__ = ("reuse",)
 
@@ -55,9 +54,9 @@ class _ReusingBuilder(_Builder):
     self.reuse = reuse
 
   def build(self, spec: tuple, path: PathParts) -> Any:
-    if spec[0] != NODE or spec[2] not in self.reuse:
+    if type(spec) is not NodeSpec or spec.index not in self.reuse:
       return super().build(spec, path)
-    idx, attrs = spec[2], spec[3]
+    idx, attrs = spec.index, spec.children
     obj = self.reuse[idx]
     self.nodes[idx] = obj
     children = [(k, self.build(sub, path + (k,))) for k, sub in attrs]

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from spmdnnx import errors
 from spmdnnx import _filters as filterlib
+from spmdnnx import _tracectx as tracectx
 from spmdnnx._object import Object
 from spmdnnx._variables import RngCount, RngKey
 
@@ -42,6 +43,18 @@ def as_key(seed: Any, name: str) -> jax.Array:
       f"PRNG key, got {seed!r}.")
 
 
+def _raise_captured(tag: str, frame: tracectx.TraceFrame) -> None:
+  """Raises for a stream drawn inside a transform its Rngs was not passed to."""
+  raise errors.TraceContextError(
+      f"Rngs stream {tag!r} was drawn inside {frame.name}, but its Rngs was created "
+      "outside it (captured from an enclosing scope), so every vmapped or scanned "
+      "slice would get the same keys: identical layers, identical dropout masks. "
+      "Pass the Rngs to the transform as an argument instead: e.g. "
+      "split_rngs(splits=n) + vmap(in_axes=0) over a constructor that uses its "
+      "rngs argument, or a Stack make_block that uses the Rngs it is given.",
+      stream=tag, transform=frame.name)
+
+
 class RngStream(Object):
   """One named stream: ``stream()`` returns a fresh key each call."""
 
@@ -51,6 +64,9 @@ class RngStream(Object):
     self.tag = tag
 
   def __call__(self) -> jax.Array:
+    frame = tracectx.current_frame()
+    if frame is not None and self._object__trace is not frame:
+      _raise_captured(self.tag, frame)
     key = jax.random.fold_in(self.key.value, self.count.value)
     self.count.value = self.count.value + jnp.uint32(1)
     return key

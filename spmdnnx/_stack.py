@@ -47,6 +47,7 @@ from spmdnnx import errors
 from spmdnnx import _graph as graph
 from spmdnnx._module import Module
 from spmdnnx._rngs import Rngs
+from spmdnnx._stacked import LAYERS_AXIS
 from spmdnnx._stack_convert import check_same_structure
 from spmdnnx._stack_convert import slice_variable
 from spmdnnx._stack_convert import stack_variables
@@ -162,7 +163,7 @@ class Stack(Module):
   """
 
   def __init__(self, make_block: Callable[[Rngs], Any], num_layers: int, *, rngs: Rngs,
-               stack_axis: str = "layers", remat: Any = None, names: Sequence[str] = (),
+               stack_axis: str = LAYERS_AXIS, remat: Any = None, names: Sequence[str] = (),
                unroll: int | bool = 1):
     names = _check_config(num_layers, stack_axis, remat, names, unroll)
     if not isinstance(rngs, Rngs):
@@ -194,7 +195,7 @@ class Stack(Module):
   # --- conversion ----------------------------------------------------------------
 
   @classmethod
-  def from_blocks(cls, blocks: Sequence[Module], *, stack_axis: str = "layers",
+  def from_blocks(cls, blocks: Sequence[Module], *, stack_axis: str = LAYERS_AXIS,
                   remat: Any = None, names: Sequence[str] = (),
                   unroll: int | bool = 1) -> "Stack":
     """Stacks independent blocks of identical structure into a `Stack`.

@@ -26,6 +26,7 @@ from typing import Any, Mapping, Sequence
 import jax.numpy as jnp
 
 from spmdnnx import errors
+from spmdnnx._stacked import LAYERS_AXIS, insert_axis_name, remove_axis_name
 from spmdnnx._state import State
 from spmdnnx._variables import Variable
 
@@ -40,20 +41,14 @@ def stack_variables(values: Sequence[Any], stack_axis: str) -> Any:
   if not isinstance(first, Variable):
     return jnp.stack([jnp.asarray(v) for v in values])
   stacked = jnp.stack([v.raw_value for v in values])
-  axes = first.logical_axes
-  if axes is None:
-    return first.replace(stacked)
-  return first.replace(stacked, logical_axes=(stack_axis,) + tuple(axes))
+  return insert_axis_name(first, 0, stack_axis).replace(stacked)
 
 
 def slice_variable(leaf: Any, index: int, stack_axis: str) -> Any:
   """Layer ``index`` of a stacked leaf, with the stacked axis name removed."""
   if not isinstance(leaf, Variable):
     return leaf[index]
-  axes = leaf.logical_axes
-  if axes is None:
-    return leaf.replace(leaf.raw_value[index])
-  return leaf.replace(leaf.raw_value[index], logical_axes=tuple(axes)[1:])
+  return remove_axis_name(leaf, 0, stack_axis).replace(leaf.raw_value[index])
 
 
 def _flatten(tree: Any) -> list:
@@ -148,7 +143,7 @@ def _layer_list(states: Any, what: str) -> list:
 
 
 def stack_states(states: Sequence[Any] | Mapping[int, Any], *,
-                 stack_axis: str = "layers") -> Any:
+                 stack_axis: str = LAYERS_AXIS) -> Any:
   """Stacks per-layer States (or nested dicts) into one stacked State.
 
   Args:
@@ -179,7 +174,7 @@ def stack_states(states: Sequence[Any] | Mapping[int, Any], *,
   return _unflatten(pairs, layers[0])
 
 
-def unstack_state(state: Any, *, stack_axis: str = "layers") -> list:
+def unstack_state(state: Any, *, stack_axis: str = LAYERS_AXIS) -> list:
   """Splits a stacked State (or nested dict) into one State per layer.
 
   Args:

@@ -177,12 +177,8 @@ class Variable:
       value = value.raw_value
     if logical_axes is not None:
       metadata["logical_axes"] = logical_axes
-    init = object.__setattr__
-    init(self, "raw_value", value)
-    init(self, "_meta", _normalize_metadata(metadata, value, type(self).__name__))
-    init(self, "_frozen", None)
-    init(self, "_trace", tracectx.current_frame())
-    init(self, "_watched", False)
+    _fill(self, value, _normalize_metadata(metadata, value, type(self).__name__), None,
+          tracectx.current_frame())
 
   def __init_subclass__(cls, **kwargs):
     super().__init_subclass__(**kwargs)
@@ -285,19 +281,13 @@ class Variable:
 
   def replace(self, value: Any = ..., **metadata: Any) -> "Variable":
     """A new Variable of the same type, with value and/or metadata replaced."""
-    new = object.__new__(type(self))
-    init = object.__setattr__
     meta = self.get_metadata()
     if "logical_axes" in metadata or any(a in metadata for a in AXES_ALIASES):
       meta.pop("logical_axes", None)
     meta.update(metadata)
     value = self.raw_value if value is ... else value
-    init(new, "raw_value", value)
-    init(new, "_meta", _normalize_metadata(meta, value, type(self).__name__))
-    init(new, "_frozen", None)
-    init(new, "_trace", tracectx.current_frame())
-    init(new, "_watched", False)
-    return new
+    return new_variable(type(self), value,
+                        meta=_normalize_metadata(meta, value, type(self).__name__))
 
   def copy(self) -> "Variable":
     return self.replace()
@@ -368,8 +358,82 @@ class Variable:
 
 
 _RAW_SET = Variable.raw_value.__set__
-_RAW_GET = Variable.raw_value.__get__
 _VALUE_KEY = jax.tree_util.GetAttrKey("value")
+
+# --- the Variable factory ------------------------------------------------------
+# Every Variable is built by `_fill` (from `Variable.__init__`) or by
+# `new_variable` (everything else: copies, pytree unflattening, rebuilding a
+# graph). No other module writes a Variable's private slots; they call the
+# functions below.
+
+_HERE = object()  # "the frame current when the Variable is made"
+
+
+def _fill(var: Variable, value: Any, meta: dict | None, frozen: tuple | None,
+          trace: Any) -> None:
+  init = object.__setattr__
+  init(var, "raw_value", value)
+  init(var, "_meta", meta)
+  init(var, "_frozen", frozen)
+  init(var, "_trace", trace)
+  init(var, "_watched", False)
+
+
+def new_variable(cls: type, value: Any, *, meta: dict | None = None,
+                 frozen: tuple | None = None, trace: Any = _HERE) -> Variable:
+  """Builds a Variable of `cls` without validating its metadata.
+
+  Args:
+    cls: the Variable type.
+    value: the held value.
+    meta: metadata as a dict (already validated), or None with `frozen`.
+    frozen: metadata as `Variable.frozen_metadata` returns it.
+    trace: the transform frame it belongs to (default: the current one).
+  """
+  var = object.__new__(cls)
+  _fill(var, value, meta if meta is not None or frozen is not None else {}, frozen,
+        tracectx.current_frame() if trace is _HERE else trace)
+  return var
+
+
+def detach(var: Variable, value: Any = ...) -> Variable:
+  """A copy of a Variable sharing its metadata (and value, unless given).
+
+  The copy belongs to the current transform frame and is not watched.
+  """
+  return new_variable(type(var), var.raw_value if value is ... else value,
+                      meta=var._meta, frozen=var._frozen)
+
+
+def with_logical_axes(var: Variable, axes: tuple) -> Variable:
+  """A detached copy whose ``logical_axes`` are `axes`, unchecked against the value.
+
+  Transforms use it where the value's rank changes later (a stacked axis
+  removed from the metadata before vmap slices the value).
+  """
+  meta = var.get_metadata()
+  meta["logical_axes"] = tuple(axes)
+  return new_variable(type(var), var.raw_value, meta=meta)
+
+
+def write_back(var: Variable, leaf: Any) -> None:
+  """Writes a State leaf (Variable or raw value) into a live Variable, in place.
+
+  The value always; the metadata too when the leaf is a Variable whose
+  metadata differs (validated, and bumping the epoch if `var` is watched).
+  """
+  if isinstance(leaf, Variable):
+    _RAW_SET(var, leaf.raw_value)
+    if (leaf._meta is not var._meta or leaf._frozen is not var._frozen) and \
+        leaf.frozen_metadata() != var.frozen_metadata():
+      var.set_metadata(**leaf.get_metadata())
+  else:
+    _RAW_SET(var, leaf)
+
+
+def watch_variable(var: Variable) -> None:
+  """Marks a Variable so that metadata changes bump the structure epoch."""
+  object.__setattr__(var, "_watched", True)
 
 
 def _repr_value(value: Any) -> str:
@@ -391,14 +455,7 @@ def _repr_fields(var: Variable) -> str:
 def _make_unflatten(cls):
 
   def unflatten(aux, children):
-    new = object.__new__(cls)
-    init = object.__setattr__
-    init(new, "raw_value", children[0])
-    init(new, "_meta", None)
-    init(new, "_frozen", aux)
-    init(new, "_trace", None)
-    init(new, "_watched", False)
-    return new
+    return new_variable(cls, children[0], frozen=aux, trace=None)
 
   return unflatten
 

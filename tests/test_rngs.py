@@ -198,3 +198,68 @@ def test_reseed_inside_module_graph():
   m.a.dropout(), m.sub.r.dropout()
   nnx.reseed(m, dropout=3)
   assert same(m.a.dropout(), m.sub.r.dropout())
+
+
+# --- an Rngs captured from outside a transform (issue 9, item 4) ------------------
+
+
+class _Lin(nnx.Module):
+
+  def __init__(self, rngs):
+    self.w = nnx.Param(jax.random.normal(rngs.params(), (2, 3)))
+
+
+def test_vmapped_constructor_with_captured_rngs_error():
+  outer = nnx.Rngs(params=0)
+
+  @nnx.split_rngs(splits=3)
+  @nnx.vmap(in_axes=0)
+  def create(rngs):
+    return _Lin(outer)  # bug: should be _Lin(rngs)
+
+  with pytest.raises(errors.TraceContextError,
+                     match=r"Rngs stream 'params' was drawn inside vmap\(.*create\), but "
+                     r"its Rngs was created outside it .*Pass the Rngs to the transform "
+                     r"as an argument") as info:
+    create(nnx.Rngs(params=1))
+  assert info.value.stream == "params"
+  assert int(outer.params.count.value) == 0  # nothing drawn
+
+
+def test_vmapped_constructor_with_its_own_rngs_gives_distinct_layers():
+  @nnx.split_rngs(splits=3)
+  @nnx.vmap(in_axes=0)
+  def create(rngs):
+    return _Lin(rngs)
+
+  w = np.asarray(create(nnx.Rngs(params=1)).w.value)
+  assert not np.allclose(w[0], w[1]) and not np.allclose(w[1], w[2])
+
+
+def test_captured_rngs_inside_scan_and_grad_error():
+  outer = nnx.Rngs(0)
+
+  def loss(x):
+    return (x * jax.random.normal(outer(), x.shape)).sum()
+
+  with pytest.raises(errors.TraceContextError, match=r"'default' was drawn inside grad"):
+    nnx.grad(loss)(jnp.ones(2))
+
+  @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+  def step(c, x):
+    return c, x + jax.random.normal(outer.default(), ())
+
+  with pytest.raises(errors.TraceContextError, match=r"'default' was drawn inside scan"):
+    step(jnp.zeros(()), jnp.ones(3))
+
+
+def test_rngs_passed_to_vmap_may_be_drawn_inside():
+  rngs = nnx.Rngs(0)
+
+  @nnx.split_rngs(splits=2)
+  @nnx.vmap(in_axes=0)
+  def draw(r):
+    return jax.random.key_data(r())
+
+  keys = draw(rngs)
+  assert keys.shape[0] == 2 and not np.array_equal(keys[0], keys[1])

@@ -573,3 +573,38 @@ def test_scan_doc_has_blocks():
 @pytest.mark.parametrize("index", range(len(DOC_BLOCKS)))
 def test_scan_doc_block_runs(index):
   exec(compile(DOC_BLOCKS[index], f"scan.md block {index}", "exec"), {})
+
+
+def test_stack_factory_using_a_captured_rngs_error():
+  outer = nnx.Rngs(0)
+  with pytest.raises(errors.TraceContextError,
+                     match=r"Rngs stream 'default' was drawn inside vmap\(Stack.*\), but "
+                     r"its Rngs was created outside it .*a Stack make_block that uses the "
+                     r"Rngs it is given"):
+    Stack(lambda rngs: Linear(2, 2, rngs=outer), 3, rngs=nnx.Rngs(1))
+
+
+def test_stacked_module_doctests_and_one_layers_default():
+  import inspect
+  from spmdnnx import _stacked
+  result = doctest.testmod(_stacked)
+  assert result.attempted > 0 and result.failed == 0
+  defaults = [inspect.signature(f).parameters["stack_axis"].default
+              for f in (nnx.vmap, nnx.scan, Stack, Stack.from_blocks, stack_states,
+                        unstack_state)]
+  assert defaults == [_stacked.LAYERS_AXIS] * 6
+
+
+def test_stack_states_mapping_needs_consecutive_keys():
+  with pytest.raises(errors.ConfigError, match=r"stack_states: a mapping of layers needs the "
+                     r"keys 0\.\.1 .*got 0, 2"):
+    stack_states({0: {"w": jnp.zeros(2)}, 2: {"w": jnp.ones(2)}})
+
+
+def test_unstack_state_of_unstacked_leaves_error():
+  state = nnx.State({"s": jnp.zeros(()),
+                     "w": nnx.Param(jnp.zeros((2, 3)), logical_axes=("embed", "mlp"))})
+  with pytest.raises(errors.ConfigError, match=r"unstack_state: the state is not stacked along "
+                     r"'layers': s is a scalar .*w has logical_axes \('embed', 'mlp'\), not "
+                     r"starting with 'layers'"):
+    unstack_state(state)

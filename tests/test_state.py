@@ -264,3 +264,10 @@ def test_repr_readable():
       "  }),\n"
       "})")
   assert repr(nnx.State({})) == "State({})"
+
+
+def test_from_flat_path_prefix_errors():
+  with pytest.raises(errors.GraphError, match=r"Path a/b goes through a leaf at 'a'"):
+    nnx.State.from_flat_path([(("a",), 1), (("a", "b"), 2)])
+  with pytest.raises(errors.GraphError, match=r"Path a is a prefix of other paths in the State"):
+    nnx.State.from_flat_path([(("a", "b"), 2), (("a",), 1)])

@@ -444,3 +444,44 @@ def test_with_partitioning_axes_checked_when_param_made():
   x = init(jax.random.key(0), (4,), jnp.float32)
   with pytest.raises(errors.MetadataError, match=r"has 2 entries but the shape \(4,\)"):
     nnx.Param(x, **init.metadata)
+
+
+# --- the one Variable factory (issue 9) ------------------------------------------
+
+
+def test_no_module_but_variables_writes_variable_private_slots():
+  import pathlib
+  import re
+  root = pathlib.Path(nnx.__file__).parent
+  pattern = re.compile(r"""object\.__setattr__\([^,]+,\s*["'](_meta|_frozen|_trace|_watched|raw_value)["']""")
+  offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
+               if p.name != "_variables.py" and pattern.search(p.read_text())]
+  assert offenders == []
+
+
+def test_detach_shares_value_and_metadata_but_not_identity():
+  from spmdnnx import _variables
+  w = nnx.Param(jnp.ones(2), logical_axes=("embed",), note="x")
+  d = _variables.detach(w)
+  assert d is not w and type(d) is nnx.Param
+  assert d.raw_value is w.raw_value and d.logical_axes == ("embed",) and d.note == "x"
+  d.set_metadata(note="y")
+  assert w.note == "x"  # metadata dicts are not shared after a change
+  moved = _variables.detach(w, jnp.zeros(3))
+  assert moved.value.tolist() == [0.0, 0.0, 0.0] and moved.logical_axes == ("embed",)
+
+
+def test_write_back_updates_value_and_changed_metadata_in_place():
+  from spmdnnx import _variables
+  w = nnx.Param(jnp.ones(2), logical_axes=("embed",))
+  _variables.write_back(w, nnx.Param(jnp.zeros(2), logical_axes=("mlp",)))
+  assert w.value.tolist() == [0.0, 0.0] and w.logical_axes == ("mlp",)
+  _variables.write_back(w, jnp.full((2,), 3.0))
+  assert w.value.tolist() == [3.0, 3.0] and w.logical_axes == ("mlp",)
+
+
+def test_variable_can_be_passed_to_jnp_functions():
+  # BUILD_NOTES once said it could not (jax 0.10); it can.
+  w = nnx.Param(jnp.array([0.0, 1.0]))
+  assert jnp.sin(w).tolist() == pytest.approx([0.0, 0.8414709848])
+  assert jnp.sum(w).item() == 1.0

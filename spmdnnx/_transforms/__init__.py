@@ -6,7 +6,6 @@ from spmdnnx._transforms.grad import value_and_grad as value_and_grad
 from spmdnnx._transforms.jit import JitWrapped as JitWrapped
 from spmdnnx._transforms.jit import jit as jit
 from spmdnnx._transforms.axes import Carry as Carry
-from spmdnnx._transforms.axes import PARTITION_NAME as PARTITION_NAME
 from spmdnnx._transforms.axes import StateAxes as StateAxes
 from spmdnnx._transforms.rngs import split_rngs as split_rngs
 from spmdnnx._transforms.vmap import vmap as vmap

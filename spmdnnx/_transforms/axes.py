@@ -1,14 +1,12 @@
-"""Per-leaf axis specs for vmap/scan: `Carry`, `StateAxes`, stacked-axis metadata.
+"""Per-leaf axis specs for vmap/scan: `Carry`, `StateAxes`.
 
 `in_axes` of a lifted vmap or scan gives one spec per argument. For a graph
 node the spec is an int (map every Variable along that axis), None
 (broadcast), `Carry` (scan only) or ``StateAxes({filter: spec, ...})`` to
 choose per filter. `leaf_axes` turns those into one spec per state leaf.
 
-Stacked-axis metadata: a Variable mapped along axis ``a`` carries the stack's
-logical name (``"layers"`` by default) at position ``a`` of its
-``logical_axes``. Inside the body the name is removed (the body sees one
-layer); on the way out it is put back.
+The stacked-axis name that vmap/scan move in and out of mapped Variables'
+``logical_axes`` lives in `spmdnnx._stacked`.
 """
 
 from __future__ import annotations
@@ -21,12 +19,6 @@ from spmdnnx import errors
 from spmdnnx import _filters as filterlib
 from spmdnnx import _graph as graph
 from spmdnnx._variables import Variable
-
-#: Default logical name of a stacked axis.
-STACK_AXIS = "layers"
-#: Flax's key for the stacked-axis name in `transform_metadata`.
-PARTITION_NAME = "partition_name"
-
 
 class _CarryType:
   """Marks the carry in scan's in_axes / out_axes (and in StateAxes)."""
@@ -177,46 +169,3 @@ def check_mapped(paths: list, leaves: list, axes: list, size: int | None,
     sizes.setdefault(size, [])
   raise_size_mismatch(sizes, what)
   return next(iter(sizes)) if sizes else None
-
-
-def _named_axes(leaf: Any, axis: Any, name: str | None) -> tuple | None:
-  """A mapped Variable's logical axes when a stack name applies, else None."""
-  if not isinstance(leaf, Variable) or not isinstance(axis, int) or axis is Carry \
-      or name is None:
-    return None
-  return leaf.logical_axes
-
-
-def remove_axis_name(leaf: Any, axis: Any, name: str | None) -> Any:
-  """The per-slice view of a stacked Variable's metadata (axis removed)."""
-  axes = _named_axes(leaf, axis, name)
-  if axes is None:
-    return leaf
-  a = axis % len(axes)
-  inner = axes[:a] + axes[a + 1:]
-  return _with_axes(leaf, inner)
-
-
-def insert_axis_name(leaf: Any, axis: Any, name: str | None) -> Any:
-  """The stacked view of a per-slice Variable's metadata (name inserted)."""
-  axes = _named_axes(leaf, axis, name)
-  if axes is None:
-    return leaf
-  a = axis if axis >= 0 else len(axes) + 1 + axis
-  return _with_axes(leaf, axes[:a] + (name,) + axes[a:])
-
-
-def _with_axes(leaf: Variable, axes: tuple) -> Variable:
-  new = graph.detach(leaf)
-  meta = leaf.get_metadata()
-  meta["logical_axes"] = tuple(axes)
-  object.__setattr__(new, "_meta", meta)
-  object.__setattr__(new, "_frozen", None)
-  return new
-
-
-def stack_axis_name(axis_name_meta: Any, transform_metadata: Mapping | None) -> str | None:
-  """Resolves the stacked-axis name from the keyword and Flax's transform_metadata."""
-  if transform_metadata and PARTITION_NAME in transform_metadata:
-    return transform_metadata[PARTITION_NAME]
-  return axis_name_meta

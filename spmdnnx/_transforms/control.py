@@ -85,7 +85,7 @@ def _split_operands(operands: Sequence) -> tuple[lift.Extraction, list, list]:
 def _finish(ex: lift.Extraction, new_vals: list, out: Any, cell: dict) -> Any:
   lift.apply_updates(ex, new_vals, None)
   if cell.get("has_nodes"):
-    out = lift.resolve_outputs(ex.nodes, out)
+    out = lift.unmark_outputs(ex.nodes, out)
   return out
 
 

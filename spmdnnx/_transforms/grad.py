@@ -128,7 +128,7 @@ def _grad_transform(f: Callable, argnums, has_aux: bool, wrt, return_value: bool
     (loss, (aux, new_leaves)), grads = vg(*diff_inputs)
     lift.apply_updates(ex, new_leaves, cell["restructure"])
     if cell["has_nodes"]:
-      aux = lift.resolve_outputs(ex.nodes, aux)
+      aux = lift.unmark_outputs(ex.nodes, aux)
     out_grads = []
     for (kind, idx), g in zip(selections, grads):
       if kind == "node":

@@ -43,7 +43,7 @@ from spmdnnx._object import Dict, List, Object
 from spmdnnx.spmd import _context as context_lib
 from spmdnnx.spmd import _resolve as resolve_lib
 from spmdnnx._transforms import lift
-from spmdnnx._variables import EPOCH, Variable
+from spmdnnx._variables import EPOCH, Variable, watch_variable
 
 _RAW_SET = Variable.raw_value.__set__
 _RAW_GET = Variable.raw_value.__get__
@@ -65,7 +65,7 @@ def watch(nodes: list) -> None:
   """Marks nodes so that structural changes to them bump the epoch."""
   for node in nodes:
     if isinstance(node, Variable):
-      object.__setattr__(node, "_watched", True)
+      watch_variable(node)
     elif isinstance(node, Object):
       object.__setattr__(node, "_object__watched", True)
     elif isinstance(node, (List, Dict)):
@@ -154,7 +154,7 @@ class JitWrapped:
     else:
       lift.apply_updates(plan.ex, new_vals, cell.restructure)
     if cell.has_nodes:
-      out = lift.resolve_outputs(plan.ex.nodes, out)
+      out = lift.unmark_outputs(plan.ex.nodes, out)
     return out
 
   def _resolve(self, nargs: int, seq: tuple) -> frozenset:
@@ -348,7 +348,7 @@ class JitWrapped:
     new_vals, out = jitted([lift._raw(x) for x in ex.leaves], leaves, static_args, static_kw)
     lift.apply_updates(ex, new_vals, cell.restructure)
     if cell.has_nodes:
-      out = lift.resolve_outputs(ex.nodes, out)
+      out = lift.unmark_outputs(ex.nodes, out)
     return out
 
   # --- introspection -----------------------------------------------------------

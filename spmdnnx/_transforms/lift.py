@@ -7,7 +7,9 @@ arguments stay shared) and hands the transform plain pytrees of state leaves.
 Inside, `rebuild` makes fresh objects from those leaves; after the user's
 function ran, `collect` splits them again and marks any graph nodes in the
 output. Outside again, `apply_updates` writes the new state into the original
-objects and `resolve_outputs` turns marked outputs back into objects.
+objects and `unmark_outputs` turns marked outputs back into objects.
+
+Every graph traversal here is the one `graph.Walk` (`graph.flatten`).
 """
 
 from __future__ import annotations
@@ -21,10 +23,9 @@ from spmdnnx import errors
 from spmdnnx import _graph as graph
 from spmdnnx import _tracectx as tracectx
 from spmdnnx import _restructure as restructure_lib
+from spmdnnx._graphdef import VariableSpec
 from spmdnnx._state import State
-from spmdnnx._variables import Variable
-
-_RAW_SET = Variable.raw_value.__set__
+from spmdnnx._variables import Variable, detach, new_variable, write_back
 
 
 class NodeSlot:
@@ -59,10 +60,6 @@ class Extraction:
   all_nodes: list              # every live node with identity, by GraphDef index
   static_containers: list      # static List/Dict values (watched by jit)
 
-  def node_of_leaf(self, i: int) -> int:
-    """Index (into `nodes`) of the node that owns state leaf i."""
-    return self.paths[i][0]
-
 
 def extract(tree: Any) -> Extraction:
   """Finds the graph nodes in a pytree and splits them jointly."""
@@ -80,10 +77,10 @@ def extract(tree: Any) -> Extraction:
     else:
       arg_leaves.append(leaf)
   nodes_t = tuple(nodes)
-  graphdef, f = graph.flatten(nodes_t)
+  graphdef, w = graph.flatten(nodes_t)
   return Extraction(treedef, arg_leaves, nodes_t, graphdef,
-                    [p for p, _ in f.pairs], [v for _, v in f.pairs],
-                    f.variables, f.has_raw, f.nodes, f.static_containers)
+                    [p for p, _ in w.pairs], [v for _, v in w.pairs],
+                    w.variables, w.has_raw, w.nodes, w.static_containers)
 
 
 def plain_leaves(ex: Extraction) -> list:
@@ -118,12 +115,12 @@ def rebuild(graphdef: graph.GraphDef, leaves: list, treedef: Any,
 
   def take(path, spec):
     leaf = next(it)
-    if spec[0] == graph.VAR:
-      return graph.detach(leaf) if isinstance(leaf, Variable) else \
-          graph.make_variable(spec[1], spec[3], leaf)
+    if type(spec) is VariableSpec:
+      return detach(leaf) if isinstance(leaf, Variable) else \
+          new_variable(spec.type, leaf, frozen=spec.metadata)
     return _raw(leaf)
 
-  builder = graph._Builder(take)
+  builder = graph.Builder(take)
   nodes = builder.build(graphdef.spec, ())
   origin = {id(obj): idx for idx, obj in builder.nodes.items()}
   inner_graphdef = graph.graphdef(nodes) if regraph else graphdef
@@ -186,14 +183,14 @@ def collect(rebuilt: Rebuilt, out: Any) -> tuple:
     nodes in DFS order; a `Restructure` if the nodes' structure changed (else
     None); `out` with graph nodes replaced by InputRef / NodeOut markers.
   """
-  graphdef, f = graph.flatten(rebuilt.nodes)
-  new_leaves = [v for _, v in f.pairs]
+  graphdef, w = graph.flatten(rebuilt.nodes)
+  new_leaves = [v for _, v in w.pairs]
   restructure = None
   if graphdef != rebuilt.graphdef:
     origin = rebuilt.origin
-    reuse = {i: origin[id(n)] for i, n in enumerate(f.nodes) if id(n) in origin}
-    restructure = Restructure(graphdef, reuse, [p for p, _ in f.pairs])
-  out, has_nodes = mark_outputs(rebuilt.nodes, out)
+    reuse = {i: origin[id(n)] for i, n in enumerate(w.nodes) if id(n) in origin}
+    restructure = Restructure(graphdef, reuse, [p for p, _ in w.pairs])
+  out, has_nodes = mark_outputs(rebuilt.nodes, w, out)
   return new_leaves, restructure, out, has_nodes
 
 
@@ -229,17 +226,19 @@ def fun_name(f: Any) -> str:
   return getattr(f, "__qualname__", getattr(f, "__name__", repr(f)))
 
 
-def mark_outputs(nodes: tuple, out: Any) -> tuple[Any, bool]:
-  """Replaces graph nodes in `out` by InputRef (inputs) or NodeOut (new)."""
+def mark_outputs(nodes: tuple, walk: graph.Walk, out: Any) -> tuple[Any, bool]:
+  """Replaces graph nodes in `out` by InputRef (inputs) or NodeOut (new).
+
+  `walk` is the `graph.Walk` of the `nodes` tuple: a sub-node of an input
+  (at any depth, pytrees included) is marked with its path in that walk.
+  """
   leaves, treedef = jax.tree_util.tree_flatten(out, is_leaf=graph.is_graph_node)
   if not any(graph.is_graph_node(x) for x in leaves):
     return out, False
-  where: dict[int, tuple] = {}
-  for i, node in enumerate(nodes):
-    where[id(node)] = (i, ())
-    for path, sub in graph.iter_graph(node):
-      if graph.is_graph_node(sub):
-        where.setdefault(id(sub), (i, path))
+  where: dict[int, tuple] = {id(node): (i, ()) for i, node in enumerate(nodes)}
+  for path, sub in walk.trail:
+    if path and graph.is_graph_node(sub):
+      where.setdefault(id(sub), (path[0], path[1:]))
   marked = []
   for leaf in leaves:
     if graph.is_graph_node(leaf):
@@ -263,29 +262,24 @@ def apply_updates(ex: Extraction, new_leaves: list, restructure: Restructure | N
     graph.update(ex.nodes, State.from_flat_path(list(zip(ex.paths, new_leaves))))
     return
   for var, leaf in zip(ex.live, new_leaves):
-    if isinstance(leaf, Variable):
-      _RAW_SET(var, leaf.raw_value)
-      if leaf.frozen_metadata() != var.frozen_metadata():
-        var.set_metadata(**leaf.get_metadata())
-    else:
-      _RAW_SET(var, leaf)
+    write_back(var, leaf)
 
 
 def _is_marker(x) -> bool:
   return isinstance(x, (InputRef, NodeOut))
 
 
-def resolve_outputs(nodes: tuple, out: Any) -> Any:
+def unmark_outputs(nodes: tuple, out: Any) -> Any:
   """Outside: turns InputRef / NodeOut markers back into objects."""
 
-  def resolve(x):
+  def unmark(x):
     if isinstance(x, InputRef):
       node = nodes[x.index]
       for key in x.path:
-        node = graph._child(node, key)
+        node = graph.child(node, key)
       return node
     if isinstance(x, NodeOut):
       return graph.merge(x.graphdef, x.state)
     return x
 
-  return jax.tree.map(resolve, out, is_leaf=_is_marker)
+  return jax.tree.map(unmark, out, is_leaf=_is_marker)

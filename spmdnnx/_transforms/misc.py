@@ -81,7 +81,7 @@ def _lifted(f: Callable, what: str, transform: Callable, *, update: bool = True)
     if update:
       lift.apply_updates(ex, new_leaves, cell["restructure"])
     if cell["has_nodes"]:
-      out = lift.resolve_outputs(ex.nodes, out)
+      out = lift.unmark_outputs(ex.nodes, out)
     return out
 
   return wrapper
@@ -183,7 +183,9 @@ def shard_map(f: Callable | None = None, *, mesh: Any = None, in_specs: Any,
           lambda call_args: f(*call_args), what)
       if restructure is not None or has_nodes:
         raise errors.TransformError(
-            f"{what}: the function must keep the graph's structure and return arrays.")
+            f"{what}: the function must keep the graph's structure and return arrays "
+            "(it added or removed Variables or sub-modules, or returned a graph "
+            "object); create Modules outside shard_map and return their outputs.")
       return [lift._raw(x) for x in new_leaves], out
 
     kwargs = {"mesh": mesh} if mesh is not None else {}

@@ -43,13 +43,13 @@ def _streams(tree: Any, only: Any) -> list[RngStream]:
 
 
 @contextlib.contextmanager
-def _split(tree: Any, splits: int | tuple, only: Any) -> Iterator[None]:
-  if isinstance(splits, int) and splits <= 0:
-    raise errors.TransformError(f"split_rngs: splits must be positive, got {splits}.")
+def _split(tree: Any, splits: int | tuple, only: Any, squeeze: bool) -> Iterator[None]:
   saved = []
   for stream in _streams(tree, only):
     key, count = stream.key.value, stream.count.value
     new_key = jax.random.split(stream(), splits)
+    if squeeze:
+      new_key = new_key[0]
     saved.append((stream, key, stream.count.value))
     stream.key.value = new_key
     stream.count.value = jnp.zeros(jnp.shape(new_key), dtype=count.dtype)
@@ -70,14 +70,26 @@ def split_rngs(node_or_fn: Any = None, /, *, splits: int | tuple, only: Any = ..
       None to get a decorator.
     splits: how many keys each stream gets (an int or a shape).
     only: filter selecting which streams to split (default: all).
+    squeeze: with ``splits=1``, give each stream one fresh key of the
+      original shape instead of a batch of one (as Flax does), e.g. for a
+      body that runs once but must not reuse the caller's keys.
+
+  Raises:
+    TransformError: ``splits`` not positive, or ``squeeze`` with ``splits != 1``.
   """
+  if isinstance(splits, int) and not isinstance(splits, bool) and splits <= 0:
+    raise errors.TransformError(f"split_rngs: splits must be positive, got {splits}.")
+  if squeeze and splits != 1:
+    raise errors.TransformError(
+        f"split_rngs: squeeze=True needs splits=1 (one key per stream, squeezed), got "
+        f"splits={splits!r}; drop squeeze to get {splits!r} keys per stream.")
   if node_or_fn is not None and not callable(node_or_fn) or graph.is_graph_node(node_or_fn):
-    return _split(node_or_fn, splits, only)
+    return _split(node_or_fn, splits, only, squeeze)
 
   def decorator(f: Callable) -> Callable:
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
-      with _split((args, kwargs), splits, only):
+      with _split((args, kwargs), splits, only, squeeze):
         return f(*args, **kwargs)
     return wrapper
 

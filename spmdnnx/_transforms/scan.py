@@ -30,19 +30,19 @@ import jax.numpy as jnp
 
 from spmdnnx import errors
 from spmdnnx import _graph as graph
+from spmdnnx import _stacked as stacked
+from spmdnnx._stacked import LAYERS_AXIS
 from spmdnnx._transforms import axes as axeslib
 from spmdnnx._transforms import lift
 from spmdnnx._transforms.axes import Carry
-from spmdnnx._variables import Variable
+from spmdnnx._variables import Variable, detach
 
 
 def _moveaxis(leaf: Any, src: int, dst: int) -> Any:
   if src == dst:
     return leaf
   if isinstance(leaf, Variable):
-    new = graph.detach(leaf)
-    object.__setattr__(new, "raw_value", jnp.moveaxis(leaf.raw_value, src, dst))
-    return new
+    return detach(leaf, jnp.moveaxis(leaf.raw_value, src, dst))
   return jnp.moveaxis(leaf, src, dst)
 
 
@@ -72,7 +72,7 @@ def _split_out(out: Any, out_axes: Any, what: str) -> tuple[Any, list]:
 
 def scan(f: Callable | None = None, *, length: int | None = None, reverse: bool = False,
          unroll: int | bool = 1, in_axes: Any = (Carry, 0), out_axes: Any = (Carry, 0),
-         stack_axis: str | None = axeslib.STACK_AXIS,
+         stack_axis: str | None = LAYERS_AXIS,
          transform_metadata: Mapping | None = None) -> Callable:
   """Scans `f` over the leading (or given) axis of its scanned arguments.
 
@@ -92,7 +92,7 @@ def scan(f: Callable | None = None, *, length: int | None = None, reverse: bool 
     return functools.partial(scan, length=length, reverse=reverse, unroll=unroll,
                              in_axes=in_axes, out_axes=out_axes, stack_axis=stack_axis,
                              transform_metadata=transform_metadata)
-  name = axeslib.stack_axis_name(stack_axis, transform_metadata)
+  name = stacked.stack_axis_name(stack_axis, transform_metadata)
   what = f"scan({getattr(f, '__qualname__', getattr(f, '__name__', 'fun'))})"
   out_has_carry = out_axes is Carry or (isinstance(out_axes, tuple) and Carry in out_axes)
   flat_out = out_axes if isinstance(out_axes, tuple) else (out_axes,)
@@ -150,7 +150,7 @@ def scan(f: Callable | None = None, *, length: int | None = None, reverse: bool 
     bcast_plain = [i for i in plain_idx if plain_specs[i] is None]
 
     init_state = [ex.leaves[i] for i in carry_state]
-    xs_state = [_moveaxis(axeslib.remove_axis_name(ex.leaves[i], leaf_ax[i], name),
+    xs_state = [_moveaxis(stacked.remove_axis_name(ex.leaves[i], leaf_ax[i], name),
                           leaf_ax[i], 0) for i in scan_state]
     init_plain = [ex.arg_leaves[i] for i in carry_plain]
     xs_plain = [jnp.moveaxis(ex.arg_leaves[i], plain_specs[i], 0) for i in scan_plain]
@@ -217,7 +217,7 @@ def scan(f: Callable | None = None, *, length: int | None = None, reverse: bool 
     for i, v in zip(carry_state, c_state):
       new_leaves[i] = v
     for i, v in zip(scan_state, y_state):
-      new_leaves[i] = axeslib.insert_axis_name(_moveaxis(v, 0, leaf_ax[i]), leaf_ax[i], name)
+      new_leaves[i] = stacked.insert_axis_name(_moveaxis(v, 0, leaf_ax[i]), leaf_ax[i], name)
     lift.apply_updates(ex, new_leaves, None)
 
     ys = [jax.tree.map(lambda y, a=axis: jnp.moveaxis(y, 0, a), y)

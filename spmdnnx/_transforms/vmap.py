@@ -28,9 +28,11 @@ import jax
 
 from spmdnnx import errors
 from spmdnnx import _graph as graph
+from spmdnnx import _stacked as stacked
+from spmdnnx._stacked import LAYERS_AXIS
 from spmdnnx._transforms import axes as axeslib
 from spmdnnx._transforms import lift
-from spmdnnx._variables import Variable
+from spmdnnx._variables import Variable, detach
 
 
 class _Retry(Exception):
@@ -103,7 +105,7 @@ def _prefix_axes(out_axes: Any, out: Any) -> list:
 
 def vmap(f: Callable | None = None, *, in_axes: Any = 0, out_axes: Any = 0,
          axis_name: Any = None, axis_size: int | None = None,
-         spmd_axis_name: Any = None, stack_axis: str | None = axeslib.STACK_AXIS,
+         spmd_axis_name: Any = None, stack_axis: str | None = LAYERS_AXIS,
          transform_metadata: Mapping | None = None) -> Callable:
   """Vectorises `f` over mapped axes of its arguments (graph objects included).
 
@@ -121,7 +123,7 @@ def vmap(f: Callable | None = None, *, in_axes: Any = 0, out_axes: Any = 0,
                              axis_name=axis_name, axis_size=axis_size,
                              spmd_axis_name=spmd_axis_name, stack_axis=stack_axis,
                              transform_metadata=transform_metadata)
-  name = axeslib.stack_axis_name(stack_axis, transform_metadata)
+  name = stacked.stack_axis_name(stack_axis, transform_metadata)
   what = f"vmap({getattr(f, '__qualname__', getattr(f, '__name__', 'fun'))})"
 
   @functools.wraps(f)
@@ -138,7 +140,7 @@ def vmap(f: Callable | None = None, *, in_axes: Any = 0, out_axes: Any = 0,
                   if not isinstance(x, lift.NodeSlot)]
     size = axeslib.check_mapped(ex.paths, ex.leaves, leaf_ax, axis_size, what)
     size = _check_plain_sizes(plain, plain_axes, size, what)
-    in_leaves = [axeslib.remove_axis_name(l, a, name) for l, a in zip(ex.leaves, leaf_ax)]
+    in_leaves = [stacked.remove_axis_name(l, a, name) for l, a in zip(ex.leaves, leaf_ax)]
 
     def owner_axis(path, leaf):
       axis = axeslib.axis_for(specs[node_arg[path[0]]], path, leaf)
@@ -173,12 +175,12 @@ def vmap(f: Callable | None = None, *, in_axes: Any = 0, out_axes: Any = 0,
       out_state_axes = [owner_axis(p, l) for p, l in zip(retry.restructure.paths, retry.leaves)]
       (new_leaves, out), cell = run(out_state_axes, retry.restructure.paths, False)
     # Restore the stacked-axis name on mapped state, and on returned new nodes.
-    new_leaves = [axeslib.insert_axis_name(l, a, name)
+    new_leaves = [stacked.insert_axis_name(l, a, name)
                   for l, a in zip(new_leaves, out_state_axes)]
     lift.apply_updates(ex, new_leaves, cell.restructure)
     if cell.has_nodes:
       out = _stack_node_outputs(out, out_axes, name)
-      out = lift.resolve_outputs(ex.nodes, out)
+      out = lift.unmark_outputs(ex.nodes, out)
     return out
 
   return wrapper
@@ -223,8 +225,7 @@ def _check_plain_sizes(plain: list, axes: list, size: int | None, what: str) -> 
 def _abstract(leaf: Any) -> Any:
   if isinstance(leaf, Variable):
     v = leaf.raw_value
-    return graph.make_variable(type(leaf), leaf.frozen_metadata(),
-                               jax.ShapeDtypeStruct(v.shape, v.dtype))
+    return detach(leaf, jax.ShapeDtypeStruct(v.shape, v.dtype))
   return leaf
 
 
@@ -235,7 +236,7 @@ def _stack_node_outputs(out: Any, out_axes: Any, name: str | None) -> Any:
   fixed = []
   for leaf, axis in zip(leaves, axes):
     if isinstance(leaf, lift.NodeOut):
-      state = jax.tree.map(lambda v: axeslib.insert_axis_name(v, axis, name), leaf.state,
+      state = jax.tree.map(lambda v: stacked.insert_axis_name(v, axis, name), leaf.state,
                            is_leaf=lambda x: isinstance(x, Variable))
       leaf = lift.NodeOut(leaf.graphdef, state)
     fixed.append(leaf)

@@ -200,3 +200,8 @@ def test_cond_branches_returning_different_objects_error():
   with pytest.raises(nnx.errors.TransformError,
                      match=r"cond: the branches return different graph objects"):
     nnx.cond(True, lambda p: p.a, lambda p: p.b, Pair())
+
+
+def test_switch_needs_a_branch():
+  with pytest.raises(errors.TransformError, match=r"switch: needs at least one branch function"):
+    nnx.switch(0, [], Counter())

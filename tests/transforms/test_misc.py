@@ -248,3 +248,36 @@ def test_split_rngs_bad_splits():
   with pytest.raises(errors.TransformError, match="splits must be positive, got 0"):
     with nnx.split_rngs(nnx.Rngs(0), splits=0):
       pass
+
+
+def test_split_rngs_squeeze_gives_one_fresh_key_of_the_original_shape():
+  rngs = nnx.Rngs(0)
+  plain_next = jax.random.key_data(nnx.Rngs(0).default())
+  with nnx.split_rngs(rngs, splits=1, squeeze=True):
+    assert rngs.default.key.value.shape == ()
+    assert rngs.default.count.value.shape == ()
+    inner = jax.random.key_data(rngs.default.key.value)
+    assert not jnp.array_equal(inner, plain_next)
+  assert rngs.default.key.value.shape == ()
+  assert int(rngs.default.count.value) == 1  # the split drew one key
+
+
+def test_split_rngs_squeeze_in_a_decorator():
+  @nnx.split_rngs(splits=1, squeeze=True)
+  def shape_of(r):
+    return r.default.key.value.shape
+
+  assert shape_of(nnx.Rngs(0)) == ()
+
+
+def test_split_rngs_squeeze_needs_one_split():
+  with pytest.raises(errors.TransformError,
+                     match=r"squeeze=True needs splits=1 .*got splits=4; drop squeeze"):
+    nnx.split_rngs(nnx.Rngs(0), splits=4, squeeze=True)
+
+
+def test_shard_map_returning_a_module_error(mesh):
+  lin = Linear(4, 8, rngs=nnx.Rngs(0))
+  with pytest.raises(errors.TransformError, match=r"shard_map\(.*\): the function must keep "
+                     r"the graph's structure and return arrays"):
+    nnx.shard_map(lambda m: m, mesh=mesh, in_specs=(P(),), out_specs=P())(lin)

@@ -399,3 +399,26 @@ def test_linear_stack_scan_matches_manual_loop():
     r = jnp.tanh(r @ stack.w.value[i] + stack.b.value[i])
     assert close(trail[i], r)
   assert close(final, r)
+
+
+def test_error_step_changes_carry_structure():
+  @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+  def step(c, x):
+    return (c, c + x)
+
+  with pytest.raises(errors.TransformError, match=r"the carry returned by the step has "
+                     r"structure .* but the carry passed in has"):
+    step(jnp.zeros(()), jnp.ones(3))
+
+
+def test_error_carried_module_state_changes_shape():
+  c = Counter()
+
+  @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+  def step(m, x):
+    m.count.value = jnp.zeros(2, dtype=jnp.int32) + m.count.value
+    return m
+
+  with pytest.raises(errors.TransformError, match=r"carried Module state changes shape or "
+                     r"dtype across steps"):
+    step(c, jnp.ones(3))

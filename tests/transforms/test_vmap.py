@@ -293,3 +293,15 @@ def test_error_batched_write_into_broadcast_state():
                      match=r"state mean is broadcast \(in_axes None\).*per-example"):
     nnx.vmap(lambda m, x: m(x), in_axes=(None, 0))(rm, jnp.ones((4, 2, 3)))
   assert close(rm.mean.value, jnp.zeros(3))
+
+
+def test_error_in_axes_entry_not_a_prefix_of_the_argument():
+  with pytest.raises(errors.TransformError, match=r"vmap\(.*\): in_axes entry \(0, 0\) is not a "
+                     r"pytree prefix of the argument \(ArrayImpl\)"):
+    nnx.vmap(lambda x: x, in_axes=((0, 0),))(jnp.ones((2, 3)))
+
+
+def test_error_plain_argument_lacks_the_mapped_axis():
+  with pytest.raises(errors.TransformError, match=r"in_axes asks to map argument leaf 0 "
+                     r"\(shape \(2, 3\)\) along axis 2, which it lacks; use None"):
+    nnx.vmap(lambda x: x, in_axes=2)(jnp.ones((2, 3)))
