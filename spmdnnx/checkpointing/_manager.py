@@ -25,10 +25,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import threading
 import warnings
 from typing import Any
 
 import orbax.checkpoint as ocp
+
+try:  # orbax internals, used only to release threads a failed save strands
+  from orbax.checkpoint._src.futures import future as _orbax_future
+except ImportError:  # pragma: no cover - other orbax versions
+  _orbax_future = None
 
 from spmdnnx import errors
 from spmdnnx.checkpointing import _convert
@@ -57,6 +63,25 @@ class RestoreInfo:
   data_state: Any
   metadata: Any
   record: dict
+
+
+def _release_stranded(threads: list) -> None:
+  """Lets orbax's commit threads of a failed save exit.
+
+  In orbax 0.12.8, when the background creation of a step directory fails
+  (e.g. permission denied), the item-commit threads keep waiting for the
+  "directory created" signal for the coordination timeout (20+ minutes), and
+  as they are not daemons the process cannot exit. Cancelling them and
+  sending that signal lets them return at once.
+  """
+  if _orbax_future is None:
+    return
+  for t in threads:
+    receive = getattr(t, "_receive_signals", None)
+    if not t.is_alive() or receive is None or not callable(getattr(t, "cancel", None)):
+      continue
+    t.cancel()
+    _orbax_future.set_signals(receive, operation_id=getattr(t, "_operation_id", None))
 
 
 class _Unreadable(Exception):
@@ -113,11 +138,15 @@ class CheckpointManager:
     self.directory = os.path.abspath(os.fspath(directory))
     self._existed = os.path.isdir(self.directory)
     self._last_save: int | None = None
+    self._save_threads: list = []
     self._closed = False
-    options = ocp.CheckpointManagerOptions(
+    self._options = ocp.CheckpointManagerOptions(
         save_interval_steps=save_interval_steps, max_to_keep=max_to_keep,
         keep_period=keep_period, enable_async_checkpointing=async_save, create=True,
         cleanup_tmp_directories=True)
+    self._mngr = self._open()
+
+  def _open(self) -> ocp.CheckpointManager:
     handlers = {
         "model": ocp.StandardCheckpointHandler(),
         "optimizer": ocp.StandardCheckpointHandler(),
@@ -126,8 +155,8 @@ class CheckpointManager:
         "data": _data_state.DataStateHandler(),
     }
     try:
-      self._mngr = ocp.CheckpointManager(self.directory, options=options,
-                                         item_handlers=handlers)
+      return ocp.CheckpointManager(self.directory, options=self._options,
+                                   item_handlers=handlers)
     except OSError as e:
       raise errors.CheckpointError(
           f"cannot create or open the checkpoint directory {self.directory}: {e}.",
@@ -217,6 +246,7 @@ class CheckpointManager:
     record["has_data"] = data is not None
     record["has_metadata"] = metadata is not None
     args[_metadata.RECORD_ITEM] = ocp.args.JsonSave(record)
+    before = set(threading.enumerate())
     try:
       saved = self._mngr.save(step, args=ocp.args.Composite(**args), force=True)
     except errors.SpmdnnxError:
@@ -226,6 +256,7 @@ class CheckpointManager:
           f"saving step {step} to {self.directory} failed: {type(e).__name__}: {e}",
           step=step, path=self.directory) from e
     self._last_save = step
+    self._save_threads = [t for t in threading.enumerate() if t not in before]
     return bool(saved)
 
   def _raise_background_error(self) -> None:
@@ -236,6 +267,13 @@ class CheckpointManager:
       raise
     except Exception as e:
       step = self._last_save
+      # Reported once: a fresh orbax manager lets the run save again later.
+      _release_stranded(self._save_threads)
+      try:
+        self._mngr.close()
+      except Exception:  # pylint: disable=broad-except
+        pass
+      self._mngr = self._open()
       raise errors.CheckpointError(
           f"the background save of step {step} to {self.directory} failed: "
           f"{type(e).__name__}: {e}. That step is not restorable; fix the cause (disk "
