@@ -119,7 +119,7 @@ class CheckpointManager:
   Args:
     directory: where step directories are written (created if missing).
     save_interval_steps: `save` writes only on multiples of this (unless
-      ``force=True``).
+      ``force=True``); the first save of a run follows the same rule.
     max_to_keep: keep at most this many recent steps (None: all).
     keep_period: also keep every step that is a multiple of this.
     async_save: write in the background; `save` returns once the arrays are
@@ -137,6 +137,7 @@ class CheckpointManager:
     _positive_int("keep_period", keep_period, optional=True)
     self.directory = os.path.abspath(os.fspath(directory))
     self._existed = os.path.isdir(self.directory)
+    self._interval = save_interval_steps
     self._last_save: int | None = None
     self._save_threads: list = []
     self._closed = False
@@ -220,7 +221,7 @@ class CheckpointManager:
       raise errors.CheckpointError(
           "save: nothing to save; pass model=, optimizer=, data= or metadata=.", step=step)
     self._raise_background_error()
-    if not force and not self._mngr.should_save(step):
+    if not force and step % self._interval != 0:
       return False
     if step in self._mngr.all_steps():
       raise errors.CheckpointError(
