@@ -29,6 +29,8 @@ import threading
 import warnings
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 try:  # orbax internals, used only to release threads a failed save strands
@@ -41,6 +43,27 @@ from spmdnnx.checkpointing import _convert
 from spmdnnx.checkpointing import _data_state
 from spmdnnx.checkpointing import _metadata
 from spmdnnx.checkpointing import _restore
+
+
+#: How an async save takes its copy of the state (see `CheckpointManager`).
+SNAPSHOTS = ("device", "host")
+
+
+@jax.jit
+def _device_copy(arrays: list) -> list:
+  # Outputs never alias non-donated inputs: these are fresh buffers, so the
+  # caller may donate the originals while the copy is being written.
+  return [jnp.copy(a) for a in arrays]
+
+
+def _snapshot(tree: Any) -> Any:
+  """A device-side copy of every jax.Array of ``tree`` (dispatched, not awaited)."""
+  leaves, treedef = jax.tree.flatten(tree)
+  idx = [i for i, a in enumerate(leaves) if isinstance(a, jax.Array)]
+  copies = _device_copy([leaves[i] for i in idx])
+  for i, c in zip(idx, copies):
+    leaves[i] = c
+  return jax.tree.unflatten(treedef, leaves)
 
 
 class CheckpointWarning(UserWarning):
@@ -122,22 +145,35 @@ class CheckpointManager:
       ``force=True``); the first save of a run follows the same rule.
     max_to_keep: keep at most this many recent steps (None: all).
     keep_period: also keep every step that is a multiple of this.
-    async_save: write in the background; `save` returns once the arrays are
-      copied to host memory, so training may go on (and donate its buffers).
+    async_save: write in the background, so training goes on (and may donate
+      its buffers) while the step is written.
+    snapshot: with ``async_save``, how `save` takes its copy of the state:
+      ``"device"`` (default) dispatches a copy on the devices and returns at
+      once, the copy to host memory and the writes run in a background
+      thread (costs one transient copy of the saved state in device memory);
+      ``"host"`` blocks while orbax copies every shard to host memory (no
+      extra device memory).
 
   Raises:
-    ConfigError: for a non-positive interval, count or period.
+    ConfigError: for a non-positive interval, count or period, or an unknown
+      snapshot.
   """
 
   def __init__(self, directory: Any, *, save_interval_steps: int = 1,
                max_to_keep: int | None = None, keep_period: int | None = None,
-               async_save: bool = True):
+               async_save: bool = True, snapshot: str = "device"):
+    if snapshot not in SNAPSHOTS:
+      raise errors.ConfigError(
+          f"CheckpointManager: snapshot must be one of {SNAPSHOTS}, got {snapshot!r}.")
     _positive_int("save_interval_steps", save_interval_steps, optional=False)
     _positive_int("max_to_keep", max_to_keep, optional=True)
     _positive_int("keep_period", keep_period, optional=True)
     self.directory = os.path.abspath(os.fspath(directory))
     self._existed = os.path.isdir(self.directory)
     self._interval = save_interval_steps
+    self._background = async_save and snapshot == "device"
+    self._thread: threading.Thread | None = None
+    self._thread_error: BaseException | None = None
     self._last_save: int | None = None
     self._save_threads: list = []
     self._closed = False
@@ -180,6 +216,8 @@ class CheckpointManager:
   def all_steps(self) -> list[int]:
     """Every complete step in the directory, ascending."""
     self._check_open("all_steps")
+    if self._thread is not None:
+      self._thread.join()  # orbax's manager is not shared with a running save
     self._mngr.reload()
     return sorted(self._mngr.all_steps())
 
@@ -220,9 +258,10 @@ class CheckpointManager:
     if model is None and optimizer is None and data is None and metadata is None:
       raise errors.CheckpointError(
           "save: nothing to save; pass model=, optimizer=, data= or metadata=.", step=step)
-    self._raise_background_error()
     if not force and step % self._interval != 0:
+      self._raise_background_error(wait=False)
       return False
+    self._raise_background_error(wait=True)
     if step in self._mngr.all_steps():
       raise errors.CheckpointError(
           f"save: step {step} already exists in {self.directory}; steps are never "
@@ -238,7 +277,8 @@ class CheckpointManager:
       leaves[item] = _convert.describe_leaves(state)
       states.append(state)
       if leaves[item]:
-        args[item] = ocp.args.StandardSave(_convert.saveable(state))
+        tree = _convert.saveable(state)
+        args[item] = ocp.args.StandardSave(_snapshot(tree) if self._background else tree)
     if data is not None:
       args["data"] = _data_state.DataStateSave(_data_state.capture(data))
     if metadata is not None:
@@ -247,6 +287,15 @@ class CheckpointManager:
     record["has_data"] = data is not None
     record["has_metadata"] = metadata is not None
     args[_metadata.RECORD_ITEM] = ocp.args.JsonSave(record)
+    self._last_save = step
+    if self._background:
+      self._thread = threading.Thread(target=self._orbax_save_in_thread, args=(step, args),
+                                      name=f"spmdnnx-save-{step}")
+      self._thread.start()
+      return True
+    return self._orbax_save(step, args)
+
+  def _orbax_save(self, step: int, args: dict) -> bool:
     before = set(threading.enumerate())
     try:
       saved = self._mngr.save(step, args=ocp.args.Composite(**args), force=True)
@@ -256,29 +305,52 @@ class CheckpointManager:
       raise errors.CheckpointError(
           f"saving step {step} to {self.directory} failed: {type(e).__name__}: {e}",
           step=step, path=self.directory) from e
-    self._last_save = step
-    self._save_threads = [t for t in threading.enumerate() if t not in before]
+    finally:
+      self._save_threads = [t for t in threading.enumerate() if t not in before]
     return bool(saved)
 
-  def _raise_background_error(self) -> None:
+  def _orbax_save_in_thread(self, step: int, args: dict) -> None:
+    try:
+      self._orbax_save(step, args)
+    except BaseException as e:  # pylint: disable=broad-except
+      self._thread_error = e
+
+  def _raise_background_error(self, wait: bool = True) -> None:
+    """Raises the failure of an earlier background save, once.
+
+    With ``wait=False`` a save still running is not waited for.
+    """
+    thread = self._thread
+    if thread is not None:
+      if not wait and thread.is_alive():
+        return
+      thread.join()
+      self._thread = None
+      error, self._thread_error = self._thread_error, None
+      if error is not None:
+        self._report_failure(error)
+    if not wait and self._mngr.is_saving_in_progress():
+      return
     try:
       self._mngr.wait_until_finished()
       self._mngr.check_for_errors()
-    except errors.SpmdnnxError:
-      raise
-    except Exception as e:
-      step = self._last_save
-      # Reported once: a fresh orbax manager lets the run save again later.
-      _release_stranded(self._save_threads)
-      try:
-        self._mngr.close()
-      except Exception:  # pylint: disable=broad-except
-        pass
-      self._mngr = self._open()
-      raise errors.CheckpointError(
-          f"the background save of step {step} to {self.directory} failed: "
-          f"{type(e).__name__}: {e}. That step is not restorable; fix the cause (disk "
-          "space, permissions) and save again.", step=step, path=self.directory) from e
+    except Exception as e:  # pylint: disable=broad-except
+      self._report_failure(e)
+
+  def _report_failure(self, e: BaseException) -> None:
+    step = self._last_save
+    # Reported once: a fresh orbax manager lets the run save again later.
+    _release_stranded(self._save_threads)
+    try:
+      self._mngr.close()
+    except Exception:  # pylint: disable=broad-except
+      pass
+    self._mngr = self._open()
+    cause = e.__cause__ if isinstance(e, errors.CheckpointError) and e.__cause__ else e
+    raise errors.CheckpointError(
+        f"the background save of step {step} to {self.directory} failed: "
+        f"{type(cause).__name__}: {cause}. That step is not restorable; fix the cause "
+        "(disk space, permissions) and save again.", step=step, path=self.directory) from e
 
   def wait_until_finished(self) -> None:
     """Blocks until background saves are written.

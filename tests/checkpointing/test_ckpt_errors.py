@@ -46,6 +46,12 @@ def test_bad_manager_options(tmp_path, kwargs, match):
     nnx.checkpointing.CheckpointManager(tmp_path, **kwargs)
 
 
+def test_bad_snapshot(tmp_path):
+  with pytest.raises(nnx.errors.ConfigError,
+                     match=r"snapshot must be one of \('device', 'host'\), got 'disk'"):
+    nnx.checkpointing.CheckpointManager(tmp_path, snapshot="disk")
+
+
 def test_bad_saves(tmp_path):
   with nnx.checkpointing.CheckpointManager(tmp_path) as mngr:
     with pytest.raises(CheckpointError, match="nothing to save; pass model="):

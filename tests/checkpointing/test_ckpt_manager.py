@@ -99,9 +99,10 @@ def test_save_interval_force_and_retention(tmp_path):
     assert mngr.latest_step() == 7
 
 
-def test_restore_a_given_step_and_the_latest(tmp_path):
+@pytest.mark.parametrize("kwargs", [{}, {"snapshot": "host"}, {"async_save": False}])
+def test_restore_a_given_step_and_the_latest(tmp_path, kwargs):
   model = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
-  with nnx.checkpointing.CheckpointManager(tmp_path) as mngr:
+  with nnx.checkpointing.CheckpointManager(tmp_path, **kwargs) as mngr:
     for s in (1, 2):
       model.bias.value = jnp.full((2,), float(s))
       mngr.save(s, model=model)
@@ -120,10 +121,11 @@ def test_restore_into_a_state(tmp_path):
   np.testing.assert_array_equal(state["kernel"].value, model.kernel.value)
 
 
-def test_async_save_survives_donation_of_the_saved_buffers(tmp_path):
+@pytest.mark.parametrize("snapshot", ["device", "host"])
+def test_async_save_survives_donation_of_the_saved_buffers(tmp_path, snapshot):
   model = nnx.Linear(64, 64, rngs=nnx.Rngs(0))
   expected = np.asarray(model.kernel.value)
-  with nnx.checkpointing.CheckpointManager(tmp_path) as mngr:
+  with nnx.checkpointing.CheckpointManager(tmp_path, snapshot=snapshot) as mngr:
     mngr.save(1, model=model)
     model.kernel.value.delete()  # what a donating jit step does to the old buffer
     model.kernel.value = jnp.zeros((64, 64))
