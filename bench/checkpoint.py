@@ -10,7 +10,8 @@ rotated per round):
 * restore: `CheckpointManager.restore` into abstract targets (`nnx.eval_shape`
   under `use_sharding`) vs `StandardCheckpointer().restore(path, abstract)`
   with the same shardings (the abstract tree is built before timing);
-* async: the time `save` blocks with ``async_save=True`` vs the sync save.
+* async: the time `save` blocks with ``async_save=True`` (device snapshot, the
+  default, and host snapshot) vs the sync save.
 
 Peak RSS during restore is measured in fresh subprocesses (one for spmdnnx,
 one for plain orbax), sampling /proc/self/status every millisecond; it is
@@ -160,7 +161,7 @@ def main():
     state_bytes = nbytes(tree)
     print(f"state: {state_bytes / 2**20:.1f} MiB over {len(jax.tree.leaves(tree))} arrays, "
           f"fsdp=8 on {jax.device_count()} devices")
-    save = {"nnx": [], "plain": [], "async": []}
+    save = {"nnx": [], "plain": [], "async-device": [], "async-host": []}
     restore = {"nnx": [], "plain": []}
     for r in range(args.rounds):
       d = os.path.join(root, str(r))
@@ -175,10 +176,11 @@ def main():
         ckptr.wait_until_finished()
         ckptr.close()
 
-      def async_save():
-        mngr = nnx.checkpointing.CheckpointManager(d + "/async")
-        save["async"].append(timed(lambda: mngr.save(1, model=optimizer.model,
-                                                      optimizer=optimizer)))
+      def async_save(snapshot):
+        mngr = nnx.checkpointing.CheckpointManager(d + "/async-" + snapshot,
+                                                   snapshot=snapshot)
+        save["async-" + snapshot].append(timed(lambda: mngr.save(
+            1, model=optimizer.model, optimizer=optimizer)))
         mngr.close()
 
       def nnx_restore():
@@ -199,7 +201,8 @@ def main():
         order.reverse()
       for name, fn in order:
         save[name].append(timed(fn))
-      async_save()
+      async_save("device")
+      async_save("host")
       order = [nnx_restore, plain_restore]
       if r % 2:
         order.reverse()
@@ -217,8 +220,10 @@ def main():
   print(f"restore spmdnnx {rmed['nnx']:.3f}s ({mib / rmed['nnx']:.0f} MiB/s)  plain orbax "
         f"{rmed['plain']:.3f}s  throughput ratio (spmdnnx/orbax) "
         f"{rmed['plain'] / rmed['nnx']:.3f}")
-  print(f"async save blocks {med['async']:.3f}s = {med['async'] / med['nnx']:.3f} of the "
-        "sync save time")
+  for snapshot in ("device", "host"):
+    t = med["async-" + snapshot]
+    print(f"async save (snapshot={snapshot!r}) blocks {t:.3f}s = {t / med['nnx']:.3f} of the "
+          "sync save time")
   for kind in ("nnx", "plain"):
     out = subprocess.run([sys.executable, __file__, "--rss-child", kind, "--dir", last,
                           "--embed", str(args.embed), "--mlp", str(args.mlp),

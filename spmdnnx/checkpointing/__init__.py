@@ -7,7 +7,6 @@ has one-shot `save` / `restore` for scripts and `describe` to inspect a
 checkpoint without the model code. See docs/checkpointing.md.
 """
 
-from spmdnnx.checkpointing._convert import Leaf as Leaf
 from spmdnnx.checkpointing._manager import CheckpointManager as CheckpointManager
 from spmdnnx.checkpointing._manager import CheckpointWarning as CheckpointWarning
 from spmdnnx.checkpointing._manager import RestoreInfo as RestoreInfo

@@ -124,7 +124,11 @@ def describe_leaves(state: nnx.State) -> list[Leaf]:
 
 
 def _impl_of_dtype(dtype: Any) -> str:
-  return str(jax.random.key_impl(jax.ShapeDtypeStruct((), dtype)))
+  """The PRNG implementation name of an (abstract) key dtype."""
+  names = []
+  jax.eval_shape(lambda k: names.append(str(jax.random.key_impl(k))),
+                 jax.ShapeDtypeStruct((), dtype))
+  return names[0]
 
 
 def nest(pairs: list[tuple[tuple, Any]]) -> dict:
@@ -220,8 +224,6 @@ def abstract_tree(leaves: list[Leaf], shardings: list) -> dict:
   for leaf, sharding in zip(leaves, shardings):
     if leaf.prng_impl is not None:
       data = jax.eval_shape(jax.random.key_data,
-                            jax.ShapeDtypeStruct(leaf.shape, jax.random.key(0).dtype)
-                            if leaf.prng_impl == "threefry2x32" else
                             jax.ShapeDtypeStruct(leaf.shape, _key_dtype(leaf.prng_impl)))
       pairs.append((leaf.path, jax.ShapeDtypeStruct(
           data.shape, data.dtype, sharding=key_data_sharding(sharding, len(leaf.shape)))))

@@ -128,20 +128,23 @@ def check(sources: dict[tuple, Source], target_leaves: list[Leaf], *, item: str,
   Compares paths, Variable types, shapes, dtypes and logical axes.
   """
   target_keys = {_key(l.path) for l in target_leaves}
-  missing, extra, differ = [], [], []
+  missing, extra, differ, names = [], [], [], []
   for l in target_leaves:
     src = sources.get(_key(l.path))
     if src is None:
       missing.append(f"{l.name} ({l.show()})")
+      names.append(l.name)
       continue
     c = src.leaf
     if (c.shape, c.dtype, c.logical_axes, c.kind) != (l.shape, l.dtype, l.logical_axes,
                                                       l.kind):
       differ.append(f"{l.name}: checkpoint {c.show()} vs target {l.show()}")
+      names.append(l.name)
   for k, src in sources.items():
     if k not in target_keys:
       extra.append(f"{src.leaf.name} ({src.leaf.show()})")
-  if not (missing or extra or differ):
+      names.append(src.leaf.name)
+  if not names:
     return
   parts = []
   if differ:
@@ -155,10 +158,8 @@ def check(sources: dict[tuple, Source], target_leaves: list[Leaf], *, item: str,
   raise errors.CheckpointError(
       f"the {item} does not match checkpoint step {step} at {where}: " + "; ".join(parts)
       + ". Build the target with the same configuration as the saved model (sizes, "
-      "layers, logical axes)" + (hint or ".") ,
-      item=item, step=step, path=where, paths=sorted(
-          [m.split(" (")[0] for m in missing] + [e.split(" (")[0] for e in extra]
-          + [d.split(": ")[0] for d in differ]))
+      "layers, logical axes)" + (hint or "."),
+      item=item, step=step, path=where, paths=sorted(names))
 
 
 def read_sharding(target_sharding: Any, src: Source) -> Any:

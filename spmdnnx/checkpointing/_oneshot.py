@@ -153,7 +153,7 @@ def _restore_plain(path: str, target: Any) -> _manager.RestoreInfo:
                                        _dtype_name(meta.dtype), leaf.logical_axes,
                                        leaf.prng_impl))
   known = {tuple(str(k) for k in leaf.path) for leaf in leaves}
-  for key, (full, meta) in stored.items():
+  for key, (_, meta) in stored.items():
     if key not in known:
       ckpt_leaves.append(_convert.Leaf(key, "stored", tuple(meta.shape),
                                        _dtype_name(meta.dtype), None))
@@ -161,7 +161,7 @@ def _restore_plain(path: str, target: Any) -> _manager.RestoreInfo:
                             convert_layout=False)
   # Read in the stored layout (Variables may be stored as {'value': array}).
   flat = []
-  for leaf, src in zip(plan.leaves, plan.sources):
+  for leaf in plan.leaves:
     full = stored[tuple(str(k) for k in leaf.path)][0]
     flat.append((full, _convert.lookup(plan.abstract, leaf.path)))
   abstract = _convert.nest(flat)

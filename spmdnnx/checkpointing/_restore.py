@@ -57,13 +57,12 @@ def plan_item(target: Any, item: str, ckpt_leaves: list, record: dict, *, step: 
   _layout.check(by_path, leaves, item=item, step=step, where=where, hint=hint)
   shardings = _convert.target_shardings(state)
   sources = [by_path[tuple(str(k) for k in leaf.path)] for leaf in leaves]
+  ckpt_by_key = {tuple(str(k) for k in l.path): l for l in ckpt_leaves}
   read_leaves, read_shardings = [], []
   for leaf, src, sharding in zip(leaves, sources, shardings):
-    data_sharding = _data_sharding(leaf, sharding)
-    rsh = _layout.read_sharding(data_sharding, src)
+    rsh = _layout.read_sharding(_data_sharding(leaf, sharding), src)
     for path in src.paths:
-      ckpt_leaf = _find(ckpt_leaves, path)
-      read_leaves.append(ckpt_leaf)
+      read_leaves.append(ckpt_by_key[tuple(str(k) for k in path)])
       read_shardings.append(rsh)
   abstract = _convert.abstract_tree(read_leaves, read_shardings)
   return ItemPlan(target, state, leaves, sources, shardings, abstract)
@@ -73,14 +72,6 @@ def _data_sharding(leaf: _convert.Leaf, sharding: Any) -> Any:
   if leaf.prng_impl is None:
     return sharding
   return _convert.key_data_sharding(sharding, len(leaf.shape))
-
-
-def _find(leaves: list, path: tuple) -> _convert.Leaf:
-  key = tuple(str(k) for k in path)
-  for leaf in leaves:
-    if tuple(str(k) for k in leaf.path) == key:
-      return leaf
-  raise KeyError(path)
 
 
 def apply_item(plan: ItemPlan, restored: dict) -> None:

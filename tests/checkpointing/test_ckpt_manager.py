@@ -198,3 +198,23 @@ def test_optax_chain_state_round_trips(tmp_path):
     target = nnx.eval_shape(lambda: nnx.Optimizer(make_model(1), tx))
     mngr.restore(model=target.model, optimizer=target)
   assert_same_values(host_values(target), host_values(opt))
+
+
+class WithStreams(nnx.Module):
+
+  def __init__(self, rngs):
+    self.lin = nnx.Linear(3, 3, rngs=rngs)
+    self.rngs = rngs
+
+
+def test_abstract_target_with_rng_keys_of_several_implementations(tmp_path):
+  model = WithStreams(nnx.Rngs(0, noise=jax.random.key(3, impl="rbg")))
+  model.rngs.noise()
+  nnx.checkpointing.save(tmp_path / "c", model)
+  target = nnx.eval_shape(lambda: WithStreams(nnx.Rngs(1, noise=jax.random.key(4, impl="rbg"))))
+  nnx.checkpointing.restore(tmp_path / "c", target)
+  assert_same_values(host_values(target), host_values(model))
+  assert jax.random.key_impl(target.rngs.noise.key.value) == jax.random.key_impl(
+      model.rngs.noise.key.value)
+  assert int(target.rngs.noise.count.value) == 1
+  assert "rngs/noise/key: RngKey key<rbg>[]" in nnx.checkpointing.describe(tmp_path / "c")
