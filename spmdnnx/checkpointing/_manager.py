@@ -31,6 +31,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 try:  # orbax internals, used only to release threads a failed save strands
@@ -252,6 +253,8 @@ class CheckpointManager:
         that cannot be saved; a previous background save that failed.
     """
     self._check_open("save")
+    if isinstance(step, np.integer):
+      step = int(step)
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
       raise errors.CheckpointError(f"save: step must be a non-negative int, got {step!r}.",
                                    step=step)

@@ -107,6 +107,12 @@ def kill(directory):
   mngr.wait_until_finished()
   model.kernel.value = model.kernel.value + 1.0
   mngr.save(2, model=model, metadata={"note": "partial"})
+  # Report once step 2's temporary directory exists: the write is under way.
+  deadline = time.time() + 120
+  while not any(n.startswith("2.") for n in os.listdir(directory)):
+    if time.time() > deadline:
+      break
+    time.sleep(0.001)
   report(started=True)
   time.sleep(600)
 
