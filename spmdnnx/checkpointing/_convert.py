@@ -213,7 +213,8 @@ def target_shardings(state: nnx.State) -> list:
 def key_data_sharding(sharding: Any, ndim: int) -> Any:
   """The sharding of a key array's raw data (one trailing, unsharded dim)."""
   if isinstance(sharding, NamedSharding):
-    spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+    spec = tuple(sharding.spec)[:ndim]
+    spec += (None,) * (ndim - len(spec))
     return NamedSharding(sharding.mesh, PartitionSpec(*spec, None))
   return sharding
 

@@ -218,3 +218,15 @@ def test_abstract_target_with_rng_keys_of_several_implementations(tmp_path):
       model.rngs.noise.key.value)
   assert int(target.rngs.noise.count.value) == 1
   assert "rngs/noise/key: RngKey key<rbg>[]" in nnx.checkpointing.describe(tmp_path / "c")
+
+
+def test_abstract_rng_keys_under_use_sharding(tmp_path):
+  model = WithStreams(nnx.Rngs(0))
+  nnx.checkpointing.save(tmp_path / "c", model)
+  mesh = nnx.make_mesh(nnx.MeshConfig(fsdp=8))
+  with nnx.use_sharding(mesh, "fsdp"):
+    target = nnx.eval_shape(lambda: WithStreams(nnx.Rngs(1)))
+    nnx.checkpointing.restore(tmp_path / "c", target)
+  assert_same_values(host_values(target), host_values(model))
+  key = target.rngs.default.key.value
+  assert key.sharding.mesh == mesh and key.sharding.spec == jax.sharding.PartitionSpec()
