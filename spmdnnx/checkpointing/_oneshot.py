@@ -149,9 +149,12 @@ def _restore_plain(path: str, target: Any) -> _manager.RestoreInfo:
     key = tuple(str(k) for k in leaf.path)
     if key in stored:
       _, meta = stored[key]
-      ckpt_leaves.append(_convert.Leaf(leaf.path, leaf.kind, tuple(meta.shape),
-                                       _dtype_name(meta.dtype), leaf.logical_axes,
-                                       leaf.prng_impl))
+      shape, dtype = tuple(meta.shape), _dtype_name(meta.dtype)
+      if leaf.prng_impl is not None and _is_key_data(leaf, shape, dtype):
+        # orbax stores a typed PRNG key array as its raw key data.
+        shape, dtype = leaf.shape, leaf.dtype
+      ckpt_leaves.append(_convert.Leaf(leaf.path, leaf.kind, shape, dtype,
+                                       leaf.logical_axes, leaf.prng_impl))
   known = {tuple(str(k) for k in leaf.path) for leaf in leaves}
   for key, (_, meta) in stored.items():
     if key not in known:
@@ -177,6 +180,12 @@ def _restore_plain(path: str, target: Any) -> _manager.RestoreInfo:
       tuple(str(k) for k in leaf.path)][0])) for leaf in plan.leaves])
   _restore.apply_item(plan, relaid)
   return _manager.RestoreInfo(step=None, data_state=None, metadata=None, record={})
+
+
+def _is_key_data(leaf: _convert.Leaf, shape: tuple, dtype: str) -> bool:
+  data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(
+      leaf.shape, jax.random.key(0, impl=leaf.prng_impl).dtype))
+  return shape == tuple(data.shape) and dtype == np.dtype(data.dtype).name
 
 
 def _dtype_name(dtype: Any) -> str:

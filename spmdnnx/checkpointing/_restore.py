@@ -82,7 +82,9 @@ def apply_item(plan: ItemPlan, restored: dict) -> None:
     arrays = [_convert.lookup(restored, p) for p in src.paths]
     value = _layout.assemble(src, arrays, _data_sharding(leaf, sharding))
     if leaf.prng_impl is not None:
-      value = jax.device_put(jax.random.wrap_key_data(value, impl=leaf.prng_impl), sharding)
+      if not _convert.is_key(value):  # orbax may hand back typed keys itself
+        value = jax.random.wrap_key_data(value, impl=leaf.prng_impl)
+      value = jax.device_put(value, sharding)
     pairs.append((path, var.replace(value) if isinstance(var, nnx.Variable) else value))
   new_state = nnx.State.from_flat_path(pairs)
   if isinstance(plan.target, nnx.State):

@@ -2,6 +2,7 @@
 
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -110,6 +111,7 @@ class FlaxTiny(nnx.Module):
     self.norm = nnx.LayerNorm(4, rngs=rngs)
     self.blocks = nnx.List([nnx.Linear(4, 4, rngs=rngs) for _ in range(2)])
     self.out = nnx.Linear(4, 2, use_bias=False, rngs=rngs)
+    self.drop = nnx.Dropout(0.1, rngs=rngs)
 
   def __call__(self, x):
     x = self.norm(self.inp(x))
@@ -123,9 +125,13 @@ def test_flax_nnx_checkpoint_loads_into_an_spmdnnx_model():
   model = FlaxTiny(nnx.Rngs(0))
   info = nnx.checkpointing.restore(os.path.join(FIXTURES, "flax_nnx_ckpt"), model)
   assert info.step is None
-  flat = {"/".join(str(k) for k in p): np.asarray(v.value)
+  flat = {"/".join(str(k) for k in p): np.asarray(
+      jax.random.key_data(v.value) if isinstance(v, nnx.RngKey) else v.value)
           for p, v in nnx.state(model).flat_state()}
   assert sorted(flat) == sorted(k for k in values.files if not k.startswith("__"))
+  # Flax's typed PRNG key (stored by orbax as raw key data) comes back as a key.
+  assert jnp.issubdtype(model.drop.rngs.key.value.dtype, jax.dtypes.prng_key)
+  assert int(model.drop.rngs.count.value) == 1
   for k, v in flat.items():
     np.testing.assert_array_equal(v, values[k], err_msg=k)
   np.testing.assert_allclose(model(jnp.asarray(values["__input__"])), values["__output__"],
