@@ -79,6 +79,10 @@ class TransformError(SpmdnnxError, ValueError):
   """A lifted transform was given arguments it cannot map."""
 
 
+class DonatedArrayError(TransformError, RuntimeError):
+  """An array used here was deleted: a donating `nnx.jit` step consumed it."""
+
+
 class ShapeError(SpmdnnxError, ValueError):
   """An input's shape does not match what a layer expects."""
 
