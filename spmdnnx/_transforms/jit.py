@@ -186,9 +186,15 @@ class JitWrapped:
       vals = [r.get() if v is None else v.raw_value for v, r in zip(plan.live, plan.raw)]
       vals_d = [x for x, m in zip(vals, plan.mask) if m] or ()
       vals_k = [x for x, m in zip(vals, plan.mask) if not m]
+    if _MULTI_DEVICE[0] is not False and _multi_device():
+      # XLA:CPU crashes (no Python error) when a compiled multi-device program
+      # gets a deleted buffer, so deleted inputs are looked for before the call.
+      if _any_deleted(vals_d) or _any_deleted(vals_k) or _any_deleted(positions):
+        _raise_deleted(None, plan, positions, self.fun)
     try:
       new_vals, out = plan.jitted(vals_d, vals_k, *positions)
     except (ValueError, TypeError) as e:
+      _reraise_deleted(e, plan, positions, self.fun)
       _reraise_static(e, self.fun)
       if plan.cell.restructure is None or plan.sharded_ctx is None:
         raise
@@ -241,6 +247,9 @@ class JitWrapped:
                                                       self.static_argnames)
     kw_names = tuple(kwargs)
     ex = lift.extract(roots)
+    names = plan_lib.root_names(values, kinds, details, nargs, kw_names)
+    plan_lib.check_not_deleted(lift.fun_name(self.fun), ex, values, kinds, names, nargs,
+                               kw_names)
     watch(ex.all_nodes)
     watch(ex.static_containers)
     raw, reusable = None, True
@@ -312,6 +321,7 @@ class JitWrapped:
     plan.jitted, plan.cell = jitted, cell
     plan.compile_key = compile_key
     plan.sharded_ctx = ctx if sharded else None
+    plan.root_names = names
     plan.epoch = EPOCH[0]
     return plan
 
@@ -470,31 +480,49 @@ def _reraise_static(e: Exception, fun) -> None:
     ) from e
 
 
-def _deleted(x: Any) -> bool:
-  return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.is_deleted()
+_MULTI_DEVICE = [None]   # whether this process sees more than one device (set lazily)
+_ARRAY_IS_DELETED = [None]   # the concrete jax.Array class's is_deleted (set lazily)
+
+
+def _multi_device() -> bool:
+  multi = _MULTI_DEVICE[0]
+  if multi is None:
+    _ARRAY_IS_DELETED[0] = type(jax.numpy.zeros(())).is_deleted
+    multi = _MULTI_DEVICE[0] = jax.device_count() > 1
+  return multi
+
+
+def _any_deleted(values) -> bool:
+  """Whether any value (a TREE position's plain leaves included) is a deleted array."""
+  try:
+    return any(map(_ARRAY_IS_DELETED[0], values))  # all plain jax arrays: one C loop
+  except TypeError:  # other leaves (keys, None for node positions, scalars)
+    pass
+  for x in values:
+    if type(x) is tuple:
+      if _any_deleted(x):
+        return True
+    elif plan_lib.is_deleted(x):
+      return True
+  return False
 
 
 def _reraise_deleted(e: Exception, plan: plan_lib.Plan, positions, fun) -> None:
   """Explains JAX's "Array has been deleted" in terms of nnx.jit's donation."""
   if "has been deleted" not in str(e) and "deleted or donated" not in str(e):
     return
-  paths = []
+  _raise_deleted(e, plan, positions, fun)
+
+
+def _raise_deleted(e: Exception | None, plan: plan_lib.Plan, positions, fun) -> None:
+  """Raises DonatedArrayError naming the Variables and arguments that hold deleted arrays."""
   raw = plan.raw or [None] * len(plan.live)
-  for v, r, p in zip(plan.live, raw, plan.paths):
-    value = r.get() if v is None else v.raw_value
-    if _deleted(value):
-      paths.append(errors.path_str(p[1:]) if len(p) > 1 else f"argument node {p[0]}")
-  names = [f"argument {j}" if j < plan.nargs else f"argument {plan.kw_names[j - plan.nargs]!r}"
-           for j, value in enumerate(positions)
-           if any(_deleted(x) for x in jax.tree_util.tree_leaves(value))]
-  where = errors.format_paths(paths + names) or "one of the inputs"
-  raise errors.DonatedArrayError(
-      f"jit({lift.fun_name(fun)}): {where} holds an array that was deleted. Under "
-      "`use_sharding`, nnx.jit donates the state of its graph-object arguments (and "
-      "donate_argnums / donate_state do so anywhere): after a step, arrays read from a "
-      "Module before it (kept for EMA, logging, a second model) are invalid. Keep a copy "
-      "before the step (`jnp.copy(v.value)` or `jax.device_get(v.value)`), or pass "
-      "`donate_state=False` to nnx.jit to opt out.", paths=paths, arguments=names) from e
+  labels = [plan_lib.leaf_label(p, plan.root_names)
+            for v, r, p in zip(plan.live, raw, plan.paths)
+            if plan_lib.is_deleted(r.get() if v is None else v.raw_value)]
+  args = [plan_lib.arg_name(j, plan.nargs, plan.kw_names) for j, value in enumerate(positions)
+          if any(map(plan_lib.is_deleted, jax.tree_util.tree_leaves(value)))]
+  raise plan_lib.deleted_error(lift.fun_name(fun), labels, args, e)
 
 
 def jit(fun: Callable | None = None, *, in_shardings: Any = _UNSPECIFIED,

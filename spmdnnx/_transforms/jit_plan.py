@@ -143,6 +143,64 @@ def raw_slot(roots: tuple, path: tuple, leaf: Any) -> RawSlot | FixedValue:
   return FixedValue(leaf)
 
 
+def is_deleted(x: Any) -> bool:
+  """Whether x is a concrete jax.Array whose buffers were deleted (donated)."""
+  return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.is_deleted()
+
+
+def arg_name(j: int, nargs: int, kw_names: tuple) -> str:
+  return f"argument {j}" if j < nargs else f"argument {kw_names[j - nargs]!r}"
+
+
+def root_names(values: list, kinds: list, details: list, nargs: int, kw_names: tuple) -> tuple:
+  """A readable name per root node: where it was passed (``argument 1['opt']``)."""
+  names: dict[int, str] = {}
+  for j, (value, kind, detail) in enumerate(zip(values, kinds, details)):
+    arg = arg_name(j, nargs, kw_names)
+    if kind == NODE:
+      names.setdefault(detail.index, arg)
+    elif kind == TREE:
+      keyed = jax.tree_util.tree_flatten_with_path(value, is_leaf=graph.is_graph_node)[0]
+      for (keypath, _), x in zip(keyed, detail[1]):
+        if isinstance(x, lift.NodeSlot):
+          names.setdefault(x.index, arg + jax.tree_util.keystr(keypath))
+  return tuple(names[i] for i in range(len(names)))
+
+
+def leaf_label(path: tuple, names: tuple) -> str:
+  """A state leaf's path for messages: ``up/kernel (in argument 0)``."""
+  if len(path) == 1:
+    return names[path[0]]
+  return f"{errors.path_str(path[1:])} (in {names[path[0]]})"
+
+
+def deleted_error(fun_name: str, labels: list, args: list,
+                  cause: Exception | None = None) -> errors.DonatedArrayError:
+  """The error for inputs whose arrays a donating step deleted."""
+  where = errors.format_paths(labels + args) or "one of the inputs"
+  err = errors.DonatedArrayError(
+      f"jit({fun_name}): {where} holds an array that was deleted. Under `use_sharding`, "
+      "nnx.jit donates the state of its graph-object arguments (donate_argnums and "
+      "donate_state do so anywhere): after such a step, arrays read from a Module before "
+      "it (kept for EMA, logging, a snapshot) are invalid. Keep a copy before the step "
+      "(`jnp.copy(v.value)` or `jax.device_get(v.value)`), or pass `donate_state=False` "
+      "to nnx.jit to opt out.", paths=labels, arguments=args)
+  err.__cause__ = cause
+  return err
+
+
+def check_not_deleted(fun_name: str, ex: lift.Extraction, values: list, kinds: list,
+                      names: tuple, nargs: int, kw_names: tuple) -> None:
+  """At planning: raises DonatedArrayError if any input array was deleted."""
+  labels = [leaf_label(p, names) for p, leaf in zip(ex.paths, ex.leaves)
+            if is_deleted(raw(leaf))]
+  args = [arg_name(j, nargs, kw_names) for j, (v, k) in enumerate(zip(values, kinds))
+          if k in (PLAIN, TREE) and any(map(is_deleted, jax.tree_util.tree_leaves(
+              v, is_leaf=graph.is_graph_node)))]
+  if labels or args:
+    raise deleted_error(fun_name, labels, args)
+
+
 class Cell:
   """Trace-time facts about the inner function (set while tracing)."""
   __slots__ = ("has_nodes", "restructure")
@@ -179,7 +237,7 @@ class Plan:
   __slots__ = ("epoch", "ctx", "nargs", "kw_names", "node_checks", "plain_pos", "tree_pos",
                "kinds", "roots", "live", "live_d", "live_k", "raw", "mask", "paths",
                "reusable", "ex", "simple", "prefix", "nones", "jitted", "cell", "fun_name",
-               "compile_key", "sharded_ctx")
+               "compile_key", "sharded_ctx", "root_names")
 
 
 def classify(args: tuple, kwargs: dict, static: frozenset, static_names: tuple) -> tuple:
