@@ -414,7 +414,7 @@ def _positions(plan: plan_lib.Plan, args: tuple, kwargs: dict, fresh: bool = Fal
       return None
   for j in plan.plain_pos:
     v = values[j]
-    if type(v) not in _LEAF_TYPES and plan_lib.has_nested_nodes(v):
+    if type(v) not in _LEAF_TYPES and not _plain_ok(v):
       return None
   if plan.simple:
     return plan.nones + args[plan.prefix:] if plan.prefix else args
@@ -433,6 +433,21 @@ def _positions(plan: plan_lib.Plan, args: tuple, kwargs: dict, fresh: bool = Fal
   kinds = plan.kinds
   return tuple(None if kinds[j] == NODE else trees[j] if kinds[j] == TREE else v
                for j, v in enumerate(values))
+
+
+def _plain_ok(value: Any) -> bool:
+  """A plain (non-leaf-type) argument holds no graph node and no deleted array.
+
+  Failing sends the call to planning, which lifts the nodes or raises
+  DonatedArrayError for the deleted array.
+  """
+  if isinstance(value, jax.Array):
+    _LEAF_TYPES.add(type(value))
+    return True
+  leaves = jax.tree_util.tree_leaves(value, is_leaf=_is_node)
+  if any(isinstance(x, _NODE_TYPES) for x in leaves):
+    return False
+  return not (_MULTI_DEVICE[0] and any(map(plan_lib.is_deleted, leaves)))
 
 
 def _is_node(x: Any) -> bool:

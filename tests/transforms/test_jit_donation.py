@@ -144,3 +144,14 @@ def test_other_runtime_errors_pass_through():
 
 def _raise(x):
   raise RuntimeError("boom from the host")
+
+
+def test_deleted_array_inside_a_batch_dict(mesh):
+  model, optimizer, step = trained(mesh)
+  kept = model.up.kernel.value
+  f = nnx.jit(lambda m, batch: m(batch["x"]).sum() + batch["w"].sum())
+  with nnx.use_sharding(mesh, "fsdp_tp"):
+    f(model, {"x": X, "w": jnp.ones(2)})          # plan made, then reused below
+    step(model, optimizer, X)
+    with pytest.raises(errors.DonatedArrayError, match=r"argument 1 " + MESSAGE):
+      f(model, {"x": X, "w": kept})
