@@ -385,13 +385,19 @@ class JitWrapped:
 
   # --- introspection -----------------------------------------------------------
   def lower(self, *args, **kwargs):
-    """Lowers like `jax.jit(...).lower`, through the same plan as a call."""
+    """Lowers like `jax.jit(...).lower`, through the same plan as a call.
+
+    Same layout and shardings as the call, but without donation, so that
+    ``.compile().memory_analysis()`` reports the new state as outputs (as for
+    a `jax.jit` without ``donate_argnums``) rather than as temporaries.
+    """
     plan, positions = self._find_plan(args, kwargs)
-    vals = [r.get() if v is None else v.raw_value
-            for v, r in zip(plan.live, plan.raw or [None] * len(plan.live))]
-    vals_d = [x for x, m in zip(vals, plan.mask) if m] or ()
-    vals_k = [x for x, m in zip(vals, plan.mask) if not m]
-    return plan.jitted.lower(vals_d, vals_k, *positions)
+    key = list(plan.compile_key)
+    key[4], key[8] = (False,) * len(plan.mask), ()   # mask, plain_donated
+    jitted, _ = self._compiled(*key, free=False)
+    raw = plan.raw or [None] * len(plan.live)
+    vals = [r.get() if v is None else v.raw_value for v, r in zip(plan.live, raw)]
+    return jitted.lower((), vals, *positions)
 
 
 def _positions(plan: plan_lib.Plan, args: tuple, kwargs: dict, fresh: bool = False):
