@@ -162,7 +162,10 @@ class JitWrapped:
 
   def _find_plan(self, args: tuple, kwargs: dict) -> tuple:
     """A cached plan for this anchor if still valid, else a new one."""
-    anchor = next((a for a in args if isinstance(a, Object)), None)
+    if args and isinstance(args[0], Object):   # the common case (and `self` of a method)
+      anchor = args[0]
+    else:
+      anchor = next((a for a in args if isinstance(a, Object)), None)
     if anchor is not None:
       plan = self._plans.get(anchor)
       if plan is not None:

@@ -247,6 +247,13 @@ def classify(args: tuple, kwargs: dict, static: frozenset, static_names: tuple) 
     ``(values, kinds, details, roots)``: the argument values (positional then
     keyword), their kinds, per position its NodeSlot (NODE), its
     ``(treedef, leaves)`` with NodeSlots (TREE) or None, and the roots.
+
+  >>> import jax.numpy as jnp
+  >>> from spmdnnx._module import Module
+  >>> m = Module()
+  >>> _, kinds, _, roots = classify((m, jnp.ones(2), [m, 3]), {"n": 4}, frozenset(), ("n",))
+  >>> kinds, roots == (m,)
+  (['node', 'plain', 'tree', 'static'], True)
   """
   values = list(args) + list(kwargs.values())
   names = [None] * len(args) + list(kwargs)

@@ -1,10 +1,13 @@
 """nnx.jit bounds its executions in flight on the multi-device CPU backend."""
 
+import doctest
+import importlib
 import os
 import subprocess
 import sys
 import textwrap
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -119,3 +122,12 @@ def test_long_data_parallel_loop_does_not_abort():
   out = _run(LOOP, {})
   assert out.returncode == 0, out.stderr[-2000:]
   assert "final True" in out.stdout
+
+
+@pytest.mark.parametrize("name", ["spmdnnx._transforms.jit_inflight",
+                                  "spmdnnx._transforms.jit_plan"])
+def test_docstring_examples(name, restore_bound):
+  module = importlib.import_module(name)
+  with jax.numpy_dtype_promotion("standard"):
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+  assert result.attempted > 0 and result.failed == 0
