@@ -297,18 +297,17 @@ class JitWrapped:
     jitted, cell = self._compiled(*compile_key, free=False)
 
     plan = plan_lib.Plan()
-    plan.fun_name = lift.fun_name(self.fun)
     plan.ctx = ctx
     plan.nargs = nargs
     plan.kw_names = kw_names
     plan.kinds = tuple(kinds)
-    plan.node_checks = tuple((j, plan_lib.strong_ref(roots[details[j].index]))
+    plan.node_checks = tuple((j, plan_lib.ref_to(roots[details[j].index]))
                              for j, k in enumerate(kinds) if k == NODE)
     plan.plain_pos = tuple(j for j, k in enumerate(kinds) if k == PLAIN)
     plan.tree_pos = tuple(
-        (j, layout[j][1][0], tuple((k, plan_lib.strong_ref(roots[r])) for k, r in layout[j][1][1]),
+        (j, layout[j][1][0], tuple((k, plan_lib.ref_to(roots[r])) for k, r in layout[j][1][1]),
          layout[j][1][2]) for j, k in enumerate(kinds) if k == TREE)
-    plan.roots = tuple(plan_lib.strong_ref(r) for r in roots)
+    plan.roots = tuple(plan_lib.ref_to(r) for r in roots)
     plan.live = ex.live
     plan.raw = raw
     plan.mask = mask

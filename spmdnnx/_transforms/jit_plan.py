@@ -40,7 +40,7 @@ from spmdnnx._object import Dict, List, Object
 from spmdnnx._state import State
 from spmdnnx.spmd import _resolve as resolve_lib
 from spmdnnx._transforms import lift
-from spmdnnx._variables import EPOCH, Variable
+from spmdnnx._variables import Variable
 
 STATIC, NODE, TREE, PLAIN = "static", "node", "tree", "plain"
 NODE_TYPES = (Object, Variable)
@@ -51,7 +51,7 @@ LEAF_TYPES = {np.ndarray, int, float, bool, complex, str, type(None), np.float32
 _RAW_SET = Variable.raw_value.__set__
 
 
-def strong_ref(x: Any) -> Callable[[], Any]:
+def ref_to(x: Any) -> Callable[[], Any]:
   """A weak reference when the object allows one, else a strong one."""
   try:
     return weakref.ref(x)
@@ -231,12 +231,14 @@ class Plan:
     simple: nodes are exactly the first ``prefix`` positional arguments and
       nothing else is special: arguments pass through with no rebuilding.
     jitted, cell: the compiled step and its trace-time facts.
-    limit: the in-flight bound for this jit (resolved at call time if None).
+    compile_key: what `jitted` was compiled for (to build a variant of it).
+    sharded_ctx: the sharding context in force (None: no shardings derived).
+    root_names: per root, where it was passed (for messages).
   """
 
   __slots__ = ("epoch", "ctx", "nargs", "kw_names", "node_checks", "plain_pos", "tree_pos",
                "kinds", "roots", "live", "live_d", "live_k", "raw", "mask", "paths",
-               "reusable", "ex", "simple", "prefix", "nones", "jitted", "cell", "fun_name",
+               "reusable", "ex", "simple", "prefix", "nones", "jitted", "cell",
                "compile_key", "sharded_ctx", "root_names")
 
 
