@@ -178,13 +178,7 @@ def deleted_error(fun_name: str, labels: list, args: list,
                   cause: Exception | None = None) -> errors.DonatedArrayError:
   """The error for inputs whose arrays a donating step deleted."""
   where = errors.format_paths(labels + args) or "one of the inputs"
-  err = errors.DonatedArrayError(
-      f"jit({fun_name}): {where} holds an array that was deleted. Under `use_sharding`, "
-      "nnx.jit donates the state of its graph-object arguments (donate_argnums and "
-      "donate_state do so anywhere): after such a step, arrays read from a Module before "
-      "it (kept for EMA, logging, a snapshot) are invalid. Keep a copy before the step "
-      "(`jnp.copy(v.value)` or `jax.device_get(v.value)`), or pass `donate_state=False` "
-      "to nnx.jit to opt out.", paths=labels, arguments=args)
+  err = errors.DonatedArrayError.build(f"jit({fun_name})", where, paths=labels, arguments=args)
   err.__cause__ = cause
   return err
 

@@ -155,3 +155,11 @@ def test_deleted_array_inside_a_batch_dict(mesh):
     step(model, optimizer, X)
     with pytest.raises(errors.DonatedArrayError, match=r"argument 1 " + MESSAGE):
       f(model, {"x": X, "w": kept})
+
+
+def test_error_builder_for_other_layers():
+  # For code below the transforms (e.g. Variable arithmetic) to raise the same error.
+  err = errors.DonatedArrayError.build("Param.__add__", "this Param", paths=["w"])
+  assert err.paths == ["w"]
+  with pytest.raises(errors.DonatedArrayError, match=r"Param\.__add__: this Param " + MESSAGE):
+    raise err
