@@ -70,12 +70,14 @@ from spmdnnx._transforms import cond as cond
 from spmdnnx._transforms import DiffState as DiffState
 from spmdnnx._transforms import eval_shape as eval_shape
 from spmdnnx._transforms import fori_loop as fori_loop
+from spmdnnx._transforms import get_max_in_flight as get_max_in_flight
 from spmdnnx._transforms import grad as grad
 from spmdnnx._transforms import jit as jit
 from spmdnnx._stacked import PARTITION_NAME as PARTITION_NAME
 from spmdnnx._transforms import remat as remat
 from spmdnnx._transforms import resolve_policy as resolve_policy
 from spmdnnx._transforms import scan as scan
+from spmdnnx._transforms import set_max_in_flight as set_max_in_flight
 from spmdnnx._transforms import shard_map as shard_map
 from spmdnnx._transforms import split_rngs as split_rngs
 from spmdnnx._transforms import StateAxes as StateAxes

@@ -79,6 +79,21 @@ class TransformError(SpmdnnxError, ValueError):
   """A lifted transform was given arguments it cannot map."""
 
 
+class DonatedArrayError(TransformError, RuntimeError):
+  """An array used here was deleted: a donating `nnx.jit` step consumed it."""
+
+  @classmethod
+  def build(cls, who: str, where: str, **fields: Any) -> "DonatedArrayError":
+    """The error for `where` (paths, arguments) holding a deleted array, raised by `who`."""
+    return cls(
+        f"{who}: {where} holds an array that was deleted. Under `use_sharding`, nnx.jit "
+        "donates the state of its graph-object arguments (donate_argnums and donate_state "
+        "do so anywhere): after such a step, arrays read from a Module before it (kept "
+        "for EMA, logging, a snapshot) are invalid. Keep a copy before the step "
+        "(`jnp.copy(v.value)` or `jax.device_get(v.value)`), or pass "
+        "`donate_state=False` to nnx.jit to opt out.", **fields)
+
+
 class ShapeError(SpmdnnxError, ValueError):
   """An input's shape does not match what a layer expects."""
 

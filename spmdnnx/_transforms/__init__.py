@@ -5,6 +5,8 @@ from spmdnnx._transforms.grad import grad as grad
 from spmdnnx._transforms.grad import value_and_grad as value_and_grad
 from spmdnnx._transforms.jit import JitWrapped as JitWrapped
 from spmdnnx._transforms.jit import jit as jit
+from spmdnnx._transforms.jit_inflight import get_max_in_flight as get_max_in_flight
+from spmdnnx._transforms.jit_inflight import set_max_in_flight as set_max_in_flight
 from spmdnnx._transforms.axes import Carry as Carry
 from spmdnnx._transforms.axes import StateAxes as StateAxes
 from spmdnnx._transforms.rngs import split_rngs as split_rngs

@@ -1,17 +1,22 @@
 """`jit` over graph objects, at the cost of a plain `jax.jit` call.
 
-Modules, Optimizers, Rngs (any graph node) may be passed in any argument;
-their state goes in, every mutation made inside comes back out.
+Modules, Optimizers, Rngs, Variables (any graph node) may be passed in any
+argument: positionally, as keywords, or inside lists, tuples, dicts and
+pytrees. Their state goes in, every mutation made inside comes back out,
+graph objects returned (or created) inside come out as objects. Under
+`use_sharding`, all of their state is laid out by the Variables' logical axes
+and donated, whatever the position.
 
-How it stays cheap: the first call walks the arguments' graphs once and keeps
-a *plan*: the GraphDef, the live Variables in walk order, and a `jax.jit` of
-an inner function specialised to that GraphDef. The graph's objects are then
-*watched*: any structural change to them (attribute set/deleted, list or dict
-mutated, Variable metadata changed) bumps a global epoch. A later call with
-the same objects and an unchanged epoch skips the walk: it reads the
-Variables' values into a list, calls the compiled function, and writes the
-new values back. Anything else (other objects, changed structure, nodes
-nested inside containers) takes the general path, which re-walks the graph.
+There is one planning path (`jit_plan`): the first call with some arguments
+classifies them, splits their graphs jointly and compiles a `jax.jit` of an
+inner function specialised to that layout. The plan is then cached, per
+*anchor* (the first graph node among the positional arguments: ``self`` for a
+method) in a weak map, plus the last plan used. A later call reuses a plan
+while it is valid: the structure epoch has not moved (no attribute set or
+deleted, no tracked list/dict mutated, no Variable metadata changed on a
+watched object), the sharding context is equal, and the same node objects
+sit in the same positions. Reusing reads the Variables' values into a list,
+calls the compiled function and writes the new values back.
 
 >>> import jax.numpy as jnp
 >>> from spmdnnx._module import Module
@@ -38,19 +43,22 @@ import jax
 from jax.sharding import Mesh
 
 from spmdnnx import errors
-from spmdnnx import _graph as graph
 from spmdnnx._object import Dict, List, Object
 from spmdnnx.spmd import _context as context_lib
-from spmdnnx.spmd import _resolve as resolve_lib
+from spmdnnx._transforms import jit_inflight as inflight
+from spmdnnx._transforms import jit_plan as plan_lib
 from spmdnnx._transforms import lift
 from spmdnnx._variables import EPOCH, Variable, watch_variable
 
 _RAW_SET = Variable.raw_value.__set__
 _RAW_GET = Variable.raw_value.__get__
 _consume = collections.deque(maxlen=0).extend
-_NODE_TYPES = (Object, Variable)
+_NODE_TYPES = plan_lib.NODE_TYPES
+_LEAF_TYPES = plan_lib.LEAF_TYPES
 _UNSPECIFIED = object()
 _CTX_STACK = context_lib._STACK
+_INFLIGHT = inflight.STATE
+NODE, TREE, PLAIN, STATIC = plan_lib.NODE, plan_lib.TREE, plan_lib.PLAIN, plan_lib.STATIC
 
 
 def _as_tuple(x: int | Sequence[int] | None) -> tuple:
@@ -59,6 +67,10 @@ def _as_tuple(x: int | Sequence[int] | None) -> tuple:
   if isinstance(x, int):
     return (x,)
   return tuple(x)
+
+
+def _names(x: str | Sequence[str] | None) -> tuple:
+  return (x,) if isinstance(x, str) else tuple(x or ())
 
 
 def watch(nodes: list) -> None:
@@ -72,20 +84,42 @@ def watch(nodes: list) -> None:
       node._object__watched = True
 
 
-class _Plan:
-  """A cached traversal for one set of argument objects (see module doc)."""
+class _PlanMap:
+  """Plans keyed by their anchor object, weakly (entries go with the object).
 
-  __slots__ = ("epoch", "ctx", "nargs", "node_pos", "node_refs", "other_pos", "live",
-               "live_d", "live_k", "jitted", "cell", "prefix", "nones", "ex")
+  Keyed by ``id`` with a weak reference, so the anchor's ``__eq__`` and
+  ``__hash__`` (a Variable compares elementwise) are never called.
+  """
 
+  __slots__ = ("entries", "owner")
 
-class _Cell:
-  """Trace-time facts about the inner function (set while tracing)."""
-  __slots__ = ("has_nodes", "restructure")
+  def __init__(self, owner: "JitWrapped"):
+    self.entries: dict[int, tuple] = {}
+    self.owner = weakref.ref(owner)
 
-  def __init__(self):
-    self.has_nodes = False
-    self.restructure = None
+  def get(self, anchor: Any):
+    entry = self.entries.get(id(anchor))
+    if entry is not None and entry[0]() is anchor:
+      return entry[1]
+    return None
+
+  def put(self, anchor: Any, plan: plan_lib.Plan) -> None:
+    key = id(anchor)
+    entries, owner = self.entries, self.owner
+
+    def drop(_, key=key):
+      entry = entries.pop(key, None)
+      jw = owner()
+      if entry is not None and jw is not None and jw._plan is entry[1]:
+        jw._plan = None
+
+    try:
+      self.entries[key] = (weakref.ref(anchor, drop), plan)
+    except TypeError:  # not weakly referenceable: keep only as the last plan
+      pass
+
+  def __len__(self):
+    return len(self.entries)
 
 
 class JitWrapped:
@@ -94,21 +128,23 @@ class JitWrapped:
   def __init__(self, fun: Callable, *, in_shardings: Any = _UNSPECIFIED,
                out_shardings: Any = _UNSPECIFIED, static_argnums=None,
                static_argnames=None, donate_argnums=None, donate_argnames=None,
+               donate_state: bool | None = None, max_in_flight: int | None = None,
                **jit_kwargs: Any):
     functools.update_wrapper(self, fun)
     self.fun = fun
     self.in_shardings = in_shardings
     self.out_shardings = out_shardings
-    self.static_argnames = tuple(
-        (static_argnames,) if isinstance(static_argnames, str) else static_argnames or ())
-    self.donate_argnames = tuple(
-        (donate_argnames,) if isinstance(donate_argnames, str) else donate_argnames or ())
-    self.donate_state = jit_kwargs.pop("donate_state", None)
+    self.static_argnames = _names(static_argnames)
+    self.donate_argnames = _names(donate_argnames)
+    self.donate_state = donate_state
+    self.max_in_flight = (None if max_in_flight is None
+                          else inflight._parse(max_in_flight, "max_in_flight"))
     self.jit_kwargs = jit_kwargs
     self._static_raw = _as_tuple(static_argnums)
     self._donate_raw = _as_tuple(donate_argnums)
-    self._plan: _Plan | None = None
-    self._inner: dict = {}
+    self._plan: plan_lib.Plan | None = None      # the last plan used
+    self._plans = _PlanMap(self)                   # anchor -> plan
+    self._inner: dict = {}                         # layout key -> (jitted, cell)
 
   # --- method decorator ------------------------------------------------------
   def __get__(self, obj, objtype=None):
@@ -119,295 +155,333 @@ class JitWrapped:
   # --- call ------------------------------------------------------------------
   def __call__(self, *args, **kwargs):
     plan = self._plan
-    ctx_items = _CTX_STACK.items
-    ctx = ctx_items[-1] if ctx_items else None
-    if (plan is not None and plan.epoch == EPOCH[0] and len(args) == plan.nargs
-        and (plan.ctx is ctx or _same_context(plan, ctx))):
-      for i, ref in plan.node_refs:
-        if args[i] is not ref():
-          break
-      else:
-        for i in plan.other_pos:
-          if isinstance(args[i], _NODE_TYPES):
-            break
-        else:
-          if not kwargs or not any(isinstance(v, _NODE_TYPES) for v in kwargs.values()):
-            return self._fast_call(plan, args, kwargs)
-    return self._slow_call(args, kwargs)
+    positions = None if plan is None else _positions(plan, args, kwargs)
+    if positions is None:
+      plan, positions = self._find_plan(args, kwargs)
+    return self._run(plan, positions)
 
-  def _fast_call(self, plan: _Plan, args: tuple, kwargs: dict):
-    vals_d = list(map(_RAW_GET, plan.live_d)) if plan.live_d else ()
-    vals_k = list(map(_RAW_GET, plan.live_k))
-    if plan.prefix >= 0:  # graph nodes are the first `prefix` arguments
-      call_args = plan.nones + args[plan.prefix:]
+  def _find_plan(self, args: tuple, kwargs: dict) -> tuple:
+    """A cached plan for this anchor if still valid, else a new one."""
+    if args and isinstance(args[0], Object):   # the common case (and `self` of a method)
+      anchor = args[0]
     else:
-      node_pos = plan.node_pos
-      call_args = [None if i in node_pos else a for i, a in enumerate(args)]
+      anchor = next((a for a in args if isinstance(a, Object)), None)
+    if anchor is not None:
+      plan = self._plans.get(anchor)
+      if plan is not None:
+        positions = _positions(plan, args, kwargs)
+        if positions is not None:
+          self._plan = plan
+          return plan, positions
+    plan = self._make_plan(args, kwargs)
+    if plan.reusable:
+      if anchor is not None:
+        self._plans.put(anchor, plan)
+      self._plan = plan
+    positions = _positions(plan, args, kwargs, fresh=True)
+    return plan, positions
+
+  def _run(self, plan: plan_lib.Plan, positions):
+    if plan.raw is None:
+      vals_d = list(map(_RAW_GET, plan.live_d)) if plan.live_d else ()
+      vals_k = list(map(_RAW_GET, plan.live_k))
+    else:
+      vals = [r.get() if v is None else v.raw_value for v, r in zip(plan.live, plan.raw)]
+      vals_d = [x for x, m in zip(vals, plan.mask) if m] or ()
+      vals_k = [x for x, m in zip(vals, plan.mask) if not m]
+    if _MULTI_DEVICE[0] is not False and _multi_device():
+      # XLA:CPU crashes (no Python error) when a compiled multi-device program
+      # gets a deleted buffer, so deleted inputs are looked for before the call.
+      if _any_deleted(vals_d) or _any_deleted(vals_k) or _any_deleted(positions):
+        _raise_deleted(None, plan, positions, self.fun)
     try:
-      new_vals, out = plan.jitted(vals_d, vals_k, *call_args, **kwargs)
+      new_vals, out = plan.jitted(vals_d, vals_k, *positions)
     except (ValueError, TypeError) as e:
+      _reraise_deleted(e, plan, positions, self.fun)
       _reraise_static(e, self.fun)
+      if plan.cell.restructure is None or plan.sharded_ctx is None:
+        raise
+      # The function changed the structure: the state's out_shardings do not
+      # fit the new leaves. Compile the variant that pins them in the trace.
+      plan.jitted, plan.cell = self._compiled(*plan.compile_key, free=True)
+      new_vals, out = plan.jitted(vals_d, vals_k, *positions)
+    except RuntimeError as e:
+      _reraise_deleted(e, plan, positions, self.fun)
       raise
     cell = plan.cell
-    if cell.restructure is None:
+    if cell.restructure is not None or not plan.reusable:
+      ex = plan.ex if not plan.reusable else lift.extract(_roots(plan))
+      lift.apply_updates(ex, new_vals, cell.restructure)
+    elif plan.raw is None:
       _consume(map(_RAW_SET, plan.live, new_vals))
     else:
-      lift.apply_updates(plan.ex, new_vals, cell.restructure)
+      for v, r, x in zip(plan.live, plan.raw, new_vals):
+        if v is None:
+          r.set(x)
+        else:
+          _RAW_SET(v, x)
     if cell.has_nodes:
-      out = lift.unmark_outputs(plan.ex.nodes, out)
+      if plan.sharded_ctx is not None:
+        out = plan_lib.place_new_nodes(out, plan.sharded_ctx)
+      out = lift.unmark_outputs(_roots(plan), out)
+    limit = self.max_in_flight
+    if limit is None:
+      limit = _INFLIGHT.limit
+    if limit and (_INFLIGHT.active or (_INFLIGHT.active is None and inflight.bounded_backend())):
+      _track(out, new_vals, limit)
     return out
 
-  def _resolve(self, nargs: int, seq: tuple) -> frozenset:
+  # --- planning ----------------------------------------------------------------
+  def _resolve_argnums(self, nargs: int, seq: tuple) -> frozenset:
     return frozenset(i + nargs if i < 0 else i for i in seq)
 
-  def _slow_call(self, args: tuple, kwargs: dict):
+  def _make_plan(self, args: tuple, kwargs: dict) -> plan_lib.Plan:
+    """Classifies the arguments, splits their graphs, derives shardings and donation."""
     nargs = len(args)
-    static = self._resolve(nargs, self._static_raw)
-    donate = self._resolve(nargs, self._donate_raw)
-    for i in static:
+    static = self._resolve_argnums(nargs, self._static_raw)
+    donate = self._resolve_argnums(nargs, self._donate_raw)
+    for i in sorted(static):
       if i < nargs:
         _check_hashable(args[i], f"positional argument {i}", self.fun)
     for k in self.static_argnames:
       if k in kwargs:
         _check_hashable(kwargs[k], f"argument {k!r}", self.fun)
-    node_pos = tuple(i for i, a in enumerate(args)
-                     if i not in static and isinstance(a, _NODE_TYPES))
-    other_pos = tuple(i for i in range(nargs) if i not in static and i not in node_pos)
-    dyn_kwargs = [v for k, v in kwargs.items() if k not in self.static_argnames]
-    if (any(_has_nested_nodes(args[i]) for i in other_pos)
-        or any(_has_nested_nodes(v) for v in dyn_kwargs)):
-      return self._general_call(args, kwargs, static)
-    ex = lift.extract(tuple(args[i] for i in node_pos))
-    if ex.has_raw:
-      return self._general_call(args, kwargs, static)
+    values, kinds, details, roots = plan_lib.classify(args, kwargs, static,
+                                                      self.static_argnames)
+    kw_names = tuple(kwargs)
+    ex = lift.extract(roots)
+    names = plan_lib.root_names(values, kinds, details, nargs, kw_names)
+    plan_lib.check_not_deleted(lift.fun_name(self.fun), ex, values, kinds, names, nargs,
+                               kw_names)
     watch(ex.all_nodes)
     watch(ex.static_containers)
+    raw, reusable = None, True
+    if ex.has_raw:
+      raw = [None if v is not None else plan_lib.raw_slot(roots, p, leaf)
+             for v, p, leaf in zip(ex.live, ex.paths, ex.leaves)]
+      reusable = not any(isinstance(r, plan_lib.FixedValue) for r in raw)
     ctx = context_lib.current_context()
-    shardings = self._state_shardings(ex, ctx)
-    owner = [p[0] for p in ex.paths]
-    donated_nodes = {j for j, i in enumerate(node_pos) if i in donate}
-    if shardings is not None and self.donate_state is not False:
-      donated_nodes = set(range(len(node_pos)))
-    elif self.donate_state:
-      donated_nodes = set(range(len(node_pos)))
-    mask = tuple(o in donated_nodes for o in owner)
-    plan = _Plan()
+    sharded = (ctx is not None and isinstance(ctx.mesh, Mesh)
+               and not plan_lib.is_nested(ex, values, kinds))
+    shardings = plan_lib.state_shardings(ex, raw, ctx) if sharded else None
+    donated = [j for j in range(len(values))
+               if (j < nargs and j in donate)
+               or (j >= nargs and kw_names[j - nargs] in self.donate_argnames)]
+    if self.donate_state or (sharded and self.donate_state is not False):
+      donated_roots = set(range(len(roots)))
+    else:
+      donated_roots = set()
+      for j in donated:
+        if kinds[j] == NODE:
+          donated_roots.add(details[j].index)
+        elif kinds[j] == TREE:
+          donated_roots.update(x.index for x in details[j][1] if isinstance(x, lift.NodeSlot))
+    mask = tuple(p[0] in donated_roots for p in ex.paths)
+
+    layout = []
+    for kind, detail in zip(kinds, details):
+      if kind == NODE:
+        layout.append((NODE, detail.index))
+      elif kind == TREE:
+        treedef, leaves = detail
+        slots = tuple((k, x.index) for k, x in enumerate(leaves)
+                      if isinstance(x, lift.NodeSlot))
+        plain_idx = tuple(k for k, x in enumerate(leaves) if not isinstance(x, lift.NodeSlot))
+        layout.append((TREE, (treedef, slots, plain_idx)))
+      else:
+        layout.append((kind, None))
+    layout = tuple(layout)
+    plain_donated = tuple(j + 2 for j in donated if kinds[j] in (PLAIN, TREE))
+    compile_key = (ex.graphdef, layout, kw_names, nargs, mask, len(roots), shardings,
+                   ctx if sharded else None, plain_donated)
+    jitted, cell = self._compiled(*compile_key, free=False)
+
+    plan = plan_lib.Plan()
     plan.ctx = ctx
-    plan.ex = ex
     plan.nargs = nargs
-    plan.node_pos = frozenset(node_pos)
-    plan.node_refs = tuple((i, weakref.ref(args[i])) for i in node_pos)
-    plan.other_pos = other_pos
+    plan.kw_names = kw_names
+    plan.kinds = tuple(kinds)
+    plan.node_checks = tuple((j, plan_lib.ref_to(roots[details[j].index]))
+                             for j, k in enumerate(kinds) if k == NODE)
+    plan.plain_pos = tuple(j for j, k in enumerate(kinds) if k == PLAIN)
+    plan.tree_pos = tuple(
+        (j, layout[j][1][0], tuple((k, plan_lib.ref_to(roots[r])) for k, r in layout[j][1][1]),
+         layout[j][1][2]) for j, k in enumerate(kinds) if k == TREE)
+    plan.roots = tuple(plan_lib.ref_to(r) for r in roots)
     plan.live = ex.live
+    plan.raw = raw
+    plan.mask = mask
+    plan.paths = ex.paths
     plan.live_d = [v for v, m in zip(ex.live, mask) if m]
     plan.live_k = [v for v, m in zip(ex.live, mask) if not m]
-    plan.prefix = len(node_pos) if node_pos == tuple(range(len(node_pos))) else -1
+    plan.reusable = reusable
+    plan.ex = None if reusable else ex   # a reusable plan holds no strong ref to the roots
+    node_pos = [j for j, k in enumerate(kinds) if k == NODE]
+    plan.prefix = len(node_pos)
+    plan.simple = (not kw_names and not plan.tree_pos and node_pos == list(range(len(node_pos))))
     plan.nones = (None,) * len(node_pos)
-    plan.jitted, plan.cell = self._inner_for(ex.graphdef, nargs, node_pos, mask,
-                                             static, donate, shardings,
-                                             tuple(ex.arg_leaves))
+    plan.jitted, plan.cell = jitted, cell
+    plan.compile_key = compile_key
+    plan.sharded_ctx = ctx if sharded else None
+    plan.root_names = names
     plan.epoch = EPOCH[0]
-    self._plan = plan
-    return self._fast_call(plan, args, kwargs)
+    return plan
 
-  def _state_shardings(self, ex: lift.Extraction, ctx) -> tuple | None:
-    """NamedShardings of the state from metadata + rules + mesh, if a context is active.
+  def _compiled(self, graphdef, layout, kw_names, nargs, mask, n_roots, shardings, ctx,
+                plain_donated, *, free: bool) -> tuple:
+    """The `jax.jit` of the inner function for one layout (cached).
 
-    Values not yet in their sharding are moved there (once, when the plan is
-    built), so state stays sharded across steps.
+    Under a sharding context the state's out_shardings are the rules'
+    shardings, unless `free`: then the trace pins the state itself (used when
+    the function changes the graph's structure, so the new state has other
+    leaves than the shardings name).
     """
-    if ctx is None or not isinstance(ctx.mesh, Mesh):
-      return None
-    if any(isinstance(lift._raw(v), jax.core.Tracer) for v in ex.leaves):
-      return None  # inside another transform: shardings are the outer jit's job
-    paths = [p[1:] for p in ex.paths]
-    shardings = tuple(resolve_lib.leaf_shardings(paths, ex.leaves, ctx.mesh, ctx.rules))
-    for var, sharding in zip(ex.live, shardings):
-      value = var.raw_value
-      if getattr(value, "sharding", None) != sharding:
-        _RAW_SET(var, jax.device_put(value, sharding))
-    return shardings
-
-  def _inner_for(self, graphdef, nargs, node_pos, mask, static, donate, shardings=None,
-                 slots=None):
-    # `slots`: for each node position, a NodeSlot into the unique nodes (the
-    # same object passed twice is one node).
-    slots = slots if slots is not None else tuple(lift.NodeSlot(j) for j in range(len(node_pos)))
-    key = (graphdef, nargs, node_pos, mask, static, donate, shardings, slots)
+    key = (graphdef, layout, kw_names, nargs, mask, shardings, ctx, plain_donated, free)
     hit = self._inner.get(key)
     if hit is not None:
       return hit
-    cell = _Cell()
-    fun = self.fun
-    node_pos_l = list(node_pos)
-    name = f"jit({lift.fun_name(fun)})"
-
-    def inner(vals_d, vals_k, *args, **kwargs):
-      it_d, it_k = iter(vals_d), iter(vals_k)
-      vals = [next(it_d) if m else next(it_k) for m in mask]
-
-      def call(nodes_t):
-        full = list(args)
-        for j, i in enumerate(node_pos_l):
-          full[i] = nodes_t[j]
-        return fun(*full, **kwargs)
-
-      new_leaves, restructure, out, has_nodes = lift.run_inside(
-          graphdef, _TUPLE_TREEDEF[len(node_pos_l)], vals, list(slots), call, name)
-      cell.has_nodes = cell.has_nodes or has_nodes
-      cell.restructure = restructure
-      return [lift._raw(x) for x in new_leaves], out
-
-    donate_inner = tuple(i + 2 for i in donate if i not in node_pos)
-    if any(mask):
-      donate_inner = (0,) + donate_inner
+    cell = plan_lib.Cell()
+    inner = plan_lib.make_inner(self.fun, graphdef, layout, kw_names, mask, n_roots,
+                                shardings, ctx, cell, constrain_state=free)
+    donate_inner = ((0,) if any(mask) else ()) + plain_donated
     jitted = jax.jit(
         inner,
-        static_argnums=tuple(i + 2 for i in static),
-        static_argnames=self.static_argnames or None,
+        static_argnums=tuple(j + 2 for j, (k, _) in enumerate(layout) if k == STATIC) or None,
         donate_argnums=donate_inner or None,
-        donate_argnames=self.donate_argnames or None,
-        **self._shardings(nargs, node_pos, static, mask, shardings),
+        **self._shardings(layout, nargs, mask, shardings, free),
         **self.jit_kwargs)
     self._inner[key] = (jitted, cell)
     return jitted, cell
 
-  def _shardings(self, nargs, node_pos, static, mask, shardings) -> dict:
+  def _shardings(self, layout: tuple, nargs: int, mask: tuple, shardings, free: bool) -> dict:
     out: dict = {}
-    dyn_pos = [i for i in range(nargs) if i not in static]
     user_in = self.in_shardings
-    if user_in is _UNSPECIFIED and shardings is None:
-      pass
-    else:
+    if user_in is not _UNSPECIFIED or shardings is not None:
       if isinstance(user_in, (tuple, list)):
-        per_arg = {i: s for i, s in enumerate(user_in)}
+        per_arg = dict(enumerate(user_in))
       elif user_in is _UNSPECIFIED:
         per_arg = {}
       else:
         per_arg = {i: user_in for i in range(nargs)}
-      # Graph-node positions get their shardings from the state (or none).
-      given = [i for i in node_pos if isinstance(user_in, (tuple, list))
-               and per_arg.get(i) is not None]
+      given = [j for j, (kind, _) in enumerate(layout)
+               if kind in (NODE, TREE) and isinstance(user_in, (tuple, list))
+               and per_arg.get(j) is not None]
       if given:
         raise errors.TransformError(
             f"jit({lift.fun_name(self.fun)}): in_shardings gives a sharding for argument(s) "
             f"{given}, which hold graph objects. Their state is sharded from the "
             "Variables' logical axes: annotate them and call inside "
-            "`with nnx.use_sharding(mesh, rules)`, and pass None at those positions.")
-      dyn = [None if i in node_pos else per_arg.get(i) for i in dyn_pos]
+            "`with nnx.use_sharding(mesh, rules)`, and pass None at those positions.",
+            positions=given)
+      dyn = [None if kind in (NODE, TREE) or j >= nargs else per_arg.get(j)
+             for j, (kind, _) in enumerate(layout) if kind != STATIC]
       state_d = state_k = None
       if shardings is not None:
         state_d = [s for s, m in zip(shardings, mask) if m] or ()
         state_k = [s for s, m in zip(shardings, mask) if not m]
       out["in_shardings"] = (state_d, state_k, *dyn)
-    if self.out_shardings is not _UNSPECIFIED or shardings is not None:
+    if self.out_shardings is not _UNSPECIFIED or (shardings is not None and not free):
       user_out = None if self.out_shardings is _UNSPECIFIED else self.out_shardings
-      out["out_shardings"] = (None if shardings is None else list(shardings), user_out)
-    return out
-
-  def _general_call(self, args: tuple, kwargs: dict, static: frozenset):
-    """Graph nodes nested in containers, in kwargs, or raw arrays: re-walk every call."""
-    dyn_idx = [i for i in range(len(args)) if i not in static]
-    dyn_kwargs = {k: v for k, v in kwargs.items() if k not in self.static_argnames}
-    ex = lift.extract(([args[i] for i in dyn_idx], dyn_kwargs))
-    slots = tuple(i for i, x in enumerate(ex.arg_leaves) if isinstance(x, lift.NodeSlot))
-    key = ("general", ex.graphdef, ex.treedef, slots,
-           tuple(ex.arg_leaves[i] for i in slots), tuple(dyn_idx), static)
-    hit = self._inner.get(key)
-    if hit is None:
-      cell = _Cell()
-      fun, graphdef, treedef = self.fun, ex.graphdef, ex.treedef
-      arg_slots = [ex.arg_leaves[i] for i in slots]
-      nargs = len(args)
-      name = f"jit({lift.fun_name(fun)})"
-
-      def inner(vals, arg_leaves, static_args, static_kw):
-        arg_leaves = list(arg_leaves)
-        for i, s in zip(slots, arg_slots):
-          arg_leaves[i] = s
-
-        def call(rebuilt_args):
-          dyn_args, dkw = rebuilt_args
-          full, it = [], iter(dyn_args)
-          for i in range(nargs):
-            full.append(static_args[i] if i in static else next(it))
-          return fun(*full, **dkw, **dict(static_kw))
-
-        new_leaves, restructure, out, has_nodes = lift.run_inside(
-            graphdef, treedef, vals, arg_leaves, call, name)
-        cell.has_nodes = cell.has_nodes or has_nodes
-        cell.restructure = restructure
-        return [lift._raw(x) for x in new_leaves], out
-
-      hit = (jax.jit(inner, static_argnums=(2, 3), **self.jit_kwargs), cell)
-      self._inner[key] = hit
-    jitted, cell = hit
-    leaves = [None if isinstance(x, lift.NodeSlot) else x for x in ex.arg_leaves]
-    static_args = _StaticArgs({i: args[i] for i in static if i < len(args)})
-    static_kw = tuple(sorted((k, v) for k, v in kwargs.items() if k in self.static_argnames))
-    new_vals, out = jitted([lift._raw(x) for x in ex.leaves], leaves, static_args, static_kw)
-    lift.apply_updates(ex, new_vals, cell.restructure)
-    if cell.has_nodes:
-      out = lift.unmark_outputs(ex.nodes, out)
+      out["out_shardings"] = (None if shardings is None or free else list(shardings), user_out)
     return out
 
   # --- introspection -----------------------------------------------------------
   def lower(self, *args, **kwargs):
-    """Lowers like `jax.jit(...).lower` (graph nodes allowed as positional args)."""
-    nargs = len(args)
-    static = self._resolve(nargs, self._static_raw)
-    node_pos = tuple(i for i, a in enumerate(args)
-                     if i not in static and isinstance(a, _NODE_TYPES))
-    ex = lift.extract(tuple(args[i] for i in node_pos))
-    mask = tuple(False for _ in ex.leaves)
-    jitted, _ = self._inner_for(ex.graphdef, nargs, node_pos, mask, static, frozenset(),
-                                None, tuple(ex.arg_leaves))
-    call_args = [None if i in node_pos else a for i, a in enumerate(args)]
-    return jitted.lower((), [lift._raw(v) for v in ex.leaves], *call_args, **kwargs)
+    """Lowers like `jax.jit(...).lower`, through the same plan as a call.
+
+    Same layout and shardings as the call, but without donation, so that
+    ``.compile().memory_analysis()`` reports the new state as outputs (as for
+    a `jax.jit` without ``donate_argnums``) rather than as temporaries.
+    """
+    plan, positions = self._find_plan(args, kwargs)
+    key = list(plan.compile_key)
+    key[4], key[8] = (False,) * len(plan.mask), ()   # mask, plain_donated
+    jitted, _ = self._compiled(*key, free=False)
+    raw = plan.raw or [None] * len(plan.live)
+    vals = [r.get() if v is None else v.raw_value for v, r in zip(plan.live, raw)]
+    return jitted.lower((), vals, *positions)
 
 
-class _TupleTreedefs(dict):
-  """treedef of a flat tuple of n leaves, cached by n."""
+def _positions(plan: plan_lib.Plan, args: tuple, kwargs: dict, fresh: bool = False):
+  """The inner function's position arguments if `plan` fits this call, else None."""
+  if not fresh:
+    if plan.epoch != EPOCH[0] or len(args) != plan.nargs:
+      return None
+    ctx_items = _CTX_STACK.items
+    ctx = ctx_items[-1] if ctx_items else None
+    if plan.ctx is not ctx and not _same_context(plan, ctx):
+      return None
+  if kwargs or plan.kw_names:
+    if tuple(kwargs) != plan.kw_names:
+      return None
+    values = args + tuple(kwargs.values())
+  else:
+    values = args
+  for j, ref in plan.node_checks:
+    if values[j] is not ref():
+      return None
+  for j in plan.plain_pos:
+    v = values[j]
+    if type(v) not in _LEAF_TYPES and not _plain_ok(v):
+      return None
+  if plan.simple:
+    return plan.nones + args[plan.prefix:] if plan.prefix else args
+  trees = {}
+  for j, treedef, slots, plain_idx in plan.tree_pos:
+    leaves, td = jax.tree_util.tree_flatten(values[j], is_leaf=_is_node)
+    if td != treedef:
+      return None
+    for k, ref in slots:
+      if leaves[k] is not ref():
+        return None
+    plain = tuple(leaves[k] for k in plain_idx)
+    if any(isinstance(x, _NODE_TYPES) for x in plain):
+      return None
+    trees[j] = plain
+  kinds = plan.kinds
+  return tuple(None if kinds[j] == NODE else trees[j] if kinds[j] == TREE else v
+               for j, v in enumerate(values))
 
-  def __missing__(self, n):
-    treedef = jax.tree_util.tree_structure(tuple(range(n)))
-    self[n] = treedef
-    return treedef
+
+def _plain_ok(value: Any) -> bool:
+  """A plain (non-leaf-type) argument holds no graph node and no deleted array.
+
+  Failing sends the call to planning, which lifts the nodes or raises
+  DonatedArrayError for the deleted array.
+  """
+  if isinstance(value, jax.Array):
+    _LEAF_TYPES.add(type(value))
+    return True
+  leaves = jax.tree_util.tree_leaves(value, is_leaf=_is_node)
+  if any(isinstance(x, _NODE_TYPES) for x in leaves):
+    return False
+  return not (_MULTI_DEVICE[0] and any(map(plan_lib.is_deleted, leaves)))
 
 
-_TUPLE_TREEDEF = _TupleTreedefs()
+def _is_node(x: Any) -> bool:
+  return isinstance(x, _NODE_TYPES)
 
 
-class _StaticArgs:
-  """Hashable holder of static positional arguments (by position)."""
-  __slots__ = ("items",)
-
-  def __init__(self, items: dict):
-    self.items = tuple(sorted(items.items()))
-
-  def __getitem__(self, i):
-    return dict(self.items)[i]
-
-  def __hash__(self):
-    return hash(self.items)
-
-  def __eq__(self, other):
-    return isinstance(other, _StaticArgs) and other.items == self.items
+def _roots(plan: plan_lib.Plan) -> tuple:
+  return tuple(r() for r in plan.roots)
 
 
-def _same_context(plan: _Plan, ctx) -> bool:
+def _track(out: Any, new_vals: list, limit: int) -> None:
+  """Hands one output array of this execution to the in-flight bound."""
+  sample = out if isinstance(out, jax.Array) else None
+  if sample is None:
+    leaves = [x for x in jax.tree_util.tree_leaves(out) if isinstance(x, jax.Array)]
+    sample = leaves[0] if leaves else (new_vals[0] if new_vals else None)
+  if isinstance(sample, jax.Array) and not isinstance(sample, jax.core.Tracer):
+    inflight.track(sample, limit)
+
+
+def _same_context(plan: plan_lib.Plan, ctx) -> bool:
   """A new `use_sharding` block with an equal mesh and rules keeps the plan."""
   if plan.ctx is None or ctx is None or plan.ctx != ctx:  # ShardingContext: value equality
     return False
   plan.ctx = ctx
   return True
-
-
-def _has_nested_nodes(x: Any) -> bool:
-  if isinstance(x, (jax.Array, int, float, bool, str, type(None))):
-    return False
-  leaves = jax.tree_util.tree_leaves(x, is_leaf=graph.is_graph_node)
-  return any(isinstance(v, _NODE_TYPES) for v in leaves)
 
 
 def _check_hashable(value, what: str, fun) -> None:
@@ -429,12 +503,59 @@ def _reraise_static(e: Exception, fun) -> None:
     ) from e
 
 
+_MULTI_DEVICE = [None]   # whether this process sees more than one device (set lazily)
+_ARRAY_IS_DELETED = [None]   # the concrete jax.Array class's is_deleted (set lazily)
+
+
+def _multi_device() -> bool:
+  multi = _MULTI_DEVICE[0]
+  if multi is None:
+    _ARRAY_IS_DELETED[0] = type(jax.numpy.zeros(())).is_deleted
+    multi = _MULTI_DEVICE[0] = jax.device_count() > 1
+  return multi
+
+
+def _any_deleted(values) -> bool:
+  """Whether any value (a TREE position's plain leaves included) is a deleted array."""
+  try:
+    return any(map(_ARRAY_IS_DELETED[0], values))  # all plain jax arrays: one C loop
+  except TypeError:  # other leaves (keys, None for node positions, scalars)
+    pass
+  for x in values:
+    if type(x) is tuple:
+      if _any_deleted(x):
+        return True
+    elif plan_lib.is_deleted(x):
+      return True
+  return False
+
+
+def _reraise_deleted(e: Exception, plan: plan_lib.Plan, positions, fun) -> None:
+  """Explains JAX's "Array has been deleted" in terms of nnx.jit's donation."""
+  if "has been deleted" not in str(e) and "deleted or donated" not in str(e):
+    return
+  _raise_deleted(e, plan, positions, fun)
+
+
+def _raise_deleted(e: Exception | None, plan: plan_lib.Plan, positions, fun) -> None:
+  """Raises DonatedArrayError naming the Variables and arguments that hold deleted arrays."""
+  raw = plan.raw or [None] * len(plan.live)
+  labels = [plan_lib.leaf_label(p, plan.root_names)
+            for v, r, p in zip(plan.live, raw, plan.paths)
+            if plan_lib.is_deleted(r.get() if v is None else v.raw_value)]
+  args = [plan_lib.arg_name(j, plan.nargs, plan.kw_names) for j, value in enumerate(positions)
+          if any(map(plan_lib.is_deleted, jax.tree_util.tree_leaves(value)))]
+  raise plan_lib.deleted_error(lift.fun_name(fun), labels, args, e)
+
+
 def jit(fun: Callable | None = None, *, in_shardings: Any = _UNSPECIFIED,
         out_shardings: Any = _UNSPECIFIED, static_argnums=None, static_argnames=None,
-        donate_argnums=None, donate_argnames=None, **jit_kwargs: Any):
-  """Compiles `fun`; graph objects in its arguments are lifted (see module doc).
+        donate_argnums=None, donate_argnames=None, donate_state: bool | None = None,
+        max_in_flight: int | None = None, **jit_kwargs: Any):
+  """Compiles `fun`; graph objects anywhere in its arguments are lifted (module doc).
 
-  Works as ``@jit``, ``@jit(static_argnums=...)`` and on methods.
+  Works as ``@jit``, ``@jit(static_argnums=...)`` and on methods (a plan is
+  kept per instance).
 
   Args:
     fun: the function to compile.
@@ -446,11 +567,20 @@ def jit(fun: Callable | None = None, *, in_shardings: Any = _UNSPECIFIED,
     donate_state: donate the state of every graph-object argument. Default:
       on inside a `use_sharding` context (a step must not hold two copies of
       sharded state), off otherwise; pass False to opt out.
+    max_in_flight: on the CPU backend with more than one device, the most
+      executions pending before a call waits for the oldest (default: the
+      global bound, see `set_max_in_flight`); 0 for no bound.
     **jit_kwargs: passed to `jax.jit` (e.g. ``keep_unused``, ``compiler_options``).
+
+  Raises:
+    TransformError: a static argument is not hashable, or in_shardings names
+      a position that holds graph objects.
+    DonatedArrayError: an input array was deleted by an earlier donating step.
   """
   kw = dict(in_shardings=in_shardings, out_shardings=out_shardings,
             static_argnums=static_argnums, static_argnames=static_argnames,
-            donate_argnums=donate_argnums, donate_argnames=donate_argnames, **jit_kwargs)
+            donate_argnums=donate_argnums, donate_argnames=donate_argnames,
+            donate_state=donate_state, max_in_flight=max_in_flight, **jit_kwargs)
   if fun is None:
     return lambda f: JitWrapped(f, **kw)
   return JitWrapped(fun, **kw)
