@@ -258,3 +258,20 @@ def test_variables_without_filter_and_with_several_filters():
   # nnx.state gives copies: changing them leaves the model alone.
   nnx.state(m, nnx.Param)["top"]["w"].value = jnp.zeros(2)
   assert m.top.w.value.tolist() == [4.0, 4.0]
+
+
+def test_merge_mismatch_error_carries_the_paths():
+  gd, state = nnx.split(Leaf(0))
+  state["extra"] = nnx.Param(jnp.ones(1))
+  del state["w"]
+  with pytest.raises(errors.GraphError, match=r"missing 1 path\(s\) the GraphDef needs: w; "
+                     r"1 path\(s\) the GraphDef does not have: extra") as info:
+    nnx.merge(gd, state)
+  assert info.value.paths == [("w",), ("extra",)]
+
+
+def test_update_through_a_missing_node_error_carries_the_path():
+  with pytest.raises(errors.GraphError, match=r"update: path nope/w does not exist in the "
+                     r"graph \(no nope\)") as info:
+    nnx.update(Leaf(0), nnx.State({"nope": {"w": nnx.Param(jnp.ones(1))}}))
+  assert info.value.paths == [("nope", "w")]

@@ -140,7 +140,7 @@ def leaf_axes(paths: list, leaves: list, node_arg: list[int], arg_specs: tuple,
     raise errors.TransformError(
         f"{what}: StateAxes filters do not cover {len(unmatched)} state leaves: "
         f"{errors.format_paths(errors.path_str(p[1:]) for p in unmatched)}. Add a "
-        "catch-all entry such as `...: None`.")
+        "catch-all entry such as `...: None`.", paths=[p[1:] for p in unmatched])
   return out
 
 
@@ -148,6 +148,8 @@ def check_mapped(paths: list, leaves: list, axes: list, size: int | None,
                  what: str) -> int | None:
   """Checks mapped leaves have the axis and agree on its size; returns the size."""
   problems = []
+  bad_paths: list = []
+  bad_shapes: list = []
   sizes: dict[int, list] = {}
   for path, leaf, axis in zip(paths, leaves, axes):
     if not isinstance(axis, int) or axis is Carry:
@@ -157,6 +159,8 @@ def check_mapped(paths: list, leaves: list, axes: list, size: int | None,
     ndim = len(shape)
     if not -ndim <= axis < max(ndim, 1) or ndim == 0:
       problems.append(f"{errors.path_str(path[1:])} (shape {tuple(shape)}, axis {axis})")
+      bad_paths.append(path[1:])
+      bad_shapes.append(tuple(shape))
       continue
     sizes.setdefault(shape[axis], []).append(errors.path_str(path[1:]))
   if problems:
@@ -164,7 +168,8 @@ def check_mapped(paths: list, leaves: list, axes: list, size: int | None,
         f"{what}: cannot map these Variables along the requested axis because "
         f"their arrays lack it: {errors.format_paths(problems)}. Map that state "
         "with None (broadcast) via StateAxes({filter: None, ...}), or create it "
-        "stacked (e.g. with vmap over the constructor).")
+        "stacked (e.g. with vmap over the constructor).", paths=bad_paths,
+        shapes=bad_shapes)
   if size is not None:
     sizes.setdefault(size, [])
   raise_size_mismatch(sizes, what)

@@ -236,8 +236,9 @@ def test_error_module_lacks_mapped_axis():
   c = Counter()
   with pytest.raises(errors.TransformError,
                      match=r"cannot map these Variables.*count \(shape \(\), axis 0\)"
-                           r".*StateAxes"):
+                           r".*StateAxes") as info:
     nnx.vmap(lambda c, x: x, in_axes=(0, 0))(c, jnp.ones(3))
+  assert info.value.paths == [("count",)] and info.value.shapes == [()]
 
 
 def test_error_module_state_sizes_disagree():
@@ -262,9 +263,11 @@ def test_error_plain_inputs_sizes_disagree():
 def test_error_state_axes_do_not_cover_state():
   rm = RunningMean(3)
   with pytest.raises(errors.TransformError,
-                     match=r"StateAxes filters do not cover 1 state leaves: mean.*`...: None`"):
+                     match=r"StateAxes filters do not cover 1 state leaves: mean.*`...: None`"
+                     ) as info:
     nnx.vmap(lambda m, x: m(x), in_axes=(nnx.StateAxes({nnx.Param: None}), 0))(
         rm, jnp.ones((4, 2, 3)))
+  assert info.value.paths == [("mean",)]
 
 
 def test_error_carry_in_vmap():
