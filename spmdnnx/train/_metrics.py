@@ -111,7 +111,8 @@ class MetricsWriter:
     self._jsonl.flush()
     step = int(metrics["step"])
     for key, value in metrics.items():
-      if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+      if (key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value)):
         self._tb.add_scalar(key, value, step)
     self._tb.flush()
 
