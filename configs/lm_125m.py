@@ -8,7 +8,7 @@ from spmdnnx import train
 
 def get_config():
   cfg = train.base_config()
-  cfg.model = train.model_config("lm_125m")
+  cfg.model = train.model_config("lm_125m", vocab_size=256)  # byte-level data
   cfg.steps = 20_000
   cfg.batch_size = 256
   cfg.seq_len = 1024

@@ -8,7 +8,7 @@ from spmdnnx import train
 
 def get_config():
   cfg = train.base_config()
-  cfg.model = train.model_config("lm_1b")
+  cfg.model = train.model_config("lm_1b", vocab_size=256)  # byte-level data
   cfg.steps = 50_000
   cfg.batch_size = 512
   cfg.seq_len = 2048

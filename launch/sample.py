@@ -13,6 +13,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 
 from spmdnnx import errors
 from spmdnnx import train
@@ -31,6 +32,8 @@ flags.mark_flag_as_required("workdir")
 def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   try:
     if _FAKE_DEVICES.value:
       train.use_fake_devices(_FAKE_DEVICES.value)

@@ -13,6 +13,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from spmdnnx import errors
@@ -33,6 +34,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   try:
     if _FAKE_DEVICES.value:
       train.use_fake_devices(_FAKE_DEVICES.value)

@@ -11,9 +11,13 @@ SMALL_CORPUS = os.path.join(STDLIB, "email", "**", "*.py")
 
 
 def tiny_config(**changes):
-  """lm_tiny shrunk for tests: a few steps on a small corpus."""
+  """lm_tiny shrunk for tests: a smaller model, a few steps, a small corpus.
+
+  ``changes`` set fields by dotted name (``**{"data.path": ...}``).
+  """
   cfg = train.base_config()
-  cfg.model = train.model_config("lm_tiny")
+  cfg.model = train.model_config("lm_tiny", embed_dim=32, num_layers=2, num_heads=4,
+                                 num_kv_heads=2, head_dim=8, mlp_dim=64, max_seq_len=64)
   cfg.steps = 6
   cfg.batch_size = 8
   cfg.seq_len = 32
