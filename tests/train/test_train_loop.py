@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import spmdnnx as nnx
 from spmdnnx import checkpointing
 from spmdnnx import errors
 from spmdnnx import train
@@ -168,6 +169,13 @@ def test_sample_from_a_trained_workdir(tmp_path):
   assert text == train.sample(loaded, "def ", max_new_tokens=10, temperature=0.0)
   with pytest.raises(errors.ConfigError, match="exceeds the model's max_seq_len=64"):
     train.sample(loaded, "def ", max_new_tokens=100)
+  # decoding with the KV cache picks what recomputing the full forward pass picks
+  expected = list(train.encode("def "))
+  with nnx.use_sharding(loaded.mesh, loaded.rules):
+    for _ in range(10):
+      logits = loaded.model(jnp.asarray([expected], jnp.int32))
+      expected.append(int(jnp.argmax(logits[0, -1])))
+  assert train.decode(expected[4:]) == text
 
 
 def test_sample_without_checkpoint_is_an_error(tmp_path):
