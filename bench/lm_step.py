@@ -67,10 +67,12 @@ def jax_variant(cfg, mesh, batch):
   with nnx.use_sharding(mesh, RULES):
     model = build(cfg)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    param_sh = jax.tree.map(lambda v: v.value, nnx.get_named_sharding(params),
-                            is_leaf=lambda v: isinstance(v, nnx.Variable)).to_pure_dict()
-  params = jax.tree.map(lambda v: v.value, params,
-                        is_leaf=lambda v: isinstance(v, nnx.Variable)).to_pure_dict()
+    shardings = nnx.get_named_sharding(params)
+  # Pure arrays through jax.jit; inside, the same Variables (metadata and all)
+  # are rebuilt from the State's treedef, so the model code runs unchanged.
+  leaves, treedef = jax.tree.flatten(params)
+  param_sh = jax.tree.leaves(shardings)
+  params = list(leaves)
   tx = make_tx()
   opt_state = tx.init(params)
   rep = NamedSharding(mesh, P())
@@ -80,7 +82,7 @@ def jax_variant(cfg, mesh, batch):
   batch_sh = jax.tree.map(lambda a: a.sharding, batch)
 
   def loss_of(p, inputs, targets):
-    m = nnx.merge(graphdef, nnx.State(jax.tree.map(lambda a: nnx.Param(a), p)), rest)
+    m = nnx.merge(graphdef, jax.tree.unflatten(treedef, p), rest)
     return models.lm_loss(m(inputs), targets, z_loss=1e-4)[0]
 
   def step(params, opt_state, count, batch):
