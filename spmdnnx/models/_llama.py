@@ -52,6 +52,16 @@ _KV_NAMES = ("activation_batch", "activation_length", "activation_kv_heads",
              "activation_head_dim")
 
 
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, **kwargs: Any) -> jax.Array:
+  """`jax.nn.dot_product_attention` (fused on GPU); groups of query heads share a kv head.
+
+  jax's implementation promotes bfloat16 scores against float32 internally,
+  which strict dtype promotion rejects, so it runs under standard promotion.
+  """
+  with jax.numpy_dtype_promotion("standard"):
+    return jax.nn.dot_product_attention(q, k, v, **kwargs)
+
+
 class Attention(Module):
   """Causal grouped-query self-attention with rotary positions.
 
@@ -91,7 +101,7 @@ class Attention(Module):
                   _KV_NAMES)
     v = constrain(v, _KV_NAMES)
     if cache_k is None:
-      out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+      out = attend(q, k, v, is_causal=True)
       new_cache = None
     else:
       start = (0, index, 0, 0)
@@ -102,7 +112,7 @@ class Attention(Module):
       q_pos = index + jnp.arange(x.shape[1], dtype=jnp.int32)
       k_pos = jnp.arange(cache_k.shape[1], dtype=jnp.int32)
       mask = (k_pos[None, :] <= q_pos[:, None])[None, None]      # [1, 1, T, S]
-      out = jax.nn.dot_product_attention(q, cache_k.astype(dt), cache_v.astype(dt), mask=mask)
+      out = attend(q, cache_k.astype(dt), cache_v.astype(dt), mask=mask)
       new_cache = (cache_k, cache_v)
     out = constrain(out, _Q_NAMES)
     return jnp.einsum("btnh,nhd->btd", out, self.wo.value.astype(dt)), new_cache
