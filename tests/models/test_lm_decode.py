@@ -104,6 +104,22 @@ def test_generate_and_cache_errors():
   cache = models.init_cache(model, 2, 4)
   with pytest.raises(errors.ShapeError, match="5 tokens exceed the cache's max_len=4"):
     model(tokens((2, 5)), cache=cache)
+  with pytest.raises(errors.ShapeError, match="the cache holds a batch of 2 sequences but the "
+                     "tokens have batch 3"):
+    model(tokens((3, 1)), cache=cache)
+  model(tokens((2, 3)), cache=cache)
+  with pytest.raises(errors.ShapeError, match=r"the cache is full: 3 positions written \+ 2 "
+                     "new > max_len=4"):
+    model(tokens((2, 2)), cache=cache)
+
+
+def test_overflowing_the_cache_inside_jit_gives_nan_not_wrong_logits():
+  model = models.build_model(tiny(), rngs=nnx.Rngs(0))
+  cache = models.init_cache(model, 2, 4)
+  step = nnx.jit(lambda m, c, t: m(t, cache=c))
+  assert bool(jnp.isfinite(step(model, cache, tokens((2, 3)))).all())
+  assert bool(jnp.isfinite(step(model, cache, tokens((2, 1)))).all())     # fills position 3
+  assert bool(jnp.isnan(step(model, cache, tokens((2, 1)))).all())        # no room left
 
 
 def test_generate_under_sharding_equals_unsharded():
