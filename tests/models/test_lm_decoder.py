@@ -187,3 +187,13 @@ def test_abstract_init_of_llama3_70b_allocates_nothing():
   leaves = jax.tree.leaves(nnx.state(model))
   assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
   assert sum(x.size for x in leaves) == models.param_count(cfg)
+
+
+def test_token_ids_outside_the_vocabulary_give_nan_not_silent_garbage():
+  model = models.build_model(tiny(), rngs=nnx.Rngs(0))
+  good = model(jnp.array([[1, 2, 3]], jnp.int32))
+  bad = model(jnp.array([[1, 2, 40]], jnp.int32))                # vocab_size is 32
+  assert bool(jnp.isfinite(good).all())
+  # The lookup fills NaN, which reaches the loss (0 * NaN in attention spreads it).
+  assert bool(jnp.isnan(bad[:, 2]).all())
+  assert bool(jnp.isnan(models.lm_loss(bad, jnp.zeros((1, 3), jnp.int32))[0]))
