@@ -136,8 +136,7 @@ def test_stack_and_list_give_the_same_logits(kind):
                                 else stacked.layers.block.mlp.w_up.value)
 
 
-@pytest.mark.parametrize("remat", ["full", "save_dots"])
-@pytest.mark.parametrize("scan_layers", [True, False])
+@pytest.mark.parametrize("remat, scan_layers", [("full", True), ("save_dots", False)])
 def test_remat_keeps_logits_and_gradients(remat, scan_layers):
   cfg = tiny(scan_layers=scan_layers)
   plain = models.build_model(cfg, rngs=nnx.Rngs(0))
