@@ -52,6 +52,16 @@ _KV_NAMES = ("activation_batch", "activation_length", "activation_kv_heads",
              "activation_head_dim")
 
 
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, **kwargs: Any) -> jax.Array:
+  """`jax.nn.dot_product_attention` (fused on GPU); groups of query heads share a kv head.
+
+  jax's implementation promotes bfloat16 scores against float32 internally,
+  which strict dtype promotion rejects, so it runs under standard promotion.
+  """
+  with jax.numpy_dtype_promotion("standard"):
+    return jax.nn.dot_product_attention(q, k, v, **kwargs)
+
+
 class Attention(Module):
   """Causal grouped-query self-attention with rotary positions.
 
@@ -91,7 +101,7 @@ class Attention(Module):
                   _KV_NAMES)
     v = constrain(v, _KV_NAMES)
     if cache_k is None:
-      out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+      out = attend(q, k, v, is_causal=True)
       new_cache = None
     else:
       start = (0, index, 0, 0)
@@ -102,7 +112,7 @@ class Attention(Module):
       q_pos = index + jnp.arange(x.shape[1], dtype=jnp.int32)
       k_pos = jnp.arange(cache_k.shape[1], dtype=jnp.int32)
       mask = (k_pos[None, :] <= q_pos[:, None])[None, None]      # [1, 1, T, S]
-      out = jax.nn.dot_product_attention(q, cache_k.astype(dt), cache_v.astype(dt), mask=mask)
+      out = attend(q, cache_k.astype(dt), cache_v.astype(dt), mask=mask)
       new_cache = (cache_k, cache_v)
     out = constrain(out, _Q_NAMES)
     return jnp.einsum("btnh,nhd->btd", out, self.wo.value.astype(dt)), new_cache
@@ -143,6 +153,17 @@ def check_tokens(cfg: LMConfig, tokens: Any, positions: Any, cache: Any) -> None
     raise errors.ShapeError(
         f"LM: {shape[1]} tokens exceed {what}={limit}; split the sequence or raise "
         f"{what}.", shapes=[shape])
+  if cache is not None and cache.k is not None and cache.k.shape[1] != shape[0]:
+    raise errors.ShapeError(
+        f"LM: the cache holds a batch of {cache.k.shape[1]} sequences but the tokens have "
+        f"batch {shape[0]}; make the cache with init_cache(model, {shape[0]}, max_len).",
+        shapes=[shape, tuple(cache.k.shape)])
+  if cache is not None and not isinstance(cache.index.value, jax.core.Tracer) \
+      and int(cache.index.value) + shape[1] > cache.max_len:
+    raise errors.ShapeError(
+        f"LM: the cache is full: {int(cache.index.value)} positions written + "
+        f"{shape[1]} new > max_len={cache.max_len}; make a longer cache with init_cache.",
+        shapes=[shape])
   if positions is not None and tuple(jnp.shape(positions)) != shape:
     raise errors.ShapeError(
         f"LM: positions must have the tokens' shape {list(shape)}, got "
@@ -246,8 +267,14 @@ class DecoderLM(Module):
       x = self._decode_layers(x, cache, positions, index)
     x = self.final_norm(x)
     if cfg.tie_embeddings:
-      return output_logits(x, self.embed.embedding.value, cfg.jnp_dtype, True)
-    return output_logits(x, self.lm_head.value, cfg.jnp_dtype, False)
+      logits = output_logits(x, self.embed.embedding.value, cfg.jnp_dtype, True)
+    else:
+      logits = output_logits(x, self.lm_head.value, cfg.jnp_dtype, False)
+    if cache is not None:
+      # Writing past the cache's end would clamp and overwrite the last
+      # positions; inside a trace that cannot raise, so the logits become NaN.
+      logits = jnp.where(index + length > cache.max_len, jnp.float32(jnp.nan), logits)
+    return logits
 
   def _decode_layers(self, x: jax.Array, cache: KVCache, positions: jax.Array,
                      index: jax.Array) -> jax.Array:
