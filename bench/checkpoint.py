@@ -43,7 +43,7 @@ import optax  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 
 import spmdnnx as nnx  # noqa: E402
-from spmdnnx.train.models import MLPRegressor  # noqa: E402
+from spmdnnx.models import MLPRegressor  # noqa: E402
 
 
 def build(args, abstract=False):

@@ -1,4 +1,4 @@
-"""Language models the runtime trains: a Llama-style decoder LM and an MLP LM."""
+"""Models: the Llama-style decoder LM and MLP LM the runtime trains, and a small MLP regressor."""
 
 from spmdnnx.models._cache import KVCache as KVCache
 from spmdnnx.models._config import LMConfig as LMConfig
@@ -11,4 +11,6 @@ from spmdnnx.models._loss import lm_loss as lm_loss
 from spmdnnx.models._mlp import MlpLM as MlpLM
 from spmdnnx.models._presets import build_model as build_model
 from spmdnnx.models._presets import PRESETS as PRESETS
+from spmdnnx.models._regressor import MLPRegressor as MLPRegressor
+from spmdnnx.models._regressor import mse as mse
 from spmdnnx.models._rope import apply_rope as apply_rope

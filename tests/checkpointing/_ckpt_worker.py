@@ -37,7 +37,7 @@ import optax  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
 import spmdnnx as nnx  # noqa: E402
-from spmdnnx.train.models import MLPRegressor, mse  # noqa: E402
+from spmdnnx.models import MLPRegressor, mse  # noqa: E402
 
 
 def report(**kw):

@@ -8,7 +8,7 @@ import pytest
 MODULES = ["spmdnnx.models._cache", "spmdnnx.models._config", "spmdnnx.models._flops",
            "spmdnnx.models._generate", "spmdnnx.models._layers", "spmdnnx.models._llama",
            "spmdnnx.models._loss", "spmdnnx.models._mlp", "spmdnnx.models._presets",
-           "spmdnnx.models._rope"]
+           "spmdnnx.models._regressor", "spmdnnx.models._rope"]
 
 
 @pytest.mark.parametrize("name", MODULES)
