@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 import spmdnnx as nnx  # noqa: E402
 from spmdnnx import spmd  # noqa: E402
 from spmdnnx.nn import Linear  # noqa: E402
-from spmdnnx._optim import Optimizer  # noqa: E402
+from spmdnnx import Optimizer  # noqa: E402
 
 EMBED, MLP_DIM, BLOCKS = 512, 2048, 4
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 import spmdnnx as nnx
 from spmdnnx.nn import Linear
-from spmdnnx._stack import Stack
+from spmdnnx import Stack
 
 EMBED, MLP, BATCH = 64, 256, 8
 

@@ -33,7 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 import spmdnnx as nnx  # noqa: E402
 from spmdnnx import spmd  # noqa: E402
 from spmdnnx.nn import Linear  # noqa: E402
-from spmdnnx._stack import Stack  # noqa: E402
+from spmdnnx import Stack  # noqa: E402
 
 BATCH = 64
 MiB = 2 ** 20
