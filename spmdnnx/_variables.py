@@ -469,22 +469,54 @@ def _register(cls):
 _register(Variable)
 
 
+def _deleted(e: RuntimeError, op: Callable, self: "Variable") -> Exception:
+  """JAX's "Array has been deleted" as the DonatedArrayError that says why; else `e`."""
+  if "has been deleted" not in str(e):
+    return e
+  return errors.DonatedArrayError.build(
+      f"{type(self).__name__} {getattr(op, '__name__', 'operation')}", "this Variable")
+
+
 def _unary(op: Callable):
-  return lambda self: op(self.raw_value)
+
+  def method(self):
+    try:
+      return op(self.raw_value)
+    except RuntimeError as e:
+      raise _deleted(e, op, self) from e
+
+  return method
 
 
 def _binary(op: Callable):
-  return lambda self, other: op(self.raw_value, _raw(other))
+
+  def method(self, other):
+    try:
+      return op(self.raw_value, _raw(other))
+    except RuntimeError as e:
+      raise _deleted(e, op, self) from e
+
+  return method
 
 
 def _rbinary(op: Callable):
-  return lambda self, other: op(_raw(other), self.raw_value)
+
+  def method(self, other):
+    try:
+      return op(_raw(other), self.raw_value)
+    except RuntimeError as e:
+      raise _deleted(e, op, self) from e
+
+  return method
 
 
 def _inplace(op: Callable):
 
   def method(self, other):
-    self.value = op(self.raw_value, _raw(other))
+    try:
+      self.value = op(self.raw_value, _raw(other))
+    except RuntimeError as e:
+      raise _deleted(e, op, self) from e
     return self
 
   return method

@@ -163,3 +163,17 @@ def test_error_builder_for_other_layers():
   assert err.paths == ["w"]
   with pytest.raises(errors.DonatedArrayError, match=r"Param\.__add__: this Param " + MESSAGE):
     raise err
+
+
+def test_eager_variable_arithmetic_on_a_donated_array(mesh):
+  model, optimizer, step = trained(mesh)
+  ema = nnx.Module()
+  ema.kernel = nnx.Param(model.up.kernel.value)   # shares the buffer
+  with nnx.use_sharding(mesh, "fsdp_tp"):
+    step(model, optimizer, X)
+  with pytest.raises(errors.DonatedArrayError, match=r"Param mul: this Variable " + MESSAGE):
+    ema.kernel * 0.9
+  with pytest.raises(errors.DonatedArrayError, match=r"Param add: this Variable " + MESSAGE):
+    ema.kernel += 1.0
+  with pytest.raises(errors.DonatedArrayError, match=r"Param neg: this Variable " + MESSAGE):
+    -ema.kernel
