@@ -1,0 +1,88 @@
+"""Helpers of the launcher/fault tests: run launch.local and watch its output."""
+
+import os
+import pathlib
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+E2E = pathlib.Path(__file__).resolve().parent
+
+
+def env(**extra):
+  """The environment of a launched job: this repo and tests/e2e importable."""
+  e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  e["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(E2E)])
+  e.update({k: str(v) for k, v in extra.items()})
+  return e
+
+
+class Job:
+  """A running command whose merged output is read line by line in a thread."""
+
+  def __init__(self, argv, *, env_extra=None):
+    self.start = time.monotonic()
+    self.proc = subprocess.Popen(argv, cwd=ROOT, env=env(**(env_extra or {})),
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 errors="replace")
+    self.lines = []
+    self._queue = queue.Queue()
+    self._reader = threading.Thread(target=self._read, daemon=True)
+    self._reader.start()
+
+  def _read(self):
+    for line in self.proc.stdout:
+      self.lines.append(line)
+      self._queue.put(line)
+    self._queue.put(None)
+
+  def wait_for(self, pattern, timeout=240):
+    """Blocks until a line matches; returns the match."""
+    deadline = time.monotonic() + timeout
+    while True:
+      try:
+        line = self._queue.get(timeout=max(0.01, deadline - time.monotonic()))
+      except queue.Empty:
+        line = None
+      if line is None:
+        raise AssertionError(f"no line matched {pattern!r}; output:\n{self.text[-4000:]}")
+      m = re.search(pattern, line)
+      if m:
+        return m
+
+  def finish(self, timeout=300):
+    """Waits for the exit (killing the command past `timeout`); returns its status."""
+    try:
+      rc = self.proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      self.proc.kill()
+      self.proc.wait()
+      self.proc.stdout.close()
+      raise
+    self._reader.join(timeout=30)
+    self.proc.stdout.close()
+    return rc
+
+  @property
+  def text(self):
+    return "".join(self.lines)
+
+  def pid_of(self, rank):
+    m = re.search(rf"launch\.local: process {rank} started \(pid (\d+)\)", self.text)
+    return int(m.group(1))
+
+
+def local(*args, module="_fault_worker", env_extra=None):
+  """Starts `python -m launch.local --module=MODULE ARGS`."""
+  return Job([sys.executable, "-m", "launch.local", f"--module={module}", *args],
+             env_extra=env_extra)
+
+
+def losses(text, rank=None):
+  """{step: loss string} from `step S loss L` lines (of one rank's prefix if given)."""
+  prefix = r"(?:\[\d+\] )?" if rank is None else rf"\[{rank}\] "
+  return {int(s): l for s, l in re.findall(rf"(?m)^{prefix}step (\d+) loss (\S+)", text)}
