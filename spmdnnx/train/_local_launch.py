@@ -16,7 +16,6 @@ kills them.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import io
 import os
@@ -34,7 +33,19 @@ from spmdnnx.train import _distributed
 #: Flags the launcher sets itself; giving them after ``--`` is an error.
 _OWNED_FLAGS = ("coordinator_address", "num_processes", "process_id", "fake_devices")
 
-_PR_SET_PDEATHSIG = 1
+# Runs first in each child, then execs the real command: a launcher killed
+# with SIGKILL must not leave its job running (Linux's parent-death signal).
+# A trampoline rather than Popen's preexec_fn, which forks a possibly
+# multithreaded (JAX) parent.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "try:\n"
+    "  ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG\n"
+    "except (OSError, AttributeError):\n"
+    "  pass\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "  sys.exit('launch.local exited before this process started')\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n")
 
 
 def free_port() -> int:
@@ -78,15 +89,6 @@ def child_env(base: dict[str, str], devices_per_process: int) -> dict[str, str]:
   env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] = "gloo"
   env["PYTHONUNBUFFERED"] = "1"
   return env
-
-
-def _die_with_parent() -> None:
-  # Runs in the child between fork and exec: a launcher killed with SIGKILL
-  # must not leave its job running.
-  try:
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-  except (OSError, AttributeError):
-    pass
 
 
 @dataclasses.dataclass
@@ -146,11 +148,11 @@ def launch_local(command: Sequence[str], *, num_processes: int, devices_per_proc
   for rank in range(num_processes):
     argv = list(command) + [f"--coordinator_address={address}",
                             f"--num_processes={num_processes}", f"--process_id={rank}"]
+    if sys.platform.startswith("linux"):
+      argv = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid())] + argv
     popen = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, errors="replace", start_new_session=True,
-                             preexec_fn=_die_with_parent)
+                             text=True, errors="replace", start_new_session=True)
     procs.append(_Process(rank, popen, []))
-  # Reader threads start after every fork (preexec_fn is only safe without threads).
   for p in procs:
     say(f"process {p.rank} started (pid {p.popen.pid}), coordinator {address}, "
         f"{devices_per_process} CPU devices")
@@ -163,8 +165,9 @@ def launch_local(command: Sequence[str], *, num_processes: int, devices_per_proc
 
 
 def _pump(pipe: IO[str], out: IO[str], prefix: str, lock: threading.Lock) -> None:
-  for line in pipe:
-    _write(out, prefix + line if line.endswith("\n") else prefix + line + "\n", lock)
+  with pipe:
+    for line in pipe:
+      _write(out, prefix + line if line.endswith("\n") else prefix + line + "\n", lock)
 
 
 def _write(out: IO[str], text: str, lock: threading.Lock) -> None:

@@ -2,7 +2,6 @@
 
 import os
 import pathlib
-import queue
 import re
 import subprocess
 import sys
@@ -30,29 +29,25 @@ class Job:
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                  errors="replace")
     self.lines = []
-    self._queue = queue.Queue()
     self._reader = threading.Thread(target=self._read, daemon=True)
     self._reader.start()
 
   def _read(self):
     for line in self.proc.stdout:
       self.lines.append(line)
-      self._queue.put(line)
-    self._queue.put(None)
 
   def wait_for(self, pattern, timeout=240):
-    """Blocks until a line matches; returns the match."""
+    """Blocks until some output line (seen so far or later) matches; returns the match."""
     deadline = time.monotonic() + timeout
     while True:
-      try:
-        line = self._queue.get(timeout=max(0.01, deadline - time.monotonic()))
-      except queue.Empty:
-        line = None
-      if line is None:
+      done = not self._reader.is_alive()
+      for line in list(self.lines):
+        m = re.search(pattern, line)
+        if m:
+          return m
+      if done or time.monotonic() > deadline:
         raise AssertionError(f"no line matched {pattern!r}; output:\n{self.text[-4000:]}")
-      m = re.search(pattern, line)
-      if m:
-        return m
+      time.sleep(0.05)
 
   def finish(self, timeout=300):
     """Waits for the exit (killing the command past `timeout`); returns its status."""
