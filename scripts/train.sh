@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# Main job: train the default model on 8 fake CPU devices (FSDP x tensor).
-# Extra arguments go to launch/train.py (e.g. --steps=200 --mesh=data=2,fsdp=2,tensor=2).
+# Main job: pre-train lm_tiny (a byte-level Llama-style LM) on the Python
+# standard library's sources, on 8 fake CPU devices (FSDP x tensor), then print
+# a sample from the final checkpoint.
+# WORKDIR (default: a new directory under /tmp) holds config.json,
+# metrics.jsonl, TensorBoard events and checkpoints; rerunning with the same
+# WORKDIR resumes. Extra arguments go to launch.train (e.g. --config.steps=100).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/setup_env.sh"
 cd "$ROOT"
-export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8"
-export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
-exec python -m launch.train "$@"
+WORKDIR="${WORKDIR:-$(mktemp -d /tmp/spmdnnx-lm_tiny.XXXXXX)}"
+python -m launch.train --config=configs/lm_tiny.py --workdir="$WORKDIR" --fake_devices=8 "$@"
+python -m launch.sample --workdir="$WORKDIR" --prompt="def " --max_new_tokens=200 \
+  --fake_devices=8

@@ -159,3 +159,12 @@ from spmdnnx._optim import Optimizer as Optimizer
 from spmdnnx._stack import Stack as Stack
 from spmdnnx._stack_convert import stack_states as stack_states
 from spmdnnx._stack_convert import unstack_state as unstack_state
+
+# Models
+from spmdnnx import models as models
+
+# Checkpointing (built on the names above through the public API, so it comes last)
+from spmdnnx import checkpointing as checkpointing
+
+# Training runtime (on models and checkpointing)
+from spmdnnx import train as train

@@ -12,7 +12,6 @@ MODULES = [
     "spmdnnx._transforms.jit", "spmdnnx._transforms.grad", "spmdnnx._transforms.vmap",
     "spmdnnx._transforms.scan", "spmdnnx._transforms.control", "spmdnnx._transforms.misc",
     "spmdnnx._transforms.axes", "spmdnnx._transforms.rngs",
-    "spmdnnx.train.models", "spmdnnx.train.data",
 ]
 
 

@@ -1,7 +1,42 @@
-"""Training runtime pieces used by the launcher: models, data, loop."""
+"""The training runtime: configs, grain data, the loop, metrics, sampling.
 
-from spmdnnx.train.data import SyntheticRegression as SyntheticRegression
-from spmdnnx.train.loop import TrainResult as TrainResult
-from spmdnnx.train.loop import make_train_step as make_train_step
-from spmdnnx.train.loop import train as train
-from spmdnnx.train.models import MLPRegressor as MLPRegressor
+`run` trains a `spmdnnx.models` language model from an ml-collections config
+(`base_config`, files in ``configs/``) in a work directory; the ``launch/``
+programs are thin wrappers around it.
+"""
+
+from spmdnnx.train._config import base_config as base_config
+from spmdnnx.train._config import model_config as model_config
+from spmdnnx.train._config import parse_degrees as parse_degrees
+from spmdnnx.train._config import RunPlan as RunPlan
+from spmdnnx.train._config import validate as validate
+from spmdnnx.train._data import Corpus as Corpus
+from spmdnnx.train._data import decode as decode
+from spmdnnx.train._data import encode as encode
+from spmdnnx.train._data import eval_batches as eval_batches
+from spmdnnx.train._data import list_files as list_files
+from spmdnnx.train._data import Prefetcher as Prefetcher
+from spmdnnx.train._data import SEPARATOR as SEPARATOR
+from spmdnnx.train._data import split_files as split_files
+from spmdnnx.train._data import stdlib_glob as stdlib_glob
+from spmdnnx.train._data import train_dataset as train_dataset
+from spmdnnx.train._fake_devices import use_fake_devices as use_fake_devices
+from spmdnnx.train._loop import CHECKPOINT_DIR as CHECKPOINT_DIR
+from spmdnnx.train._loop import CONFIG_FILE as CONFIG_FILE
+from spmdnnx.train._loop import Hooks as Hooks
+from spmdnnx.train._loop import load_config as load_config
+from spmdnnx.train._loop import run as run
+from spmdnnx.train._loop import RunResult as RunResult
+from spmdnnx.train._loop import save_config as save_config
+from spmdnnx.train._metrics import MetricsWriter as MetricsWriter
+from spmdnnx.train._metrics import progress_line as progress_line
+from spmdnnx.train._metrics import Throughput as Throughput
+from spmdnnx.train._metrics import TRAIN_KEYS as TRAIN_KEYS
+from spmdnnx.train._peaks import PEAK_TFLOPS as PEAK_TFLOPS
+from spmdnnx.train._peaks import peak_flops_per_device as peak_flops_per_device
+from spmdnnx.train._sample import load_model as load_model
+from spmdnnx.train._sample import Loaded as Loaded
+from spmdnnx.train._sample import sample as sample
+from spmdnnx.train._step import make_eval_step as make_eval_step
+from spmdnnx.train._step import make_optimizer as make_optimizer
+from spmdnnx.train._step import make_train_step as make_train_step
