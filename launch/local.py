@@ -18,7 +18,7 @@ import sys
 from absl import app
 from absl import flags
 
-from spmdnnx.train import _local_launch
+from spmdnnx import train
 
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 2, "Processes to start.")
 _DEVICES = flags.DEFINE_integer("devices_per_process", 4, "Fake CPU devices per process.")
@@ -32,7 +32,7 @@ _TERM_GRACE = flags.DEFINE_float(
 
 def main(argv):
   command = [sys.executable, "-m", _MODULE.value] + list(argv[1:])
-  return _local_launch.launch_local(
+  return train.launch_local(
       command, num_processes=_NUM_PROCESSES.value, devices_per_process=_DEVICES.value,
       port=_PORT.value or None, exit_grace_s=_EXIT_GRACE.value, term_grace_s=_TERM_GRACE.value)
 

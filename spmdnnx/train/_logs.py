@@ -21,7 +21,11 @@ import logging
 import os
 import pathlib
 import sys
-from typing import IO, Iterator
+import traceback
+from typing import IO, Any, Iterator
+
+import jax
+import numpy as np
 
 
 def log_path(workdir: str | os.PathLike, process_index: int) -> pathlib.Path:
@@ -52,7 +56,8 @@ def process_log(workdir: str | os.PathLike, *, process_index: int) -> Iterator[p
   """Copies stdout, stderr and logging records into this process's log file.
 
   The file is appended to (a resumed run continues it). Restores the streams
-  and removes the logging handler on exit.
+  and removes the logging handler on exit; an exception leaving the block
+  is written to the file (with its traceback) on its way out.
 
   Args:
     workdir: the run's directory.
@@ -73,6 +78,50 @@ def process_log(workdir: str | os.PathLike, *, process_index: int) -> Iterator[p
     sys.stdout, sys.stderr = _Tee(sys.stdout, file), _Tee(sys.stderr, file)
     try:
       yield path
+    except BaseException:
+      # What ends the process (an error, a SIGINT) is in its log too.
+      file.write(traceback.format_exc())
+      raise
     finally:
       sys.stdout, sys.stderr = saved
       root.removeHandler(handler)
+
+
+#: Set to 1 to log every step's local batch (rows and checksum), not only the first.
+LOG_LOCAL_BATCHES_ENV = "SPMDNNX_LOG_LOCAL_BATCHES"
+
+
+def log_local_batch(step: int, first_step: int) -> bool:
+  """Whether to log the local batch of ``step``: the run's first, or all when asked."""
+  return step == first_step or os.environ.get(LOG_LOCAL_BATCHES_ENV, "") not in ("", "0")
+
+
+def local_batch_line(step: int, batch: Any) -> str:
+  """Which rows of a global batch this process holds, and their checksum.
+
+  Reads only the addressable shards (each distinct block once), so it shows
+  what this process loaded: in an N-process job each process holds its own
+  rows, and the checksums of all processes add up to the single-process one.
+
+  >>> import jax, numpy as np
+  >>> x = jax.device_put(np.arange(8, dtype=np.int32).reshape(4, 2))
+  >>> local_batch_line(1, {"inputs": x})
+  'process 0 of 1: step 1 batch rows 0..3 of 4, checksum 28'
+  """
+  leaves = jax.tree.leaves(batch)
+  rows: set[int] = set()
+  checksum = 0
+  for leaf in leaves:
+    seen = set()
+    for shard in leaf.addressable_shards:
+      key = tuple((s.start, s.stop) for s in shard.index)
+      if key in seen:
+        continue
+      seen.add(key)
+      data = np.asarray(shard.data)
+      checksum += int(data.astype(np.int64).sum()) if data.dtype.kind in "iub" else 0
+      rows.update(range(*shard.index[0].indices(leaf.shape[0])))
+  span = (f"{min(rows)}..{max(rows)}" if rows and max(rows) - min(rows) + 1 == len(rows)
+          else ",".join(map(str, sorted(rows))))
+  return (f"process {jax.process_index()} of {jax.process_count()}: step {step} batch rows "
+          f"{span} of {leaves[0].shape[0]}, checksum {checksum}")
