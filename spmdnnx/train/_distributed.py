@@ -314,12 +314,14 @@ def initialize(config: DistributedConfig) -> ProcessInfo:
   source = "flags"
   if env is not None:
     source = cluster_name(env)
-    coordinator, num, pid, ids = _jax_clusters.ClusterEnv.auto_detect_unset_distributed_params(
+    # The detected local device ids are not used: JAX would restrict a SLURM or
+    # Open MPI GPU process to one device, but spmdnnx runs one process per host
+    # (pass --local_device_ids=$SLURM_LOCALID for one process per device).
+    coordinator, num, pid, _ = _jax_clusters.ClusterEnv.auto_detect_unset_distributed_params(
         config.coordinator_address, config.num_processes, config.process_id,
         config.local_device_ids, None, config.initialization_timeout)
-    config = dataclasses.replace(
-        config, coordinator_address=coordinator, num_processes=num, process_id=pid,
-        local_device_ids=None if ids is None else tuple(ids))
+    config = dataclasses.replace(config, coordinator_address=coordinator, num_processes=num,
+                                 process_id=pid)
     config.validate(num_hosts=host_count_from_env())
   missing = [f"--{name}" for name in ("coordinator_address", "num_processes", "process_id")
              if getattr(config, name) is None]
@@ -330,8 +332,9 @@ def initialize(config: DistributedConfig) -> ProcessInfo:
         f"{errors.format_paths(missing)} not set and {where}: a multi-process job needs "
         "--coordinator_address, --num_processes and --process_id on every process",
         flags=[m[2:] for m in missing])
+  origin = "settings from flags" if env is None else f"detected a {source} cluster"
   print(f"spmdnnx: process {config.process_id} of {config.num_processes} joining coordinator "
-        f"{config.coordinator_address} (settings from {source})", flush=True)
+        f"{config.coordinator_address} ({origin})", flush=True)
   _connect(config, source)
   print(f"spmdnnx: process {config.process_id} of {config.num_processes} joined; "
         f"{jax.device_count()} devices, {jax.local_device_count()} local", flush=True)

@@ -81,3 +81,40 @@ def losses(text, rank=None):
   """{step: loss string} from `step S loss L` lines (of one rank's prefix if given)."""
   prefix = r"(?:\[\d+\] )?" if rank is None else rf"\[{rank}\] "
   return {int(s): l for s, l in re.findall(rf"(?m)^{prefix}step (\d+) loss (\S+)", text)}
+
+
+def train_flags(workdir, steps=6, **overrides):
+  """launch.train flags for a seconds-per-step byte MLP on the stdlib's email package."""
+  import sysconfig
+  corpus = os.path.join(sysconfig.get_paths()["stdlib"], "email", "**", "*.py")
+  cfg = {"model.embed_dim": 16, "model.mlp_dim": 32, "model.head_dim": 16, "steps": steps,
+         "batch_size": 8, "seq_len": 16, "log_every": 1, "eval_every": 0, "eval_batches": 1,
+         "checkpoint_every": 2, "data.path": corpus, "data.eval_fraction": 0.2, **overrides}
+  return ["--config=configs/mlp_quick.py", f"--workdir={workdir}"] + [
+      f"--config.{k}={v}" for k, v in cfg.items()]
+
+
+def train_local(procs, devices, workdir, *, steps=6, flags=(), env_extra=None, **overrides):
+  """Starts launch.local running launch.train (every step's local batch logged)."""
+  return Job([sys.executable, "-m", "launch.local", f"--num_processes={procs}",
+              f"--devices_per_process={devices}", "--", *train_flags(workdir, steps, **overrides),
+              *flags], env_extra={"SPMDNNX_LOG_LOCAL_BATCHES": 1, **(env_extra or {})})
+
+
+def metrics(workdir):
+  """{step: loss} from DIR/metrics.jsonl (a later line for a step wins)."""
+  import json
+  out = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      record = json.loads(line)
+      if "loss" in record:
+        out[record["step"]] = record["loss"]
+  return out
+
+
+def batch_lines(text):
+  """{(process, step): (rows, of, checksum)} from the per-process local batch lines."""
+  found = re.findall(r"process (\d+) of \d+: step (\d+) batch rows (\S+) of (\d+), "
+                     r"checksum (-?\d+)", text)
+  return {(int(p), int(s)): (rows, int(n), int(c)) for p, s, rows, n, c in found}

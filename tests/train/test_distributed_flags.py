@@ -1,5 +1,6 @@
 """Distributed flags: definition, validation before connecting, cluster detection."""
 
+import re
 import socket
 import time
 
@@ -149,7 +150,8 @@ def test_slurm_is_detected_and_named(monkeypatch, capsys):
     dist.initialize_from_flags(_flags("--initialization_timeout=1"))
   assert time.monotonic() - start < 30
   assert e.value.missing == [0]
-  assert "process 1 of 2 joining coordinator node001" in capsys.readouterr().out
+  assert re.search(r"process 1 of 2 joining coordinator node001:\d+ \(detected a SLURM "
+                   r"cluster\)", capsys.readouterr().out)
 
 
 def test_slurm_multi_host_rejects_loopback_coordinator(monkeypatch):
