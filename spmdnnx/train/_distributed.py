@@ -317,9 +317,16 @@ def initialize(config: DistributedConfig) -> ProcessInfo:
     # The detected local device ids are not used: JAX would restrict a SLURM or
     # Open MPI GPU process to one device, but spmdnnx runs one process per host
     # (pass --local_device_ids=$SLURM_LOCALID for one process per device).
-    coordinator, num, pid, _ = _jax_clusters.ClusterEnv.auto_detect_unset_distributed_params(
-        config.coordinator_address, config.num_processes, config.process_id,
-        config.local_device_ids, None, config.initialization_timeout)
+    try:
+      coordinator, num, pid, _ = (
+          _jax_clusters.ClusterEnv.auto_detect_unset_distributed_params(
+              config.coordinator_address, config.num_processes, config.process_id,
+              config.local_device_ids, None, config.initialization_timeout))
+    except Exception as e:  # e.g. a Kubernetes API refusal
+      raise errors.LaunchError(
+          f"a {source} cluster was detected but reading its settings failed ({e}); fix the "
+          "cluster's permissions or give --coordinator_address, --num_processes and "
+          "--process_id explicitly", cluster=source) from e
     config = dataclasses.replace(config, coordinator_address=coordinator, num_processes=num,
                                  process_id=pid)
     config.validate(num_hosts=host_count_from_env())

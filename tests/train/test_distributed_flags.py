@@ -178,3 +178,18 @@ def test_initialize_after_jax_started_is_a_launch_error():
   with pytest.raises(errors.LaunchError, match="jax.distributed must start before any JAX"):
     dist.initialize_from_flags(_flags(f"--coordinator_address=127.0.0.1:{_free_port()}",
                                       "--num_processes=1", "--process_id=0"))
+
+
+def test_a_failing_cluster_detection_is_a_launch_error(monkeypatch):
+  for k, v in _SLURM.items():
+    monkeypatch.setenv(k, v)
+  monkeypatch.setenv("SLURM_STEP_NODELIST", "")
+
+  def broken(*args, **kwargs):
+    raise RuntimeError("Kubernetes API Error: 403 - Forbidden")
+
+  monkeypatch.setattr(dist._jax_clusters.ClusterEnv, "auto_detect_unset_distributed_params",
+                      broken)
+  with pytest.raises(errors.LaunchError, match=r"a SLURM cluster was detected but reading its "
+                     r"settings failed \(Kubernetes API Error: 403"):
+    dist.initialize_from_flags(_flags())

@@ -131,3 +131,15 @@ def test_process_log_captures_prints_and_logging(tmp_path, capsys):
   assert path.read_text().startswith(text)
   print("after")
   assert "after" not in path.read_text()
+
+
+@pytest.mark.parametrize("name", ["spmdnnx.train._faults", "spmdnnx.train._logs",
+                                  "spmdnnx.train._distributed",
+                                  "spmdnnx.train._local_launch"])
+def test_docstring_examples(name):
+  import doctest
+  import importlib
+  module = importlib.import_module(name)
+  result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+  assert result.attempted > 0, f"{name} has no examples"
+  assert result.failed == 0
