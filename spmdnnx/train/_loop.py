@@ -319,10 +319,11 @@ def run(cfg: ml_collections.ConfigDict, *, workdir: str, hooks: Hooks | None = N
         for fn in hooks.on_step_end:
           fn(step)
         stop = any(fn() for fn in hooks.should_stop)
-        last = step == cfg.steps or stop
+        last = step == cfg.steps
+        # On a stop request (e.g. preemption) save at once, without an eval.
         do_eval = last or (cfg.eval_every and step % cfg.eval_every == 0)
-        do_log = do_eval or step % cfg.log_every == 0
-        do_save = last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+        do_log = do_eval or stop or step % cfg.log_every == 0
+        do_save = last or stop or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
         if do_log or do_save:
           run_.drain()
         if do_log and step > start + 1 or do_eval:

@@ -59,7 +59,9 @@ def load_model(workdir: str) -> Loaded:
   saved = _loop.load_config(workdir)
   cfg.update(saved)
   lm_cfg = models.LMConfig.from_mapping(cfg.model)
-  rules = _config.AxisRules.load(cfg.rules)
+  # A sample is one sequence: keep its batch dimension whole (replicated)
+  # rather than asking the mesh to split a batch of 1.
+  rules = _config.AxisRules.load(cfg.rules).override(batch=None, activation_batch=None)
   try:
     mesh = make_mesh(MeshConfig(ici=_config.parse_degrees(cfg.mesh)))
   except errors.MeshError:
@@ -90,8 +92,7 @@ def sample(loaded: Loaded, prompt: str, *, max_new_tokens: int = 200,
   tokens = _data.encode(prompt)
   if len(tokens) == 0:
     tokens = np.zeros((1,), np.uint8)  # an empty prompt starts a new document
-  limit = loaded.model_config.max_seq_len if hasattr(loaded, "model_config") else \
-      models.LMConfig.from_mapping(loaded.config.model).max_seq_len
+  limit = models.LMConfig.from_mapping(loaded.config.model).max_seq_len
   if len(tokens) + max_new_tokens > limit:
     raise errors.ConfigError(
         f"prompt ({len(tokens)} tokens) + max_new_tokens={max_new_tokens} exceeds the "

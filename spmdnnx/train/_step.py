@@ -94,7 +94,7 @@ def make_train_step(*, microbatches: int, z_loss: float) -> Callable:
       (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), (xs, ys))
       loss = loss / microbatches
       grads = jax.tree.map(lambda g: g / microbatches, grads)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     optimizer.update(model, grads)
     return {"loss": loss, "grad_norm": grad_norm}
 

@@ -8,7 +8,40 @@ import numpy as np
 import optax
 
 import spmdnnx as nnx
-from spmdnnx.train.models import MLPRegressor, mse
+# (spmdnnx.train no longer ships this regression model; defined here.)
+
+class MLPBlock(nnx.Module):
+  """Pre-norm residual MLP block: x + W2 gelu(W1 norm(x))."""
+
+  def __init__(self, embed: int, mlp: int, *, rngs: nnx.Rngs):
+    self.norm = nnx.LayerNorm(embed, rngs=rngs)
+    self.up = nnx.Linear(embed, mlp, kernel_axes=("embed", "mlp"), rngs=rngs)
+    self.down = nnx.Linear(mlp, embed, kernel_axes=("mlp", "embed"), rngs=rngs)
+
+  def __call__(self, x):
+    h = nnx.spmd.constrain(jax.nn.gelu(self.up(self.norm(x))), ("batch", "mlp"))
+    return x + self.down(h)
+
+
+class MLPRegressor(nnx.Module):
+  """In-projection, residual MLP blocks, head (the former spmdnnx.train model)."""
+
+  def __init__(self, in_features: int, *, embed: int, mlp: int, num_layers: int,
+               out_features: int, rngs: nnx.Rngs):
+    self.embed = nnx.Linear(in_features, embed, kernel_axes=(None, "embed"), rngs=rngs)
+    self.blocks = nnx.List([MLPBlock(embed, mlp, rngs=rngs) for _ in range(num_layers)])
+    self.head = nnx.Linear(embed, out_features, kernel_axes=("embed", None), rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.spmd.constrain(self.embed(x), ("batch", "embed"))
+    for block in self.blocks:
+      x = block(x)
+    return self.head(x)
+
+
+def mse(pred, target):
+  return jnp.mean((pred - target) ** 2)
+
 
 
 def make_model(seed: int = 0, *, embed: int = 8, mlp: int = 16, layers: int = 2):

@@ -13,6 +13,7 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 port, num, pid = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -22,7 +23,40 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import spmdnnx as nnx  # noqa: E402
-from spmdnnx.train.models import MLPRegressor, mse  # noqa: E402
+# (spmdnnx.train no longer ships this regression model; defined here.)
+
+class MLPBlock(nnx.Module):
+  """Pre-norm residual MLP block: x + W2 gelu(W1 norm(x))."""
+
+  def __init__(self, embed: int, mlp: int, *, rngs: nnx.Rngs):
+    self.norm = nnx.LayerNorm(embed, rngs=rngs)
+    self.up = nnx.Linear(embed, mlp, kernel_axes=("embed", "mlp"), rngs=rngs)
+    self.down = nnx.Linear(mlp, embed, kernel_axes=("mlp", "embed"), rngs=rngs)
+
+  def __call__(self, x):
+    h = nnx.spmd.constrain(jax.nn.gelu(self.up(self.norm(x))), ("batch", "mlp"))
+    return x + self.down(h)
+
+
+class MLPRegressor(nnx.Module):
+  """In-projection, residual MLP blocks, head (the former spmdnnx.train model)."""
+
+  def __init__(self, in_features: int, *, embed: int, mlp: int, num_layers: int,
+               out_features: int, rngs: nnx.Rngs):
+    self.embed = nnx.Linear(in_features, embed, kernel_axes=(None, "embed"), rngs=rngs)
+    self.blocks = nnx.List([MLPBlock(embed, mlp, rngs=rngs) for _ in range(num_layers)])
+    self.head = nnx.Linear(embed, out_features, kernel_axes=("embed", None), rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.spmd.constrain(self.embed(x), ("batch", "embed"))
+    for block in self.blocks:
+      x = block(x)
+    return self.head(x)
+
+
+def mse(pred, target):
+  return jnp.mean((pred - target) ** 2)
+
 
 mesh = nnx.make_mesh(nnx.MeshConfig(ici={"fsdp": 2, "tensor": 2}, dcn={"data": num}))
 with nnx.use_sharding(mesh, "fsdp_tp"):
