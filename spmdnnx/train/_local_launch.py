@@ -9,6 +9,7 @@ launcher returns that process's status. SIGTERM/SIGINT to the launcher is
 forwarded as SIGTERM (preemption: the processes save and exit); a second one
 kills them.
 
+>>> import io
 >>> cmd = [sys.executable, "-c", "import sys; print(sys.argv[1:])"]
 >>> launch_local(cmd, num_processes=2, devices_per_process=1, stream=io.StringIO())
 0
@@ -17,7 +18,6 @@ kills them.
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 import signal
 import socket

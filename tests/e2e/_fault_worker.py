@@ -54,9 +54,8 @@ def main(argv):
 
     w = jnp.asarray(w)
     hooks = _faults.FaultHooks(workdir, process_index=info.process_index,
-                               hang_timeout=FLAGS.hang_timeout)
-    with hooks:
-      hooks.watchdog.stop(); hooks.watchdog.start(start or None)
+                               hang_timeout=FLAGS.hang_timeout).start(start or None)
+    try:
       for step in range(start + 1, _STEPS.value + 1):
         first = (step - 1) * rows_per_process * info.process_count
         mine = first + info.process_index * rows_per_process
@@ -69,9 +68,11 @@ def main(argv):
         hooks.on_step_end(step)
         if hooks.should_stop():
           break
-      if info.process_index == 0:
-        np.savez(ckpt, step=step, w=np.asarray(jax.device_get(w)))
-      print(f"saved step {step}", flush=True)
+    finally:
+      hooks.close()
+    if info.process_index == 0:
+      np.savez(ckpt, step=step, w=np.asarray(jax.device_get(w)))
+    print(f"saved step {step}", flush=True)
   return 0
 
 
