@@ -27,6 +27,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _FAKE_DEVICES = flags.DEFINE_integer("fake_devices", 0,
                                      "Run on this many fake CPU devices; 0: real devices.")
 flags.mark_flag_as_required("workdir")
+train.define_distributed_flags()
 
 
 def main(argv: list[str]) -> int:
@@ -37,6 +38,7 @@ def main(argv: list[str]) -> int:
   try:
     if _FAKE_DEVICES.value:
       train.use_fake_devices(_FAKE_DEVICES.value)
+    train.initialize_from_flags(flags.FLAGS)
     loaded = train.load_model(_WORKDIR.value)
     text = train.sample(loaded, _PROMPT.value, max_new_tokens=_MAX_NEW.value,
                         temperature=_TEMPERATURE.value, top_k=_TOP_K.value or None,

@@ -29,6 +29,7 @@ _FAKE_DEVICES = flags.DEFINE_integer(
     "fake_devices", 0, "Run on this many fake CPU devices (no accelerator needed); 0 uses "
     "the real devices.")
 flags.mark_flags_as_required(["config", "workdir"])
+train.define_distributed_flags()
 
 
 def main(argv: list[str]) -> int:
@@ -39,8 +40,12 @@ def main(argv: list[str]) -> int:
   try:
     if _FAKE_DEVICES.value:
       train.use_fake_devices(_FAKE_DEVICES.value)
-    hooks = train.Hooks()
-    result = train.run(_CONFIG.value, workdir=_WORKDIR.value, hooks=hooks)
+    info = train.initialize_from_flags(flags.FLAGS)
+    with train.process_log(_WORKDIR.value, process_index=info.process_index), \
+        train.FaultHooks(_WORKDIR.value, process_index=info.process_index,
+                         hang_timeout=flags.FLAGS.hang_timeout) as faults:
+      hooks = train.Hooks(on_step_end=[faults.on_step_end], should_stop=[faults.should_stop])
+      result = train.run(_CONFIG.value, workdir=_WORKDIR.value, hooks=hooks)
   except errors.SpmdnnxError as e:
     print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
     return 1

@@ -192,8 +192,9 @@ def _context_shardings(state: nnx.State) -> dict | None:
 def target_shardings(state: nnx.State) -> list:
   """Where each leaf of a restore target goes, in flat order.
 
-  The sharding of the leaf's current array (or of its ShapeDtypeStruct), else
-  the one the active `use_sharding` context's rules give its logical axes,
+  The sharding of the leaf's current array (or of its ShapeDtypeStruct) unless
+  it is process-local in a multi-process job, else the one the active
+  `use_sharding` context's rules give its logical axes,
   else replicated on the `jax.set_mesh` mesh, else on one device.
   """
   pairs = list(state.flat_state())
@@ -202,6 +203,10 @@ def target_shardings(state: nnx.State) -> list:
     value = _raw(leaf)
     sharding = getattr(value, "sharding", None) if isinstance(
         value, (jax.Array, jax.ShapeDtypeStruct)) else None
+    if sharding is not None and jax.process_count() > 1 and sharding.is_fully_addressable:
+      # A process-local array (e.g. a scalar not yet through a sharded jit)
+      # cannot hold a value of the global job: take the global layout.
+      sharding = None
     if sharding is None:
       if ctx_shardings is ...:
         ctx_shardings = _context_shardings(state)

@@ -20,7 +20,17 @@ from spmdnnx.train._data import SEPARATOR as SEPARATOR
 from spmdnnx.train._data import split_files as split_files
 from spmdnnx.train._data import stdlib_glob as stdlib_glob
 from spmdnnx.train._data import train_dataset as train_dataset
+from spmdnnx.train._distributed import define_flags as define_distributed_flags
+from spmdnnx.train._distributed import DistributedConfig as DistributedConfig
+from spmdnnx.train._distributed import initialize_from_flags as initialize_from_flags
+from spmdnnx.train._distributed import ProcessInfo as ProcessInfo
 from spmdnnx.train._fake_devices import use_fake_devices as use_fake_devices
+from spmdnnx.train._faults import FaultHooks as FaultHooks
+from spmdnnx.train._faults import HANG_EXIT_CODE as HANG_EXIT_CODE
+from spmdnnx.train._faults import PreemptionGuard as PreemptionGuard
+from spmdnnx.train._faults import StepWatchdog as StepWatchdog
+from spmdnnx.train._local_launch import launch_local as launch_local
+from spmdnnx.train._logs import process_log as process_log
 from spmdnnx.train._loop import CHECKPOINT_DIR as CHECKPOINT_DIR
 from spmdnnx.train._loop import CONFIG_FILE as CONFIG_FILE
 from spmdnnx.train._loop import Hooks as Hooks

@@ -42,6 +42,7 @@ from spmdnnx.spmd._init import sharded_init
 from spmdnnx.spmd._mesh import make_mesh
 from spmdnnx.train import _config
 from spmdnnx.train import _data
+from spmdnnx.train import _logs
 from spmdnnx.train import _metrics
 from spmdnnx.train import _peaks
 from spmdnnx.train import _step
@@ -197,8 +198,12 @@ class _Run:
     return self.last_eval
 
   def save(self, step: int) -> None:
+    # The data position counts global batches, the same on every process and
+    # for any process count: the global metadata keeps a copy, from which a
+    # job with another process count resumes (per-process files cannot).
     saved = self.ckpt.save(step, model=self.model, optimizer=self.optimizer, data=self.data,
-                           metadata={"step": step, "loss": self.losses.get(step)},
+                           metadata={"step": step, "loss": self.losses.get(step),
+                                     "data_state": self.data.get_state()},
                            force=True)
     if saved:
       self.last_saved = step
@@ -277,8 +282,14 @@ def run(cfg: ml_collections.ConfigDict, *, workdir: str, hooks: Hooks | None = N
     start = 0
     latest = run_.ckpt.latest_step()
     if latest is not None:
-      info = run_.ckpt.restore(latest, model=run_.model, optimizer=run_.optimizer,
-                               data=run_.data)
+      info = run_.ckpt.restore(latest, model=run_.model, optimizer=run_.optimizer)
+      data_state = info.data_state or (info.metadata or {}).get("data_state")
+      if data_state is None:
+        raise errors.CheckpointError(
+            f"checkpoint step {latest} in {run_.ckpt_dir} has no data position for this "
+            f"process ({jax.process_count()} process(es)); resume with the process count "
+            "that wrote it.", step=latest, path=run_.ckpt_dir)
+      run_.data.set_state(data_state)
       start = int(info.step)
       run_.last_saved = start
       w.text(f"resumed from checkpoint step {start} in {run_.ckpt_dir}")
@@ -291,6 +302,8 @@ def run(cfg: ml_collections.ConfigDict, *, workdir: str, hooks: Hooks | None = N
           jax.profiler.start_trace(os.path.join(workdir, "profile"))
         t0 = time.perf_counter()
         batch = next(run_.data)
+        if _logs.log_local_batch(step, start + 1):
+          print(_logs.local_batch_line(step, batch), flush=True)
         out = run_.train_step(run_.model, run_.optimizer, batch)
         run_.pending.append((step, out))
         if step == start + 1:
