@@ -195,7 +195,33 @@ def output_logits(x: jax.Array, table: jax.Array, dt: Any, tied: bool) -> jax.Ar
   return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
 
 
-class DecoderLM(Module):
+class TokenLM(Module):
+  """What both LMs share: the embedding, the final norm and the output projection."""
+
+  def _init_io(self, cfg: LMConfig, rngs: Rngs) -> None:
+    self.config = cfg
+    d, pdt = cfg.embed_dim, cfg.jnp_param_dtype
+    self.embed = Embed(cfg.vocab_size, d, dtype=cfg.jnp_dtype, param_dtype=pdt,
+                       embedding_init=initializers.normal(d ** -0.5),
+                       embedding_axes=("vocab", "embed"), rngs=rngs)
+
+  def _init_head(self, cfg: LMConfig, rngs: Rngs) -> None:
+    d, pdt = cfg.embed_dim, cfg.jnp_param_dtype
+    self.final_norm = RMSNorm(d, epsilon=cfg.norm_eps, dtype=cfg.jnp_dtype, param_dtype=pdt,
+                              rngs=rngs)
+    if not cfg.tie_embeddings:
+      self.lm_head = scaled_normal(rngs, (d, cfg.vocab_size), d, ("embed", "vocab"), pdt)
+
+  def _logits(self, x: jax.Array) -> jax.Array:
+    """Final norm, then the tied or untied output projection (float32 logits)."""
+    cfg = self.config
+    x = self.final_norm(x)
+    if cfg.tie_embeddings:
+      return output_logits(x, self.embed.embedding.value, cfg.jnp_dtype, True)
+    return output_logits(x, self.lm_head.value, cfg.jnp_dtype, False)
+
+
+class DecoderLM(TokenLM):
   """A Llama-style decoder LM built from an `LMConfig` (``kind="llama"``).
 
   Args:
@@ -218,16 +244,9 @@ class DecoderLM(Module):
       raise errors.ConfigError(
           f"DecoderLM needs an LMConfig with kind='llama', got {cfg!r}; use build_model "
           "to pick the model from the kind.")
-    self.config = cfg
-    d, pdt = cfg.embed_dim, cfg.jnp_param_dtype
-    self.embed = Embed(cfg.vocab_size, d, dtype=cfg.jnp_dtype, param_dtype=pdt,
-                       embedding_init=initializers.normal(d ** -0.5),
-                       embedding_axes=("vocab", "embed"), rngs=rngs)
+    self._init_io(cfg, rngs)
     self.layers = make_blocks(cfg, lambda r: Block(cfg, rngs=r), rngs)
-    self.final_norm = RMSNorm(d, epsilon=cfg.norm_eps, dtype=cfg.jnp_dtype, param_dtype=pdt,
-                              rngs=rngs)
-    if not cfg.tie_embeddings:
-      self.lm_head = scaled_normal(rngs, (d, cfg.vocab_size), d, ("embed", "vocab"), pdt)
+    self._init_head(cfg, rngs)
 
   def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
                cache: KVCache | None = None) -> jax.Array:
@@ -265,11 +284,7 @@ class DecoderLM(Module):
         x = apply_list(cfg, self.layers, x, **kwargs)
     else:
       x = self._decode_layers(x, cache, positions, index)
-    x = self.final_norm(x)
-    if cfg.tie_embeddings:
-      logits = output_logits(x, self.embed.embedding.value, cfg.jnp_dtype, True)
-    else:
-      logits = output_logits(x, self.lm_head.value, cfg.jnp_dtype, False)
+    logits = self._logits(x)
     if cache is not None:
       # Writing past the cache's end would clamp and overwrite the last
       # positions; inside a trace that cannot raise, so the logits become NaN.

@@ -25,15 +25,12 @@ from spmdnnx._rngs import Rngs
 from spmdnnx.models._cache import KVCache
 from spmdnnx.models._config import LMConfig
 from spmdnnx.models._layers import BTE
-from spmdnnx.models._layers import scaled_normal
 from spmdnnx.models._layers import SwiGLU
 from spmdnnx.models._llama import apply_list
 from spmdnnx.models._llama import check_tokens
 from spmdnnx.models._llama import make_blocks
-from spmdnnx.models._llama import output_logits
-from spmdnnx.nn._embed import Embed
+from spmdnnx.models._llama import TokenLM
 from spmdnnx.nn._normalization import RMSNorm
-from spmdnnx.nn import initializers
 from spmdnnx.spmd._constrain import constrain
 
 
@@ -49,7 +46,7 @@ class MlpBlock(Module):
     return constrain(x + self.mlp(self.norm(x)), BTE)
 
 
-class MlpLM(Module):
+class MlpLM(TokenLM):
   """A position-wise LM built from an `LMConfig` (``kind="mlp"``).
 
   Uses ``vocab_size``, ``embed_dim``, ``mlp_dim``, ``num_layers``,
@@ -65,16 +62,9 @@ class MlpLM(Module):
       raise errors.ConfigError(
           f"MlpLM needs an LMConfig with kind='mlp', got {cfg!r}; use build_model to "
           "pick the model from the kind.")
-    self.config = cfg
-    d, pdt = cfg.embed_dim, cfg.jnp_param_dtype
-    self.embed = Embed(cfg.vocab_size, d, dtype=cfg.jnp_dtype, param_dtype=pdt,
-                       embedding_init=initializers.normal(d ** -0.5),
-                       embedding_axes=("vocab", "embed"), rngs=rngs)
+    self._init_io(cfg, rngs)
     self.layers = make_blocks(cfg, lambda r: MlpBlock(cfg, rngs=r), rngs)
-    self.final_norm = RMSNorm(d, epsilon=cfg.norm_eps, dtype=cfg.jnp_dtype, param_dtype=pdt,
-                              rngs=rngs)
-    if not cfg.tie_embeddings:
-      self.lm_head = scaled_normal(rngs, (d, cfg.vocab_size), d, ("embed", "vocab"), pdt)
+    self._init_head(cfg, rngs)
 
   def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
                cache: KVCache | None = None) -> jax.Array:
@@ -88,7 +78,4 @@ class MlpLM(Module):
     x = self.layers(x) if cfg.scan_layers else apply_list(cfg, self.layers, x)
     if cache is not None:
       cache.index.value = cache.index.value + jnp.int32(tokens.shape[1])
-    x = self.final_norm(x)
-    if cfg.tie_embeddings:
-      return output_logits(x, self.embed.embedding.value, cfg.jnp_dtype, True)
-    return output_logits(x, self.lm_head.value, cfg.jnp_dtype, False)
+    return self._logits(x)
