@@ -172,6 +172,7 @@ class Optimizer(Object):
       ConfigError: for a wrong number of arguments or a different model.
       GraphError: when grads miss parameters.
       ShapeError: when a gradient's shape differs from its parameter's.
+      DonatedArrayError: when an array was deleted by a donating `nnx.jit` step.
     """
     if len(args) == 2:
       model, grads = args
@@ -190,8 +191,14 @@ class Optimizer(Object):
     params = pure(graph.state(model, self.wrt))
     grads = self._match_grads(params, grads)
     with _optax_promotion():
-      updates, new_state = self.tx.update(grads, self.optax_state(), params, **kwargs)
-      new_params = optax.apply_updates(params, updates)
+      try:
+        updates, new_state = self.tx.update(grads, self.optax_state(), params, **kwargs)
+        new_params = optax.apply_updates(params, updates)
+      except RuntimeError as e:
+        if "has been deleted" not in str(e):
+          raise
+        raise errors.DonatedArrayError.build(
+            "Optimizer.update", "the model, the gradients or the optimizer state") from e
     graph.update(model, new_params)
     leaves = jax.tree_util.tree_leaves(new_state)
     for var, value in zip(self._leaves(), leaves, strict=True):

@@ -177,3 +177,16 @@ def test_eager_variable_arithmetic_on_a_donated_array(mesh):
     ema.kernel += 1.0
   with pytest.raises(errors.DonatedArrayError, match=r"Param neg: this Variable " + MESSAGE):
     -ema.kernel
+
+
+def test_eager_optimizer_update_with_stale_gradients(mesh):
+  model, optimizer, step = trained(mesh)
+  grads = nnx.grad(lambda m: jnp.mean(m(X) ** 2))(model)
+  kept = nnx.State({"up": {"kernel": nnx.Param(grads["up"]["kernel"].value),
+                           "bias": nnx.Param(model.up.bias.value)}})   # aliases the bias
+  with nnx.use_sharding(mesh, "fsdp_tp"):
+    step(model, optimizer, X)                  # donates the model's arrays
+  with pytest.raises(errors.DonatedArrayError,
+                     match=r"Optimizer\.update: the model, the gradients or the optimizer "
+                           r"state " + MESSAGE):
+    optimizer.update(model, kept)
