@@ -153,7 +153,8 @@ class CheckpointManager:
       once, the copy to host memory and the writes run in a background
       thread (costs one transient copy of the saved state in device memory);
       ``"host"`` blocks while orbax copies every shard to host memory (no
-      extra device memory).
+      extra device memory). Multi-process jobs always save as ``"host"``
+      does: orbax's cross-process barriers must run on the training thread.
 
   Raises:
     ConfigError: for a non-positive interval, count or period, or an unknown
@@ -172,7 +173,14 @@ class CheckpointManager:
     self.directory = os.path.abspath(os.fspath(directory))
     self._existed = os.path.isdir(self.directory)
     self._interval = save_interval_steps
-    self._background = async_save and snapshot == "device"
+    # Orbax's save runs cross-process barriers (collectives). In a
+    # multi-process job they must be issued from the thread that runs the
+    # training steps, in the same order on every process: from a second
+    # thread they interleave differently across processes and deadlock. So the
+    # device snapshot with a background orbax call is single-process only;
+    # multi-process jobs use orbax's own async save (its writes still run in
+    # the background).
+    self._background = async_save and snapshot == "device" and jax.process_count() == 1
     self._thread: threading.Thread | None = None
     self._thread_error: BaseException | None = None
     self._last_save: int | None = None
