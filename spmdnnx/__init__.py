@@ -4,6 +4,8 @@
 Variables carry logical axis names for SPMD sharding.
 """
 
+import importlib
+
 # Subpackages and errors
 from spmdnnx import errors as errors
 from spmdnnx import spmd as spmd
@@ -166,8 +168,16 @@ from spmdnnx._stack_convert import unstack_state as unstack_state
 # Models
 from spmdnnx import models as models
 
-# Checkpointing (built on the names above through the public API, so it comes last)
-from spmdnnx import checkpointing as checkpointing
+# `checkpointing` (orbax) and `train` (grain, tensorboardX, orbax) are imported
+# on first use, so the core API does not pay ~0.3 s of import time for them.
+_LAZY_NAMESPACES = ("checkpointing", "train")
 
-# Training runtime (on models and checkpointing)
-from spmdnnx import train as train
+
+def __getattr__(name: str):
+  if name in _LAZY_NAMESPACES:
+    return importlib.import_module(f"spmdnnx.{name}")
+  raise AttributeError(f"module 'spmdnnx' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(list(globals()) + list(_LAZY_NAMESPACES))

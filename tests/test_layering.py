@@ -103,3 +103,18 @@ def test_layer_table_names_every_layer():
   text = (ROOT / "docs" / "architecture.md").read_text()
   for layer, _ in LAYERS:
     assert f"| {layer} |" in text, f"docs/architecture.md's table has no row for {layer!r}"
+
+
+def test_runtime_namespaces_are_imported_on_first_use():
+  import subprocess
+  import sys
+  code = ("import sys, spmdnnx as nnx\n"
+          "heavy = [m for m in ('orbax.checkpoint', 'grain', 'tensorboardX') if m in sys.modules]\n"
+          "assert not heavy, heavy\n"
+          "assert nnx.checkpointing.CheckpointManager and nnx.train.run\n"
+          "assert 'orbax.checkpoint' in sys.modules and 'grain' in sys.modules\n"
+          "assert {'checkpointing', 'train'} <= set(dir(nnx))\n")
+  env = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
+  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
