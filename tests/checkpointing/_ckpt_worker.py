@@ -37,6 +37,7 @@ import optax  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
 import spmdnnx as nnx  # noqa: E402
+import spmdnnx.checkpointing  # noqa: E402,F401  (loaded as root: the unwritable case drops to nobody)
 from spmdnnx.models import MLPRegressor, mse  # noqa: E402
 
 
