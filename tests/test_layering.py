@@ -15,7 +15,7 @@ PACKAGE = ROOT / "spmdnnx"
 
 #: layer name -> module-name prefixes (dotted, relative to spmdnnx), in table order.
 LAYERS = [
-    ("base", ["errors", "_typing", "_tracectx"]),
+    ("base", ["errors", "_typing", "_tracectx", "_modes"]),
     ("values", ["_filters", "_variables", "_stacked"]),
     ("objects", ["_object", "_state", "_rngs"]),
     ("graph", ["_graphdef", "_graph", "_restructure", "_module", "_display"]),
