@@ -23,7 +23,7 @@ from spmdnnx import errors
 from spmdnnx import _graph as graph
 from spmdnnx import _tracectx as tracectx
 from spmdnnx import _restructure as restructure_lib
-from spmdnnx._graphdef import VariableSpec
+from spmdnnx._graphdef import NodeSpec, PytreeSpec, RefSpec, VariableSpec
 from spmdnnx._state import State
 from spmdnnx._variables import Variable, detach, new_variable, write_back
 
@@ -61,8 +61,12 @@ class Extraction:
   static_containers: list      # static List/Dict values (watched by jit)
 
 
-def extract(tree: Any) -> Extraction:
-  """Finds the graph nodes in a pytree and splits them jointly."""
+def extract(tree: Any, *, aliasing: bool = True, who: str = "transform") -> Extraction:
+  """Finds the graph nodes in a pytree and splits them jointly.
+
+  With ``aliasing=False`` (tree mode, or ``graph_updates=False``), an object
+  or Variable reachable twice is a `TransformError` naming both paths.
+  """
   leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=graph.is_graph_node)
   nodes: list = []
   seen: dict[int, int] = {}
@@ -77,10 +81,54 @@ def extract(tree: Any) -> Extraction:
     else:
       arg_leaves.append(leaf)
   nodes_t = tuple(nodes)
+  if not aliasing and len(nodes) < sum(isinstance(x, NodeSlot) for x in arg_leaves):
+    twice = [x.index for x in arg_leaves if isinstance(x, NodeSlot)]
+    dup = next(i for i in twice if twice.count(i) > 1)
+    raise_alias(who, f"argument node #{dup}", f"argument node #{dup} (passed twice)",
+                nodes[dup])
   graphdef, w = graph.flatten(nodes_t)
+  if not aliasing:
+    check_no_aliases(graphdef, w, who)
   return Extraction(treedef, arg_leaves, nodes_t, graphdef,
                     [p for p, _ in w.pairs], [v for _, v in w.pairs],
                     w.variables, w.has_raw, w.nodes, w.static_containers)
+
+
+def _spec_paths(spec: Any, path: tuple, first: dict, refs: list) -> None:
+  """Records the first path of every node index and the path of every RefSpec."""
+  kind = type(spec)
+  if kind is RefSpec:
+    refs.append((spec.index, path))
+    return
+  if kind in (NodeSpec, VariableSpec) and spec.index is not None:
+    first.setdefault(spec.index, path)
+  if kind is NodeSpec:
+    for key, sub in spec.children:
+      _spec_paths(sub, path + (key,), first, refs)
+  elif kind is PytreeSpec:
+    for key, sub in zip(spec.keys, spec.children):
+      _spec_paths(sub, path + (key,), first, refs)
+
+
+def check_no_aliases(graphdef: graph.GraphDef, w: Any, who: str) -> None:
+  """Tree mode: refuses an object or Variable reachable at two paths."""
+  first: dict = {}
+  refs: list = []
+  _spec_paths(graphdef.spec, (), first, refs)
+  if refs:
+    index, path = refs[0]
+    raise_alias(who, errors.path_str(first.get(index, ())), errors.path_str(path),
+                w.nodes[index] if index < len(w.nodes) else None)
+
+
+def raise_alias(who: str, first: str, second: str, obj: Any) -> None:
+  kind = type(obj).__name__ if obj is not None else "object"
+  raise errors.TransformError(
+      f"nnx.{who} with graph=False or graph_updates=False does not support aliasing: the "
+      f"same {kind} is reachable at\n  - {first}\n  - {second}\n"
+      f"Fix: pass each object once (make a copy with nnx.clone), or use graph mode with "
+      f"updates: nnx.{who}(..., graph=True, graph_updates=True).",
+      paths=[first, second])
 
 
 def plain_leaves(ex: Extraction) -> list:
