@@ -179,6 +179,9 @@ from spmdnnx._modes import set_graph_updates as set_graph_updates
 # Flax NNX parity (transforms): names added by that part; keep each block separate
 # (end of transforms block)
 
+# Flax NNX parity (loops): names added by that part; keep each block separate
+# (end of loops block)
+
 # Flax NNX parity (rngs-variables): names added by that part; keep each block separate
 # (end of rngs-variables block)
 
