@@ -192,6 +192,9 @@ from spmdnnx._modes import set_graph_updates as set_graph_updates
 # (end of nn-norm-recurrent block)
 
 # Flax NNX parity (training-helpers): names added by that part; keep each block separate
+from spmdnnx import metrics as metrics
+from spmdnnx._optim import ModelAndOptimizer as ModelAndOptimizer
+from spmdnnx._train_state import TrainState as TrainState
 # (end of training-helpers block)
 
 # Flax NNX parity (sharding): names added by that part; keep each block separate

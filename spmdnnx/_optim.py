@@ -18,7 +18,7 @@ leaves to shard optimizer state differently from the parameters (ZeRO-style).
 >>> opt.opt_state[0]["mu"]["kernel"].logical_axes
 ('embed', 'mlp')
 >>> grads = jax.tree.map(jnp.ones_like, graph.state(model, Param))
->>> opt.update(model, grads)
+>>> _ = opt.update(model, grads)
 >>> int(opt.step.value)
 1
 """
@@ -157,7 +157,7 @@ class Optimizer(Object):
     return jax.tree_util.tree_unflatten(self._opt_treedef,
                                         [v.value for v in self._leaves()])
 
-  def update(self, *args: Any, **kwargs: Any) -> None:
+  def update(self, *args: Any, **kwargs: Any) -> State:
     """Applies one optimizer step: ``update(model, grads)`` or ``update(grads)``.
 
     Args:
@@ -166,7 +166,11 @@ class Optimizer(Object):
         ``nnx.grad``. Extra entries (gradients of Variables outside ``wrt``)
         are ignored.
       **kwargs: passed to ``tx.update`` (e.g. ``value=`` for optax
-        transformations that need the loss).
+        transformations that need the loss; ``value_fn=`` and ``grad=`` for
+        line searches such as ``optax.lbfgs``).
+
+    Returns:
+      the updates applied (a State of raw arrays shaped like the parameters).
 
     Raises:
       ConfigError: for a wrong number of arguments or a different model.
@@ -190,6 +194,9 @@ class Optimizer(Object):
           argument="model")
     params = pure(graph.state(model, self.wrt))
     grads = self._match_grads(params, grads)
+    # Line searches take the gradient again (``grad=``): same raw-array form.
+    kwargs = {k: (self._match_grads(params, v) if k == "grad" else
+                  pure(v) if isinstance(v, State) else v) for k, v in kwargs.items()}
     with _optax_promotion():
       try:
         updates, new_state = self.tx.update(grads, self.optax_state(), params, **kwargs)
@@ -204,6 +211,7 @@ class Optimizer(Object):
     for var, value in zip(self._leaves(), leaves, strict=True):
       var.value = value
     self.step.value = self.step.value + jnp.uint32(1)
+    return updates
 
   @staticmethod
   def _match_grads(params: State, grads: Any) -> State:
@@ -229,3 +237,24 @@ class Optimizer(Object):
           paths=[errors.path_str(p) for p, _, _ in mismatched],
           shapes=[(ps, gs) for _, ps, gs in mismatched])
     return State.from_flat_path([(p, given[p]) for p in wanted])
+
+
+class ModelAndOptimizer(Optimizer):
+  """An `Optimizer` whose ``update`` takes only the gradients.
+
+  Flax NNX's older convenience form: ``state.update(grads)`` steps
+  ``state.model``. `Optimizer` accepts ``update(grads)`` too, so this class
+  only fixes that signature.
+
+  >>> import jax, jax.numpy as jnp, optax
+  >>> from spmdnnx._rngs import Rngs
+  >>> from spmdnnx.nn._linear import Linear
+  >>> from spmdnnx import _graph as graph
+  >>> state = ModelAndOptimizer(Linear(2, 1, rngs=Rngs(0)), optax.sgd(0.1))
+  >>> updates = state.update(jax.tree.map(jnp.ones_like, graph.state(state.model, Param)))
+  >>> int(state.step.value), updates["kernel"].shape
+  (1, (2, 1))
+  """
+
+  def update(self, grads: Any, /, **kwargs: Any) -> State:  # type: ignore[override]
+    return super().update(self.model, grads, **kwargs)
