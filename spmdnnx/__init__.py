@@ -195,6 +195,7 @@ from spmdnnx._modes import set_graph_updates as set_graph_updates
 from spmdnnx import metrics as metrics
 from spmdnnx._optim import ModelAndOptimizer as ModelAndOptimizer
 from spmdnnx._train_state import TrainState as TrainState
+from spmdnnx._tabulate import tabulate as tabulate
 # (end of training-helpers block)
 
 # Flax NNX parity (sharding): names added by that part; keep each block separate

@@ -8,7 +8,7 @@ import pytest
 
 MODULES = [
     "spmdnnx.errors", "spmdnnx._variables", "spmdnnx._filters", "spmdnnx._state", "spmdnnx._graph",
-    "spmdnnx._module", "spmdnnx._rngs", "spmdnnx._modes", "spmdnnx._metrics", "spmdnnx._train_state",
+    "spmdnnx._module", "spmdnnx._rngs", "spmdnnx._modes", "spmdnnx._metrics", "spmdnnx._train_state", "spmdnnx._tabulate",
     "spmdnnx._transforms.jit", "spmdnnx._transforms.grad", "spmdnnx._transforms.vmap",
     "spmdnnx._transforms.scan", "spmdnnx._transforms.control", "spmdnnx._transforms.misc",
     "spmdnnx._transforms.axes", "spmdnnx._transforms.rngs",

@@ -22,7 +22,7 @@ LAYERS = [
     ("spmd", ["spmd"]),
     ("transforms", ["_transforms"]),
     ("library", ["nn", "_optim", "_stack", "_stack_convert", "_metrics", "metrics",
-                 "_train_state"]),
+                 "_train_state", "_tabulate"]),
     ("models", ["models"]),
     ("checkpointing", ["checkpointing"]),
     ("train", ["train"]),
