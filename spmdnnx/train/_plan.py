@@ -360,8 +360,8 @@ def plan_layouts(cfg: Any, *, devices: int, devices_per_host: int = 8, device: s
       remat=remat, groups=groups)
   if not candidates:
     raise errors.MeshError(
-        f"No layout of {cfg.model.get('num_layers', '?')}-layer model on {devices} devices "
-        f"({min(devices_per_host, devices)} per host) passes: "
+        f"No layout of {devices} devices ({min(devices_per_host, devices)} per host) can run "
+        f"this config: "
         f"{errors.format_paths([f'{n}: {r}' for n, r in skipped], 6)}. Choose a device "
         "count whose factors divide the model's dimensions and batch_size / microbatches "
         "(e.g. a power of two), or change batch_size / microbatches.",

@@ -179,38 +179,41 @@ def _compile_serially(cfg: Any, layouts: Sequence[layouts_lib.Layout],
   pending = list(indices)
   while pending:
     job = {"config": config, "layouts": [(i, _layout_json(layouts[i])) for i in pending]}
-    with tempfile.TemporaryFile("w+") as stderr:
-      child = subprocess.Popen(
-          [sys.executable, "-m", "spmdnnx.train._plan_compile"], stdin=subprocess.PIPE,
-          stdout=subprocess.PIPE, stderr=stderr, text=True, env=_child_env(devices))
-      child.stdin.write(json.dumps(job))
-      child.stdin.close()
-      current = None
-      for line in child.stdout:
-        if not line.startswith(_RESULT_PREFIX):
-          continue
-        result = json.loads(line[len(_RESULT_PREFIX):])
-        index = result.pop("index")
-        if result.pop("started", False):
-          current = index
-          if on_start is not None:
-            on_start(index)
-          continue
-        pending.remove(index)
+    with tempfile.TemporaryFile("w+") as stderr, subprocess.Popen(
+        [sys.executable, "-m", "spmdnnx.train._plan_compile"], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=stderr, text=True, env=_child_env(devices)) as child:
+      try:
+        child.stdin.write(json.dumps(job))
+        child.stdin.close()
         current = None
-        yield index, result
-      child.wait()
+        for line in child.stdout:
+          if not line.startswith(_RESULT_PREFIX):
+            continue
+          result = json.loads(line[len(_RESULT_PREFIX):])
+          index = result.pop("index")
+          if result.pop("started", False):
+            current = index
+            if on_start is not None:
+              on_start(index)
+            continue
+          pending.remove(index)
+          current = None
+          yield index, result
+        child.wait()
+      finally:
+        if child.poll() is None:  # the caller stopped early
+          child.kill()
+          child.wait()
+      stderr.seek(0)
+      tail = stderr.read()[-2000:].strip()
       if current is not None:
-        stderr.seek(0)
-        tail = stderr.read()[-2000:].strip()
         pending.remove(current)
         yield current, {"error": f"the compile process died (exit code {child.returncode}) "
                                  f"on this layout: {tail or 'no output'}"}
       elif pending:
-        stderr.seek(0)
         raise errors.LaunchError(
             f"The planner's compile process exited (code {child.returncode}) before "
-            f"compiling anything: {stderr.read()[-2000:].strip()}", returncode=child.returncode)
+            f"compiling anything: {tail or 'no output'}", returncode=child.returncode)
 
 
 if __name__ == "__main__":
