@@ -115,3 +115,26 @@ def test_plan_with_compilation_reports_xla_memory_and_ranks():
   keys = [(not p.fits, p.estimate.step_s) for p in plan.layouts]
   assert keys == sorted(keys)
   assert "compiled HLO" in plan.table()
+
+
+def test_a_layout_the_runtime_refuses_reports_its_error():
+  cfg = tiny_config()
+  layout = train.Layout((1, 1, 8, 1, 1, 1), (1,) * 6, 3, "none")   # 8 % 3 != 0
+  [(index, result)] = list(_plan_compile.compile_in_subprocess(cfg, [layout], 8))
+  assert index == 0
+  assert result["error"].startswith("ConfigError: Invalid config value(s): batch_size=8 "
+                                    "is not divisible by microbatches=3")
+
+
+def test_a_compile_process_that_dies_is_reported_per_layout(monkeypatch):
+  # An XLA flag XLA does not know aborts the child when its backend starts,
+  # i.e. while it works on a layout: that layout reports the death, and the
+  # next layout gets a fresh child (which dies the same way here).
+  monkeypatch.setenv("XLA_FLAGS", "--xla_no_such_flag_for_the_planner_test=1")
+  cfg = tiny_config()
+  layouts = [train.Layout((1, 1, 8, 1, 1, 1), (1,) * 6, 1, "none")] * 2
+  results = dict(_plan_compile.compile_in_subprocess(cfg, layouts, 8))
+  assert sorted(results) == [0, 1]
+  for result in results.values():
+    assert "the compile process died (exit code" in result["error"]
+    assert "xla_no_such_flag_for_the_planner_test" in result["error"]
