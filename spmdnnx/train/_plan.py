@@ -91,6 +91,7 @@ class LayoutPlan:
     return self.comm_estimate["within_host"] + self.comm_estimate["across_hosts"]
 
   def to_dict(self) -> dict:
+    """JSON-able form: every field, the layout's degrees and run-config flags."""
     out = dataclasses.asdict(self)
     out["layout"] = {"degrees": self.layout.degrees, "microbatches": self.layout.microbatches,
                      "remat": self.layout.remat, **self.layout.mesh_flags()}
@@ -108,6 +109,8 @@ class Plan:
     layouts: `LayoutPlan`s, best first (fitting ones before the others).
     skipped: ``(layout, reason)`` for every rejected candidate.
     seconds: wall time of the planning.
+    model_flops_per_token: training FLOPs per token (for MFU).
+    tokens_per_step: ``batch_size * seq_len``.
   """
 
   devices: int
@@ -124,6 +127,7 @@ class Plan:
     return format_table(self, top)
 
   def to_json(self) -> str:
+    """Every layout's numbers and every rejection, as JSON text."""
     return json.dumps({
         "devices": self.devices, "devices_per_host": self.devices_per_host,
         "device": dataclasses.asdict(self.device), "seconds": self.seconds,

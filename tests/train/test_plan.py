@@ -189,6 +189,8 @@ def test_device_count_not_whole_hosts():
     train.plan_layouts(tiny_config(), devices=12, compile=False, log=None)
   with pytest.raises(errors.MeshError, match=r"--devices=0: give a positive"):
     train.enumerate_layouts(tiny_config(), devices=0)
+  with pytest.raises(errors.MeshError, match=r"--devices_per_host=0: give a positive"):
+    train.enumerate_layouts(tiny_config(), devices=8, devices_per_host=0)
 
 
 def test_model_that_fits_nowhere_says_by_how_much_and_what_would():
@@ -221,3 +223,9 @@ def test_cli_no_compile_prints_table_and_writes_json(tmp_path):
       timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
   assert bad.returncode == 1
   assert "ConfigError: Unknown device kind 'b200x'" in bad.stderr
+  bad = subprocess.run(
+      [sys.executable, "-m", "launch.plan", "--config=configs/lm_tiny.py", "--devices=8",
+       "--no_compile", "--microbatches=2,many"], cwd=ROOT, capture_output=True, text=True,
+      timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
+  assert bad.returncode == 1
+  assert "--microbatches=2,many: give integers" in bad.stderr

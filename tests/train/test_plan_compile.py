@@ -1,6 +1,7 @@
 """The planner's compiled numbers against the train step the runtime really runs."""
 
 import itertools
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
+from spmdnnx import errors
 from spmdnnx import models
 from spmdnnx import train
 from spmdnnx.spmd import global_batch_from_local, make_mesh, use_sharding
@@ -138,3 +140,11 @@ def test_a_compile_process_that_dies_is_reported_per_layout(monkeypatch):
   for result in results.values():
     assert "the compile process died (exit code" in result["error"]
     assert "xla_no_such_flag_for_the_planner_test" in result["error"]
+
+
+def test_a_compile_process_that_never_starts_raises(monkeypatch):
+  monkeypatch.setattr(sys, "executable", "/bin/false")
+  layout = train.Layout((1, 1, 8, 1, 1, 1), (1,) * 6, 1, "none")
+  with pytest.raises(errors.LaunchError, match=r"compile process exited \(code 1\) before "
+                     r"compiling anything"):
+    list(_plan_compile.compile_in_subprocess(tiny_config(), [layout], 8))
