@@ -105,7 +105,9 @@ def main() -> None:
     print(f"{_RESULT_PREFIX}{json.dumps({'index': index, 'started': True})}", flush=True)
     try:
       result = compile_layout(cfg, _layout_of(data))
-    except errors.SpmdnnxError as e:
+    except (errors.SpmdnnxError, RuntimeError, ValueError, TypeError) as e:
+      # Reported for this layout (XLA's own errors are RuntimeErrors); the
+      # child goes on with the next one.
       result = {"error": f"{type(e).__name__}: {e}"}
     result["index"] = index
     print(f"{_RESULT_PREFIX}{json.dumps(result)}", flush=True)
