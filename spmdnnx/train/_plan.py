@@ -222,7 +222,9 @@ def estimate_comm(model: models.LMConfig, cfg: Any, layout: layouts_lib.Layout,
   Per microbatch: fsdp (and stage, without pipelining) all-gathers the
   weights once per pass (2 passes, 3 with remat) and reduce-scatters their
   gradients; data all-reduces the gradient shards; tensor all-reduces the
-  residual stream twice per block and pass (plus embedding and logits);
+  residual stream after attention and MLP in every forward pass and the input
+  gradients of q, k, v, gate and up in the backward pass (plus embedding and
+  logits);
   sequence all-gathers keys and values per block and pass; a pipeline passes
   activations between stages. Ring costs as in `analyze_hlo`.
 
@@ -259,8 +261,10 @@ def estimate_comm(model: models.LMConfig, cfg: Any, layout: layouts_lib.Layout,
     add("all-reduce", mb * 2 * gathered / shard_ways * ring(g["data"]), dcn["data"] > 1)
   layers = model.num_layers / (g["stage"] if pipelined else 1)
   if t > 1:
-    per_pass = 2 if model.kind == "llama" else 1
-    count = layers * per_pass * passes + 2
+    # Forward (again under remat): the attention and MLP outputs; backward:
+    # the input gradients of q, k, v, gate and up, each reduced on its own.
+    forward, backward = (2, 5) if model.kind == "llama" else (1, 2)
+    count = layers * (forward * (passes - 1) + backward) + 2
     add("all-reduce", mb * count * 2 * act * ring(t), False)
   if g["sequence"] > 1 and model.kind == "llama":
     kv = 2 * a * b * cfg.seq_len * model.num_kv_heads * model.head_dim / t
