@@ -30,6 +30,8 @@ from spmdnnx.train._faults import HANG_EXIT_CODE as HANG_EXIT_CODE
 from spmdnnx.train._faults import PreemptionGuard as PreemptionGuard
 from spmdnnx.train._faults import StepWatchdog as StepWatchdog
 from spmdnnx.train._local_launch import launch_local as launch_local
+from spmdnnx.train._hlo import analyze_hlo as analyze_hlo
+from spmdnnx.train._hlo import HloStats as HloStats
 from spmdnnx.train._logs import process_log as process_log
 from spmdnnx.train._loop import CHECKPOINT_DIR as CHECKPOINT_DIR
 from spmdnnx.train._loop import CONFIG_FILE as CONFIG_FILE
@@ -43,7 +45,15 @@ from spmdnnx.train._metrics import progress_line as progress_line
 from spmdnnx.train._metrics import Throughput as Throughput
 from spmdnnx.train._metrics import TRAIN_KEYS as TRAIN_KEYS
 from spmdnnx.train._peaks import PEAK_TFLOPS as PEAK_TFLOPS
+from spmdnnx.train._plan import LayoutPlan as LayoutPlan
+from spmdnnx.train._plan import Plan as Plan
+from spmdnnx.train._plan import plan_layouts as plan_layouts
+from spmdnnx.train._plan_layouts import enumerate_layouts as enumerate_layouts
+from spmdnnx.train._plan_layouts import Layout as Layout
 from spmdnnx.train._peaks import peak_flops_per_device as peak_flops_per_device
+from spmdnnx.train._roofline import DEVICE_KINDS as DEVICE_KINDS
+from spmdnnx.train._roofline import DeviceKind as DeviceKind
+from spmdnnx.train._roofline import get_device_kind as get_device_kind
 from spmdnnx.train._sample import load_model as load_model
 from spmdnnx.train._sample import Loaded as Loaded
 from spmdnnx.train._sample import sample as sample
