@@ -129,20 +129,25 @@ def stage_layers(num_layers: int, stages: int, repeats: int = 1) -> tuple:
                for s in range(stages))
 
 
-def layout_problem(num_layers: int, stages: int, repeats: int) -> str | None:
-  """Why ``num_layers`` cannot be split into ``stages * repeats`` chunks (or None)."""
+def layout_problem(num_layers: int, stages: int, repeats: int, *,
+                   names: tuple[str, str] = ("num_layers", "repeats")) -> str | None:
+  """Why ``num_layers`` cannot be split into ``stages * repeats`` chunks (or None).
+
+  ``names``: how the layer count and repeats are called in the message.
+  """
   if num_layers % (stages * repeats):
-    return (f"num_layers={num_layers} is not divisible by stages={stages} x "
-            f"repeats={repeats} = {stages * repeats}; use a layer count that is a "
+    return (f"{names[0]}={num_layers} is not divisible by stages={stages} x "
+            f"{names[1]}={repeats} = {stages * repeats}; use a layer count that is a "
             f"multiple of {stages * repeats} or change the stage degree or repeats")
   return None
 
 
-def schedule_problem(stages: int, microbatches: int) -> str | None:
+def schedule_problem(stages: int, microbatches: int, *,
+                     name: str = "microbatches") -> str | None:
   """Why ``microbatches`` cannot fill ``stages`` (or None)."""
   if microbatches < stages:
-    return (f"microbatches={microbatches} is fewer than stages={stages}; a pipeline "
-            f"needs at least one microbatch per stage (use microbatches >= {stages})")
+    return (f"{name}={microbatches} is fewer than stages={stages}; a pipeline "
+            f"needs at least one microbatch per stage (use {name} >= {stages})")
   return None
 
 
