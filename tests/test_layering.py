@@ -21,7 +21,7 @@ LAYERS = [
     ("graph", ["_graphdef", "_graph", "_restructure", "_module", "_display"]),
     ("spmd", ["spmd"]),
     ("transforms", ["_transforms"]),
-    ("library", ["nn", "_optim", "_stack", "_stack_convert"]),
+    ("library", ["nn", "_optim", "_stack", "_stack_convert", "_pipeline"]),
     ("models", ["models"]),
     ("checkpointing", ["checkpointing"]),
     ("train", ["train"]),

@@ -1,5 +1,6 @@
 """Tests for pipeline parallelism: `Stack(pipeline=PipelineConfig(...))` over `stage`."""
 
+import doctest
 import re
 
 import jax
@@ -463,3 +464,9 @@ def test_error_lm_config_pipeline_fields():
     models.LMConfig(pipeline_microbatches=-1)
   with pytest.raises(errors.ConfigError, match=r"needs scan_layers=True"):
     models.LMConfig(pipeline_microbatches=4, scan_layers=False)
+
+
+def test_docstring_examples():
+  with jax.numpy_dtype_promotion("standard"):
+    result = doctest.testmod(pipeline_lib, optionflags=doctest.ELLIPSIS)
+  assert result.attempted > 0 and result.failed == 0
