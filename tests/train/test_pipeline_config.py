@@ -1,9 +1,12 @@
 """The run config's pipeline fields: validation and what reaches the model."""
 
+import numpy as np
 import pytest
 
 from spmdnnx import errors
 from spmdnnx import train
+
+from train_helpers import tiny_config
 
 
 def pipeline_config(**changes):
@@ -74,3 +77,27 @@ def test_error_bad_values_and_conflicts():
   with pytest.raises(errors.ConfigError, match=r"model.pipeline_microbatches=4 differs from "
                      r"pipeline_microbatches=8; set it once"):
     train.validate(cfg, num_devices=8)
+
+
+@pytest.mark.slow
+def test_pipelined_training_run_matches_fsdp(tmp_path):
+  """The runtime end to end: stage=4 x fsdp=2 with 4 microbatches, vs plain FSDP."""
+  losses = {}
+  for name, changes in (("fsdp", dict(mesh="fsdp=8")),
+                        ("pipeline", dict(mesh="stage=4,fsdp=2", pipeline_microbatches=4))):
+    cfg = tiny_config(steps=3, rules="fsdp_tp", **changes, **{"model.num_layers": 4})
+    result = train.run(cfg, workdir=str(tmp_path / name), log=lambda s: None)
+    losses[name] = [result.losses[s] for s in sorted(result.losses)]
+  assert len(losses["pipeline"]) == 3
+  np.testing.assert_allclose(losses["pipeline"], losses["fsdp"], rtol=1e-4)
+
+
+def test_shipped_pipeline_config_validates():
+  import importlib.util
+  import os
+  path = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "lm_pipeline.py")
+  spec = importlib.util.spec_from_file_location("lm_pipeline", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  plan = train.validate(module.get_config(), num_devices=8)
+  assert plan.mesh_shape["stage"] == 4 and plan.model.pipeline_microbatches == 8
