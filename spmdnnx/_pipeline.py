@@ -363,7 +363,12 @@ def run_pipeline(block: Any, carry: Any, broadcast: dict, *, config: PipelineCon
     valid = (i >= 0) & (i < micro * repeats)
     r = jnp.clip(i // micro, 0, repeats - 1)
     m = jnp.mod(i, micro)
-    take = lambda a: jax.lax.dynamic_index_in_dim(a, r, 0, keepdims=False)
+    if repeats == 1:
+      # A static index keeps the weights loop-invariant, so the backward pass
+      # saves them once instead of once per iteration.
+      take = lambda a: a[0]
+    else:
+      take = lambda a: jax.lax.dynamic_index_in_dim(a, r, 0, keepdims=False)
     p_r, r_r = [take(a) for a in p_c], [take(a) for a in r_c]
     kw = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, m, 0, keepdims=False),
                       batch_kw)
