@@ -444,8 +444,16 @@ class GrowingBlock(Block):
     return x[:, :-1]
 
 
+class SowBlock(Block):
+
+  def __call__(self, x):
+    self.sow(nnx.Intermediate, "seen", x)
+    return x
+
+
 @pytest.mark.parametrize("cls,match", [
     (PairBlock, r"must return only the next carry"),
+    (SowBlock, r"the block changed its structure while running"),
     (WritingBlock, r"writes its parameters lin/bias"),
     (GrowingBlock, r"changes the carry's shape or dtype"),
 ])
@@ -462,6 +470,8 @@ def test_error_lm_config_pipeline_fields():
     models.LMConfig(pipeline_microbatches=4, pipeline_repeats=3)
   with pytest.raises(errors.ConfigError, match=r"pipeline_microbatches must be an int >= 0"):
     models.LMConfig(pipeline_microbatches=-1)
+  with pytest.raises(errors.ConfigError, match=r"pipeline_repeats must be a positive int"):
+    models.LMConfig(pipeline_repeats=0)
   with pytest.raises(errors.ConfigError, match=r"needs scan_layers=True"):
     models.LMConfig(pipeline_microbatches=4, scan_layers=False)
 
