@@ -202,6 +202,9 @@ from spmdnnx._tabulate import tabulate as tabulate
 # (end of sharding block)
 
 # Flax NNX parity (pipeline): names added by that part; keep each block separate
+from spmdnnx._pipeline import PipelineConfig as PipelineConfig
+from spmdnnx._pipeline import bubble_fraction as bubble_fraction
+from spmdnnx._pipeline import stage_layers as stage_layers
 # (end of pipeline block)
 
 # `checkpointing` (orbax) and `train` (grain, tensorboardX, orbax) are imported

@@ -46,6 +46,9 @@ import numpy as np
 from spmdnnx import errors
 from spmdnnx import _graph as graph
 from spmdnnx._module import Module
+from spmdnnx._pipeline import PipelineConfig
+from spmdnnx._pipeline import pipeline_stages
+from spmdnnx._pipeline import run_pipeline
 from spmdnnx._rngs import Rngs
 from spmdnnx._stacked import LAYERS_AXIS
 from spmdnnx._stack_convert import check_same_structure
@@ -59,6 +62,7 @@ from spmdnnx._transforms import scan
 from spmdnnx._transforms import split_rngs
 from spmdnnx._transforms import vmap
 from spmdnnx._variables import Variable
+from spmdnnx.spmd import _context as context_lib
 
 #: Remat policy names a Stack accepts (besides None and policy callables).
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_without_batch_dims",
@@ -70,8 +74,18 @@ def _is_positive_int(x: Any) -> bool:
 
 
 def _check_config(num_layers: Any, stack_axis: Any, remat: Any, names: Any,
-                  unroll: Any) -> tuple[str, ...]:
+                  unroll: Any, pipeline: Any = None) -> tuple[str, ...]:
   """Validates Stack's configuration; returns ``names`` as a tuple."""
+  if pipeline is not None and not isinstance(pipeline, PipelineConfig):
+    raise errors.ConfigError(
+        f"Stack: pipeline must be None or an nnx.PipelineConfig(microbatches=..., "
+        f"repeats=...), got {pipeline!r}.")
+  if pipeline is not None and _is_positive_int(num_layers) \
+      and num_layers % pipeline.repeats:
+    raise errors.ConfigError(
+        f"Stack: num_layers={num_layers} is not divisible by pipeline repeats="
+        f"{pipeline.repeats}; every round over the stages needs the same number of "
+        "layers.")
   if not _is_positive_int(num_layers):
     raise errors.ConfigError(
         f"Stack: num_layers must be a positive int, got {num_layers!r}.")
@@ -135,13 +149,19 @@ class Stack(Module):
     names: activation names kept by ``"save_only_named"`` (tag them in the
       block with `checkpoint_name`).
     unroll: layers per loop iteration of the scan (True: a fully unrolled loop).
+    pipeline: a `PipelineConfig` to run the layers as a pipeline over the
+      ``stage`` mesh axis when called inside ``use_sharding`` on a mesh with
+      ``stage > 1`` (see `spmdnnx._pipeline` and docs/pipeline.md); elsewhere
+      the stack scans as usual. Calls with per-layer inputs (KV-cache
+      decoding) always scan.
 
   Attributes:
     block: the stacked block; ``block.<...>.shape[0] == num_layers``.
 
   Raises:
     ConfigError: ``num_layers <= 0``, an unknown remat policy, a bad
-      ``unroll`` or ``stack_axis``, or ``make_block`` not returning a Module.
+      ``unroll``, ``stack_axis`` or ``pipeline``, or ``make_block`` not
+      returning a Module.
 
   Calling ``stack(carry, *per_layer, **broadcast)`` runs layer ``i`` as
   ``block_i(carry, *[x[i] for x in per_layer], **broadcast)``. The block
@@ -164,8 +184,8 @@ class Stack(Module):
 
   def __init__(self, make_block: Callable[[Rngs], Any], num_layers: int, *, rngs: Rngs,
                stack_axis: str = LAYERS_AXIS, remat: Any = None, names: Sequence[str] = (),
-               unroll: int | bool = 1):
-    names = _check_config(num_layers, stack_axis, remat, names, unroll)
+               unroll: int | bool = 1, pipeline: PipelineConfig | None = None):
+    names = _check_config(num_layers, stack_axis, remat, names, unroll, pipeline)
     if not isinstance(rngs, Rngs):
       raise errors.ConfigError(
           f"Stack: rngs must be an nnx.Rngs (split per layer), got {type(rngs).__name__}.")
@@ -181,11 +201,12 @@ class Stack(Module):
       raise errors.ConfigError(
           f"Stack: make_block must return a Module (one layer), got "
           f"{type(block).__name__}.")
-    self._configure(block, num_layers, stack_axis, remat, names, unroll)
+    self._configure(block, num_layers, stack_axis, remat, names, unroll, pipeline)
 
   def _configure(self, block: Module, num_layers: int, stack_axis: str, remat: Any,
-                 names: tuple, unroll: Any) -> None:
+                 names: tuple, unroll: Any, pipeline: Any = None) -> None:
     self.num_layers = num_layers
+    self.pipeline = pipeline
     self.stack_axis = stack_axis
     self.remat = remat
     self.names = names
@@ -197,7 +218,8 @@ class Stack(Module):
   @classmethod
   def from_blocks(cls, blocks: Sequence[Module], *, stack_axis: str = LAYERS_AXIS,
                   remat: Any = None, names: Sequence[str] = (),
-                  unroll: int | bool = 1) -> "Stack":
+                  unroll: int | bool = 1,
+                  pipeline: PipelineConfig | None = None) -> "Stack":
     """Stacks independent blocks of identical structure into a `Stack`.
 
     Values are stacked along a new leading axis whose name is inserted into
@@ -207,7 +229,7 @@ class Stack(Module):
     Args:
       blocks: a non-empty sequence of Modules with the same structure (types,
         attributes, Variable paths, shapes, dtypes and metadata).
-      stack_axis, remat, names, unroll: as in `Stack`.
+      stack_axis, remat, names, unroll, pipeline: as in `Stack`.
 
     Returns:
       A new Stack; the blocks are not modified or shared.
@@ -225,7 +247,7 @@ class Stack(Module):
     blocks = list(blocks)
     if not blocks:
       raise errors.ConfigError("Stack.from_blocks: got no blocks; pass at least one.")
-    names = _check_config(len(blocks), stack_axis, remat, names, unroll)
+    names = _check_config(len(blocks), stack_axis, remat, names, unroll, pipeline)
     bad = [f"{i} ({type(b).__name__})" for i, b in enumerate(blocks)
            if not isinstance(b, Module)]
     if bad:
@@ -242,7 +264,7 @@ class Stack(Module):
                for k, (path, _) in enumerate(flat[0])]
     block = graph.merge(graphdef, State.from_flat_path(stacked))
     stack = cls.__new__(cls)
-    stack._configure(block, len(blocks), stack_axis, remat, names, unroll)
+    stack._configure(block, len(blocks), stack_axis, remat, names, unroll, pipeline)
     return stack
 
   def to_blocks(self) -> list:
@@ -280,16 +302,29 @@ class Stack(Module):
     Returns:
       The final carry, or ``(carry, ys)`` if the block returns ``(carry, y)``.
 
+    Pipelined (``pipeline`` set, a mesh with ``stage > 1`` active, no
+    per-layer inputs): the carry and the ``batch_kwargs`` are split into
+    microbatches and the block must return only the carry.
+
     Raises:
       TransformError: a per-layer input whose leading axis is not
         ``num_layers``, or a block that returns a carry of another structure,
         shape or dtype.
+      ConfigError, ShapeError: pipelined, with layers not divisible by
+        stages x repeats, fewer microbatches than stages, or a batch not
+        divisible by the microbatches.
     """
     self._check_per_layer(per_layer)
+    policy = None if self.remat in (None, "none") else resolve_policy(self.remat, self.names)
+    ctx = context_lib.current_context()
+    if self.pipeline is not None and not per_layer and ctx is not None \
+        and pipeline_stages(ctx.mesh) > 1:
+      return run_pipeline(self.block, carry, broadcast, config=self.pipeline,
+                          num_layers=self.num_layers, stack_axis=self.stack_axis,
+                          policy=policy, mesh=ctx.mesh)
     leaves, treedef = jax.tree_util.tree_flatten(broadcast, is_leaf=graph.is_graph_node)
     dynamic = [x if _is_dynamic(x) else None for x in leaves]
     static = [None if _is_dynamic(x) else x for x in leaves]
-    policy = None if self.remat in (None, "none") else resolve_policy(self.remat, self.names)
     cell: dict = {}
 
     def layer(block, carry, dyn, *xs):

@@ -21,8 +21,11 @@ LAYERS = [
     ("graph", ["_graphdef", "_graph", "_restructure", "_module", "_display"]),
     ("spmd", ["spmd"]),
     ("transforms", ["_transforms"]),
-    ("library", ["nn", "_optim", "_stack", "_stack_convert", "_metrics", "metrics",
-                 "_train_state", "_tabulate"]),
+    ("library", [
+        "nn", "_optim", "_stack", "_stack_convert",
+        "_metrics", "metrics", "_train_state", "_tabulate",
+        "_pipeline",
+    ]),
     ("models", ["models"]),
     ("checkpointing", ["checkpointing"]),
     ("train", ["train"]),

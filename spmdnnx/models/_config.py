@@ -65,6 +65,12 @@ class LMConfig:
     param_dtype: parameter storage dtype name.
     scan_layers: blocks in one `nnx.Stack` scanned over a ``layers`` axis
       (True) or a Python list of blocks (False).
+    pipeline_microbatches: 0 (no pipeline), or the microbatches the Stack
+      splits each batch into when it runs as a pipeline over the ``stage``
+      mesh axis (`nnx.PipelineConfig`; needs ``scan_layers``). The run config
+      sets it from its top-level field of the same name.
+    pipeline_repeats: rounds of the layer chunks over the stages (circular
+      pipeline); divides ``num_layers``.
 
   Raises:
     ConfigError: naming every invalid field.
@@ -86,6 +92,8 @@ class LMConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   scan_layers: bool = True
+  pipeline_microbatches: int = 0
+  pipeline_repeats: int = 1
 
   def __post_init__(self):
     if self.head_dim is None and _is_int(self.embed_dim) and _is_int(self.num_heads) \
@@ -159,6 +167,16 @@ def _problems(cfg: LMConfig) -> list[str]:
     v = getattr(cfg, name)
     if isinstance(v, bool) or not _is_number(v) or not v > 0:
       out.append(f"{name} must be a positive number, got {v!r}")
+  pm, pr = cfg.pipeline_microbatches, cfg.pipeline_repeats
+  if not _is_int(pm) or pm < 0:
+    out.append(f"pipeline_microbatches must be an int >= 0 (0: no pipeline), got {pm!r}")
+  if not _is_int(pr) or pr < 1:
+    out.append(f"pipeline_repeats must be a positive int, got {pr!r}")
+  elif _is_int(cfg.num_layers) and cfg.num_layers > 0 and cfg.num_layers % pr:
+    out.append(f"pipeline_repeats ({pr}) must divide num_layers ({cfg.num_layers})")
+  if _is_int(pm) and pm > 0 and cfg.scan_layers is False:
+    out.append("pipeline_microbatches > 0 needs scan_layers=True (the pipeline runs "
+               "the layers' Stack)")
   if cfg.remat not in REMAT_NAMES:
     out.append(f"remat {cfg.remat!r} is not one of {list(REMAT_NAMES)}")
   for name in ("dtype", "param_dtype"):

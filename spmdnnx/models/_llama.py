@@ -32,6 +32,7 @@ from jax import lax
 from spmdnnx import errors
 from spmdnnx._module import Module
 from spmdnnx._object import List
+from spmdnnx._pipeline import PipelineConfig
 from spmdnnx._rngs import Rngs
 from spmdnnx._stack import Stack
 from spmdnnx._transforms import remat
@@ -170,10 +171,19 @@ def check_tokens(cfg: LMConfig, tokens: Any, positions: Any, cache: Any) -> None
         f"{list(jnp.shape(positions))}.", shapes=[shape, tuple(jnp.shape(positions))])
 
 
-def make_blocks(cfg: LMConfig, make_block: Any, rngs: Rngs) -> Any:
-  """The model's blocks: an `nnx.Stack` (``scan_layers``) or a tracked list."""
+def make_blocks(cfg: LMConfig, make_block: Any, rngs: Rngs,
+                batch_kwargs: tuple[str, ...] = ()) -> Any:
+  """The model's blocks: an `nnx.Stack` (``scan_layers``) or a tracked list.
+
+  With ``cfg.pipeline_microbatches > 0`` the Stack gets a `PipelineConfig`
+  (``batch_kwargs``: the per-example keyword arguments of a block call).
+  """
   if cfg.scan_layers:
-    return Stack(make_block, cfg.num_layers, rngs=rngs, remat=cfg.remat)
+    pipeline = None
+    if cfg.pipeline_microbatches > 0:
+      pipeline = PipelineConfig(cfg.pipeline_microbatches, cfg.pipeline_repeats,
+                                batch_kwargs=batch_kwargs)
+    return Stack(make_block, cfg.num_layers, rngs=rngs, remat=cfg.remat, pipeline=pipeline)
   return List([make_block(rngs) for _ in range(cfg.num_layers)])
 
 
@@ -245,7 +255,8 @@ class DecoderLM(TokenLM):
           f"DecoderLM needs an LMConfig with kind='llama', got {cfg!r}; use build_model "
           "to pick the model from the kind.")
     self._init_io(cfg, rngs)
-    self.layers = make_blocks(cfg, lambda r: Block(cfg, rngs=r), rngs)
+    self.layers = make_blocks(cfg, lambda r: Block(cfg, rngs=r), rngs,
+                              batch_kwargs=("positions",))
     self._init_head(cfg, rngs)
 
   def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,

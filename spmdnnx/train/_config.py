@@ -28,6 +28,8 @@ import ml_collections
 
 from spmdnnx import errors
 from spmdnnx import models
+from spmdnnx._pipeline import layout_problem
+from spmdnnx._pipeline import schedule_problem
 from spmdnnx.spmd._mesh import MeshConfig
 from spmdnnx.spmd._rules import AxisRules
 
@@ -36,6 +38,8 @@ _RUN_FIELDS: dict[str, Any] = dict(
     batch_size=16,              # global, in sequences
     seq_len=128,                # tokens per sequence
     microbatches=1,             # gradient accumulation steps per update
+    pipeline_microbatches=0,    # >0: run the layers as a pipeline over the stage mesh axis
+    pipeline_repeats=1,         # rounds of layer chunks over the stages (circular pipeline)
     learning_rate=3e-3,         # peak learning rate
     warmup_steps=20,            # linear warmup, then cosine decay to min_lr_ratio
     min_lr_ratio=0.1,
@@ -200,8 +204,9 @@ def validate(cfg: Any, *, num_devices: int, process_count: int = 1) -> RunPlan:
   problems: list[str] = []
   _positive(cfg, problems, ("steps", "batch_size", "seq_len", "microbatches", "log_every",
                             "eval_batches", "max_to_keep", "max_in_flight"))
-  _positive(cfg, problems, ("warmup_steps", "eval_every", "checkpoint_every"),
-            allow_zero=True)
+  _positive(cfg, problems, ("warmup_steps", "eval_every", "checkpoint_every",
+                            "pipeline_microbatches"), allow_zero=True)
+  _positive(cfg, problems, ("pipeline_repeats",))
   for name in ("learning_rate",):
     if not isinstance(cfg[name], (int, float)) or cfg[name] <= 0:
       problems.append(f"{name}={cfg[name]!r} (must be > 0)")
@@ -221,7 +226,7 @@ def validate(cfg: Any, *, num_devices: int, process_count: int = 1) -> RunPlan:
                       "with 1 <= first <= last)")
   model = None
   try:
-    model = models.LMConfig.from_mapping(cfg["model"])
+    model = _with_pipeline(models.LMConfig.from_mapping(cfg["model"]), cfg, problems)
   except errors.ConfigError as e:
     problems.append(f"model: {e}")
   if problems:
@@ -233,6 +238,11 @@ def validate(cfg: Any, *, num_devices: int, process_count: int = 1) -> RunPlan:
   mesh_config = MeshConfig(ici=ici, dcn=dcn)
   mesh_shape = mesh_config.mesh_shape(num_devices, process_count)
   rules = AxisRules.load(cfg["rules"]) if isinstance(cfg["rules"], str) else cfg["rules"]
+  pipelined = model is not None and model.pipeline_microbatches > 0 \
+      and mesh_shape.get("stage", 1) > 1
+  if pipelined and "stage" not in _axes(rules.lookup("layers")[:1]):
+    # A pipeline stage holds only its layers: the stacked axis goes over `stage`.
+    rules = rules.override(layers="stage")
   rules.validate(mesh_shape)
 
   batch, seq_len, mb = cfg["batch_size"], cfg["seq_len"], cfg["microbatches"]
@@ -251,6 +261,9 @@ def validate(cfg: Any, *, num_devices: int, process_count: int = 1) -> RunPlan:
     problems.append(
         f"seq_len={seq_len} is not divisible by the {length_ways} ways the rules split "
         f"the sequence ({length_rule}); use a multiple of {length_ways}")
+  if pipelined:
+    _pipeline_problems(model, mesh_shape, batch // mb if batch % mb == 0 else None,
+                       batch_ways, batch_rule, problems)
   if model is not None and seq_len > model.max_seq_len:
     problems.append(f"seq_len={seq_len} exceeds model.max_seq_len={model.max_seq_len}")
   if problems:
@@ -258,6 +271,49 @@ def validate(cfg: Any, *, num_devices: int, process_count: int = 1) -> RunPlan:
         f"Invalid config value(s): {errors.format_paths(problems)}.", keys=problems,
         axes=mesh_shape)
   return RunPlan(mesh_config, mesh_shape, rules, model, batch_ways, process_count)
+
+
+def _axes(options: Any) -> tuple:
+  out: tuple = ()
+  for axes in options:
+    out += () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+  return out
+
+
+def _with_pipeline(model: Any, cfg: Mapping[str, Any], problems: list[str]) -> Any:
+  """The model config with the run's ``pipeline_*`` fields (set once, at the top level)."""
+  default = models.LMConfig()
+  changes = {}
+  for name in ("pipeline_microbatches", "pipeline_repeats"):
+    run_value, model_value = cfg[name], getattr(model, name)
+    if model_value != getattr(default, name) and model_value != run_value:
+      problems.append(f"model.{name}={model_value!r} differs from {name}={run_value!r}; set "
+                      f"it once, at the top level ({name})")
+    changes[name] = run_value
+  if any(not isinstance(v, int) or isinstance(v, bool) for v in changes.values()):
+    return model
+  return model.replace(**changes)
+
+
+def _pipeline_problems(model: Any, mesh_shape: Mapping[str, int], per_step: int | None,
+                       batch_ways: int, batch_rule: str, problems: list[str]) -> None:
+  """Pipeline checks: layers per stage, microbatches per stage and per batch."""
+  stages, micro = mesh_shape["stage"], model.pipeline_microbatches
+  for p in (layout_problem(model.num_layers, stages, model.pipeline_repeats,
+                           names=("model.num_layers", "pipeline_repeats")),
+            schedule_problem(stages, micro, name="pipeline_microbatches")):
+    if p:
+      problems.append(p)
+  if per_step is None:
+    return
+  if per_step % micro:
+    problems.append(f"batch_size / microbatches = {per_step} sequences per update step is "
+                    f"not divisible by pipeline_microbatches={micro}")
+  elif (per_step // micro) % batch_ways:
+    problems.append(
+        f"{per_step} sequences / pipeline_microbatches={micro} = {per_step // micro} per "
+        f"pipeline microbatch is not divisible by the {batch_ways} ways of the batch axes "
+        f"({batch_rule}); use a batch_size that is a multiple of {batch_ways * micro}")
 
 
 def _fmt(shape: Mapping[str, int]) -> str:
