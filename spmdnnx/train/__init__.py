@@ -8,6 +8,7 @@ programs are thin wrappers around it.
 from spmdnnx.train._config import base_config as base_config
 from spmdnnx.train._config import model_config as model_config
 from spmdnnx.train._config import parse_degrees as parse_degrees
+from spmdnnx.train._config import pipeline_rules as pipeline_rules
 from spmdnnx.train._config import RunPlan as RunPlan
 from spmdnnx.train._config import validate as validate
 from spmdnnx.train._data import Corpus as Corpus

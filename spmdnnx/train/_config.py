@@ -240,9 +240,7 @@ def validate(cfg: Any, *, num_devices: int, process_count: int = 1) -> RunPlan:
   rules = AxisRules.load(cfg["rules"]) if isinstance(cfg["rules"], str) else cfg["rules"]
   pipelined = model is not None and model.pipeline_microbatches > 0 \
       and mesh_shape.get("stage", 1) > 1
-  if pipelined and "stage" not in _axes(rules.lookup("layers")[:1]):
-    # A pipeline stage holds only its layers: the stacked axis goes over `stage`.
-    rules = rules.override(layers="stage")
+  rules = pipeline_rules(rules, pipelined)
   rules.validate(mesh_shape)
 
   batch, seq_len, mb = cfg["batch_size"], cfg["seq_len"], cfg["microbatches"]
@@ -271,6 +269,17 @@ def validate(cfg: Any, *, num_devices: int, process_count: int = 1) -> RunPlan:
         f"Invalid config value(s): {errors.format_paths(problems)}.", keys=problems,
         axes=mesh_shape)
   return RunPlan(mesh_config, mesh_shape, rules, model, batch_ways, process_count)
+
+
+def pipeline_rules(rules: AxisRules, pipelined: bool) -> AxisRules:
+  """The rules a run uses: a pipelined run puts the stacked ``layers`` axis on ``stage``.
+
+  A pipeline stage holds only its own layers, so unless the rules already map
+  ``layers`` to ``stage`` first, that rule is replaced.
+  """
+  if pipelined and "stage" not in _axes(rules.lookup("layers")[:1]):
+    return rules.override(layers="stage")
+  return rules
 
 
 def _axes(options: Any) -> tuple:

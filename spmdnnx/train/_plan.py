@@ -34,6 +34,7 @@ from typing import Any, Callable, Sequence
 from spmdnnx import errors
 from spmdnnx import models
 from spmdnnx.spmd._rules import AxisRules
+from spmdnnx.train import _config
 from spmdnnx.train import _hlo
 from spmdnnx.train import _plan_compile
 from spmdnnx.train import _plan_layouts as layouts_lib
@@ -300,6 +301,7 @@ def _hbm_traffic(plan: LayoutPlan, param_bytes_total: int) -> float:
 def _size(model: models.LMConfig, cfg: Any, layout: layouts_lib.Layout, groups: dict,
           rules: AxisRules, usable: float, param_total: int) -> LayoutPlan:
   mesh_shape = layout.degrees
+  rules = _config.pipeline_rules(rules, _pipelined(cfg, layout))
   sizes, _ = layouts_lib.state_bytes(groups, rules, mesh_shape)
   spec = layouts_lib.batch_spec(rules, cfg, mesh_shape)
   batch = 2 * layouts_lib.shard_bytes((cfg.batch_size, cfg.seq_len), 4, spec, mesh_shape)

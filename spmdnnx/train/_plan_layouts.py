@@ -268,7 +268,9 @@ def enumerate_layouts(cfg: Any, *, devices: int, devices_per_host: int = 8,
   rules = AxisRules.load(cfg.rules) if isinstance(cfg.rules, str) else cfg.rules
   if groups is None:
     groups = variable_groups(abstract_state(models.LMConfig.from_mapping(cfg.model), cfg))
-  axes = allowed_axes(rules, groups)
+  pipelined = cfg.get("pipeline_microbatches", 0) > 0
+  # A pipelined run may put its layers on `stage` (the runtime's pipeline_rules).
+  axes = allowed_axes(_config.pipeline_rules(rules, pipelined), groups)
   mb_choices = _choices(microbatches, cfg.microbatches)
   remat_choices = _choices(remat, cfg.model.remat)
   layouts: list[Layout] = []
@@ -285,7 +287,8 @@ def enumerate_layouts(cfg: Any, *, devices: int, devices_per_host: int = 8,
       skipped.append((name, f"tensor={degrees[-1]} would cross hosts of {per_host} devices"))
       continue
     mesh_shape = dict(zip(AXES, degrees))
-    _, undivided = state_bytes({"params": groups["params"]}, rules, mesh_shape)
+    layout_rules = _config.pipeline_rules(rules, pipelined and mesh_shape["stage"] > 1)
+    _, undivided = state_bytes({"params": groups["params"]}, layout_rules, mesh_shape)
     if undivided:
       skipped.append((name, "the rules cannot divide " + errors.format_paths(undivided, 3)))
       continue

@@ -168,6 +168,24 @@ def test_stage_layout_adds_pipeline_bubble_and_permutes():
   assert est.step_s == pytest.approx(1e12 / 989e12 / (1 - 3 / 11))
 
 
+def test_pipelined_config_lists_stage_layouts_with_bubble_and_exact_bytes():
+  cfg = tiny_config(**{"model.num_layers": 4})
+  cfg.unlock()
+  cfg.pipeline_microbatches = 4
+  plan = train.plan_layouts(cfg, devices=8, compile=False, log=None)
+  staged = [p for p in plan.layouts if p.layout.degrees["stage"] > 1]
+  assert staged, [p.name for p in plan.layouts]
+  for p in staged:
+    s = p.layout.degrees["stage"]
+    assert p.estimate.bubble == pytest.approx((s - 1) / (4 + s - 1))
+  p = next(p for p in staged if p.name == "stage=4,fsdp=2") if any(
+      p.name == "stage=4,fsdp=2" for p in staged) else staged[0]
+  model, optimizer = _real_init(cfg, p.layout)
+  assert p.params_bytes == _per_device_bytes(graph_state(model, Param)), p.name
+  assert p.opt_state_bytes == _per_device_bytes(graph_state(optimizer, OptState)), p.name
+  assert all(p.estimate.bubble == 0 for p in plan.layouts if p.layout.degrees["stage"] == 1)
+
+
 # --- errors -------------------------------------------------------------------------
 
 def test_unknown_device_kind():
