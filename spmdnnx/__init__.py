@@ -189,6 +189,9 @@ from spmdnnx._modes import set_graph_updates as set_graph_updates
 # (end of nn-layers block)
 
 # Flax NNX parity (nn-norm-recurrent): names added by that part; keep each block separate
+from spmdnnx.nn import InstanceNorm as InstanceNorm
+from spmdnnx.nn import SpectralNorm as SpectralNorm
+from spmdnnx.nn import WeightNorm as WeightNorm
 # (end of nn-norm-recurrent block)
 
 # Flax NNX parity (training-helpers): names added by that part; keep each block separate

@@ -44,8 +44,11 @@ from spmdnnx.nn._linear import Linear as Linear
 from spmdnnx.nn._linear import LinearGeneral as LinearGeneral
 from spmdnnx.nn._normalization import BatchNorm as BatchNorm
 from spmdnnx.nn._normalization import GroupNorm as GroupNorm
+from spmdnnx.nn._normalization import InstanceNorm as InstanceNorm
 from spmdnnx.nn._normalization import LayerNorm as LayerNorm
 from spmdnnx.nn._normalization import RMSNorm as RMSNorm
+from spmdnnx.nn._normalization import SpectralNorm as SpectralNorm
+from spmdnnx.nn._normalization import WeightNorm as WeightNorm
 from spmdnnx.nn._pooling import avg_pool as avg_pool
 from spmdnnx.nn._pooling import max_pool as max_pool
 from spmdnnx.nn._pooling import min_pool as min_pool

@@ -139,7 +139,7 @@ def test_conv_errors():
   with pytest.raises(errors.ShapeError, match=r"Conv: expected an input of shape \(\*batch, 2 spatial"):
     conv(jnp.ones((5, 3)))
   with pytest.raises(errors.ConfigError, match="not supported for transposed"):
-    ConvTranspose(2, 2, 3, padding="CIRCULAR", rngs=nnx.Rngs(0))
+    ConvTranspose(2, 2, 3, padding="REFLECT", rngs=nnx.Rngs(0))
   with pytest.raises(errors.ConfigError, match=r"Conv: kernel_size \(1, 1, 1, 1\) must have 1 to 3 "
                                                r"entries") as e:
     Conv(2, 2, (1, 1, 1, 1), rngs=nnx.Rngs(0))
