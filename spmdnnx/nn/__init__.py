@@ -42,6 +42,9 @@ from spmdnnx.nn._embed import Embed as Embed
 from spmdnnx.nn._linear import Einsum as Einsum
 from spmdnnx.nn._linear import Linear as Linear
 from spmdnnx.nn._linear import LinearGeneral as LinearGeneral
+from spmdnnx.nn._lora import LoRA as LoRA
+from spmdnnx.nn._lora import LoRALinear as LoRALinear
+from spmdnnx.nn._lora import LoRAParam as LoRAParam
 from spmdnnx.nn._normalization import BatchNorm as BatchNorm
 from spmdnnx.nn._normalization import GroupNorm as GroupNorm
 from spmdnnx.nn._normalization import InstanceNorm as InstanceNorm
@@ -53,6 +56,13 @@ from spmdnnx.nn._pooling import avg_pool as avg_pool
 from spmdnnx.nn._pooling import max_pool as max_pool
 from spmdnnx.nn._pooling import min_pool as min_pool
 from spmdnnx.nn._pooling import pool as pool
+from spmdnnx.nn._recurrent import Bidirectional as Bidirectional
+from spmdnnx.nn._recurrent import flip_sequences as flip_sequences
 from spmdnnx.nn._recurrent import GRUCell as GRUCell
 from spmdnnx.nn._recurrent import LSTMCell as LSTMCell
+from spmdnnx.nn._recurrent import modified_orthogonal as modified_orthogonal
+from spmdnnx.nn._recurrent import OptimizedLSTMCell as OptimizedLSTMCell
+from spmdnnx.nn._recurrent import RNN as RNN
+from spmdnnx.nn._recurrent import RNNCellBase as RNNCellBase
+from spmdnnx.nn._recurrent import SimpleCell as SimpleCell
 from spmdnnx.nn._sequential import Sequential as Sequential

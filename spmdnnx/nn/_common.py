@@ -55,7 +55,7 @@ def param_axes(owner: str, pname: str, init: Callable, axes: Axes,
 
 
 #: Flax's metadata names for the axes of a Variable (aliases of ``logical_axes``).
-_AXES_KEYS = ("logical_axes", "out_sharding", "sharding", "sharding_names")
+AXES_KEYS = ("logical_axes", "out_sharding", "sharding", "sharding_names")
 
 
 def make_param(owner: str, pname: str, init: Callable, key: jax.Array,
@@ -65,12 +65,16 @@ def make_param(owner: str, pname: str, init: Callable, key: jax.Array,
 
   ``metadata`` is the layer's ``<pname>_metadata`` mapping (Flax's spelling):
   its entries become the Param's metadata; an axes entry (``out_sharding``,
-  ``sharding``, ``sharding_names`` or ``logical_axes``) counts as ``axes``.
+  ``sharding``, ``sharding_names`` or ``logical_axes``) counts as ``axes``,
+  padded with None to the rank when shorter (as a `PartitionSpec` would be).
   """
   extra = dict(metadata or {})
-  meta_axes = [extra.pop(k) for k in _AXES_KEYS if k in extra]
+  meta_axes = [extra.pop(k) for k in AXES_KEYS if k in extra]
   if meta_axes:
     given = tuple(meta_axes[0]) if meta_axes[0] is not None else None
+    if given is not None and len(given) < len(shape):
+      # a PartitionSpec shorter than the rank leaves the trailing dims unsharded
+      given = given + (None,) * (len(shape) - len(given))
     if axes is not None and given is not None and tuple(axes) != given:
       raise errors.MetadataError(
           f"{owner}: {pname}_axes={tuple(axes)!r} conflicts with the axes {given!r} "

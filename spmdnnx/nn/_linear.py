@@ -312,7 +312,7 @@ class Einsum(Module):
         kernel_axes, metadata=kernel_metadata)
     _common.set_attrs(self, bias=None)
     if bias_shape is not None:
-      bias_shape = tuple(bias_shape)
+      bias_shape = (bias_shape,) if isinstance(bias_shape, int) else tuple(bias_shape)
       default = None
       if "..." not in kernel_letters:
         own = [c for c in out if c in kernel_letters]
