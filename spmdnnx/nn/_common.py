@@ -127,6 +127,13 @@ def promote_dtypes(args: tuple, /, *, dtype: Any = None, inexact: bool = True) -
       v.value if hasattr(v, "raw_value") else v, dtype) for v in args)
 
 
+def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
+  """``y + bias`` with standard promotion (a ``preferred_element_type`` output
+  may differ from the bias dtype), also under strict promotion."""
+  with jax.numpy_dtype_promotion("standard"):
+    return y + bias
+
+
 def call_kwargs(out_sharding: Any = None, preferred_element_type: Any = None) -> dict:
   """Keyword arguments for a user-replaceable op (dot_general, einsum, conv).
 

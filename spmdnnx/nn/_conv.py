@@ -217,7 +217,7 @@ class Conv(Module):
         feature_group_count=self.feature_group_count, precision=self.precision,
         **_common.call_kwargs(out_sharding, self.preferred_element_type))
     if bias is not None:
-      y = y + bias
+      y = _common.add_bias(y, bias)
     return y.reshape(batch + y.shape[1:])
 
 
@@ -302,7 +302,7 @@ class ConvTranspose(Module):
     if circular:
       y = self._wrap_periodic(y, x.shape[1:-1])
     if bias is not None:
-      y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+      y = _common.add_bias(y, jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,)))
     return y.reshape(batch + y.shape[1:])
 
   def _wrap_periodic(self, y: jax.Array, in_spatial: tuple) -> jax.Array:

@@ -119,7 +119,7 @@ class Linear(Module):
                          precision=self.precision,
                          **_common.call_kwargs(out_sharding, self.preferred_element_type))
     if bias is not None:
-      y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+      y = _common.add_bias(y, jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,)))
     return y if out_sharding is not None else _layout_output(self, y, 1)
 
 
@@ -243,7 +243,7 @@ class LinearGeneral(Module):
     if bias is not None:
       expanded = tuple(x.shape[a] if a in batch_axes else 1
                        for a in range(ndim) if a not in axes)
-      y = y + jnp.reshape(bias, expanded + self.out_features)
+      y = _common.add_bias(y, jnp.reshape(bias, expanded + self.out_features))
     if out_sharding is not None or n_batch:
       return y
     return _layout_output(self, y, len(self.out_features))
@@ -359,7 +359,7 @@ class Einsum(Module):
           f"{_common.layer_name(self)}: input of shape {tuple(x.shape)} does not fit "
           f"{eq!r} with kernel shape {self.kernel_shape}: {e}") from None
     if bias is not None:
-      y = y + jnp.reshape(bias, self._bias_broadcast(eq, x, kernel))
+      y = _common.add_bias(y, jnp.reshape(bias, self._bias_broadcast(eq, x, kernel)))
     if isinstance(self.activation_axes, tuple) and out_sharding is None:
       y = constrain(y, self.activation_axes, name=_common.layer_name(self))
     return y
