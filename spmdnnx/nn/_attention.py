@@ -54,6 +54,31 @@ GQA_CACHE_AXES = ("batch", "length", "kv_heads", "kv")
 _NO_METADATA: Mapping[str, Any] = MappingProxyType({})
 
 
+def _check_qkv(owner: str, query, key, value=None) -> None:
+  """Raises ShapeError naming what differs between query, key (and value)."""
+  arrays = (query, key) if value is None else (query, key, value)
+  shapes = [tuple(a.shape) for a in arrays]
+  names = "query, key" + ("" if value is None else ", value")
+  problem = None
+  if len({a.ndim for a in arrays}) != 1:
+    problem = f"{names} must have the same rank"
+  elif len({s[:-3] for s in shapes}) != 1:
+    problem = f"{names} batch dims must match"
+  elif value is not None and key.shape[-3] != value.shape[-3]:
+    problem = "key and value lengths must match"
+  elif query.shape[-1] != key.shape[-1]:
+    problem = "query and key depths must match"
+  elif value is not None and key.shape[-2] != value.shape[-2]:
+    problem = "key and value heads must match"
+  elif query.shape[-2] % key.shape[-2]:
+    problem = (f"the query heads ({query.shape[-2]}) must be a multiple of the key heads "
+               f"({key.shape[-2]}) for grouped-query attention")
+  if problem:
+    raise errors.ShapeError(
+        f"{owner}: {problem}; expected query (*batch, q_len, heads, d) and key/value "
+        f"(*batch, kv_len, kv_heads, d); got shapes {shapes}.", shapes=shapes)
+
+
 def _causal_logits_mask(logits: jax.Array) -> jax.Array:
   """Lower-triangular (q >= k) mask over the last two axes of ``logits``."""
   q_len, kv_len = logits.shape[-2:]
@@ -87,12 +112,8 @@ def dot_product_attention_weights(query, key, bias=None, mask=None,
     ShapeError: when the heads of the query are not a multiple of the key's.
   """
   query, key = promote_dtype((query, key), dtype=dtype)
+  _check_qkv("dot_product_attention_weights", query, key)
   heads, kv_heads = query.shape[-2], key.shape[-2]
-  if heads % kv_heads:
-    raise errors.ShapeError(
-        f"dot_product_attention: the query has {heads} heads and the key {kv_heads}; "
-        "for grouped-query attention the query heads must be a multiple of the key "
-        "heads.", shapes=[tuple(query.shape), tuple(key.shape)])
   depth = query.shape[-1]
   query = query / jnp.sqrt(jnp.asarray(depth, query.dtype))
   if kv_heads == heads:
@@ -148,13 +169,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None,
   >>> dot_product_attention(q, kv, kv, is_causal=True).shape
   (1, 3, 4, 2)
   """
-  if not (query.ndim == key.ndim == value.ndim and key.shape == value.shape
-          and query.shape[:-3] == key.shape[:-3] and query.shape[-1] == key.shape[-1]
-          and query.shape[-2] % key.shape[-2] == 0):
-    raise errors.ShapeError(
-        "dot_product_attention: expected query (*batch, q_len, heads, d) and key/value "
-        "(*batch, kv_len, kv_heads, d) with kv_heads dividing heads; got query "
-        f"{tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}.")
+  _check_qkv("dot_product_attention", query, key, value)
   weights = dot_product_attention_weights(
       query, key, bias, mask, broadcast_dropout, dropout_rng, dropout_rate,
       deterministic, dtype, precision, module, promote_dtype, is_causal)
@@ -409,7 +424,8 @@ class MultiHeadAttention(Module):
           f"projected keys of shape {expected}, got {tuple(key.shape)} (input length "
           f"{key.shape[-3]}); the cache was made for shape {cached}.")
     index = self.cache_index.value
-    start = (0,) * (len(cached) - 3) + (index, 0, 0)
+    zero = jnp.zeros((), index.dtype)  # one index dtype, also with x64 enabled
+    start = (zero,) * (len(cached) - 3) + (index, zero, zero)
     key = lax.dynamic_update_slice(
         self.cached_key.value, key.astype(self.cached_key.dtype), start)
     value = lax.dynamic_update_slice(

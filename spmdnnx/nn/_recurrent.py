@@ -43,8 +43,10 @@ _NO_METADATA: Mapping[str, Any] = MappingProxyType({})
 def modified_orthogonal(key: jax.Array, shape: tuple, dtype: Any = jnp.float32) -> jax.Array:
   """An orthogonal initializer computed in float32, then cast to `dtype`.
 
-  `LSTMCell`'s default recurrent initializer (as in Flax): the QR decomposition
-  runs in float32 even for bfloat16/float16 parameters.
+  The default recurrent initializer of every cell (Flax uses it for
+  `LSTMCell`; for float32 it equals ``orthogonal()``): the QR decomposition
+  runs in float32, so bfloat16/float16 cells can be created (XLA:CPU has no
+  half-precision QR).
 
   >>> w = modified_orthogonal(jax.random.key(0), (3, 3), jnp.bfloat16)
   >>> w.dtype
@@ -215,7 +217,7 @@ class OptimizedLSTMCell(_Cell):
   def __init__(self, in_features: int, hidden_features: int, *,
                gate_fn: Callable = sigmoid, activation_fn: Callable = tanh,
                kernel_init: Callable = initializers.default_kernel_init(),
-               recurrent_kernel_init: Callable = initializers.orthogonal(),
+               recurrent_kernel_init: Callable = modified_orthogonal,
                bias_init: Callable = initializers.zeros, dtype: Any = None,
                param_dtype: Any = jnp.float32, carry_init: Callable | None = None,
                promote_dtype: Callable = _common.promote_dtypes, keep_rngs: bool = False,
@@ -266,7 +268,7 @@ class GRUCell(_Cell):
   def __init__(self, in_features: int, hidden_features: int, *,
                gate_fn: Callable = sigmoid, activation_fn: Callable = tanh,
                kernel_init: Callable = initializers.default_kernel_init(),
-               recurrent_kernel_init: Callable = initializers.orthogonal(),
+               recurrent_kernel_init: Callable = modified_orthogonal,
                bias_init: Callable = initializers.zeros, dtype: Any = None,
                param_dtype: Any = jnp.float32, carry_init: Callable | None = None,
                promote_dtype: Callable = _common.promote_dtypes, keep_rngs: bool = False,
@@ -323,7 +325,7 @@ class SimpleCell(_Cell):
                carry_init: Callable | None = None, residual: bool = False,
                activation_fn: Callable = tanh,
                kernel_init: Callable = initializers.lecun_normal(),
-               recurrent_kernel_init: Callable = initializers.orthogonal(),
+               recurrent_kernel_init: Callable = modified_orthogonal,
                bias_init: Callable = initializers.zeros,
                promote_dtype: Callable = _common.promote_dtypes, keep_rngs: bool = False,
                kernel_axes: Any = None, recurrent_kernel_axes: Any = None, rngs: Rngs,
