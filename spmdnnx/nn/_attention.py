@@ -357,11 +357,13 @@ class MultiHeadAttention(Module):
     self.key = proj(in_kv_features, (num_kv_heads, head_dim), kernel_axes=kv_axes)
     self.value = proj(in_kv_features, (num_kv_heads, head_dim), kernel_axes=kv_axes)
     if normalize_qk:
-      ln = functools.partial(LayerNorm, head_dim, use_bias=False, dtype=dtype,
-                             param_dtype=param_dtype, promote_dtype=ln_promote_dtype,
-                             scale_axes=("kv",), rngs=rngs)
-      self.query_ln = ln(scale_metadata=query_ln_scale_metadata)
-      self.key_ln = ln(scale_metadata=key_ln_scale_metadata)
+      def ln(metadata):
+        return LayerNorm(head_dim, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                         promote_dtype=ln_promote_dtype, rngs=rngs, scale_metadata=metadata,
+                         scale_axes=None if _has_axes_meta(metadata) else ("kv",))
+
+      self.query_ln = ln(query_ln_scale_metadata)
+      self.key_ln = ln(key_ln_scale_metadata)
     out_init = _first(out_kernel_init, kernel_init)
     out_meta = out_kernel_metadata or kernel_metadata
     out_axes = out_kernel_axes if out_kernel_axes is not None else (

@@ -186,10 +186,12 @@ def test_mha_num_kv_heads_shapes_cache_and_errors():
 
 def test_mha_set_view_and_flax_keywords():
   mha = MultiHeadAttention(2, 4, rngs=nnx.Rngs(0), kernel_metadata={"out_sharding": ("embed",)},
-                           normalize_qk=True, query_ln_scale_metadata={"note": "q"})
+                           normalize_qk=True, query_ln_scale_metadata={"note": "q"},
+                           key_ln_scale_metadata={"out_sharding": ("norm",)})
   assert mha.query.kernel.logical_axes == ("embed", None, None)
   assert mha.out.kernel.logical_axes == ("embed", None, None)  # out_* default to kernel_*
   assert mha.query_ln.scale.get_metadata()["note"] == "q"
+  assert mha.query_ln.scale.logical_axes == ("kv",) and mha.key_ln.scale.logical_axes == ("norm",)
   with pytest.raises(errors.ConfigError, match="decode=True needs a cache; pass batch_size="):
     mha.set_view(decode=True)
   mha.set_view(decode=True, deterministic=True, batch_size=3, max_length=5)
