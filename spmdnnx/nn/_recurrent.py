@@ -78,6 +78,9 @@ class RNNCellBase(Module):
   A cell is called as ``cell(carry, inputs) -> (carry, output)``, builds its
   first carry with ``initialize_carry(input_shape, rngs=None, carry_init=None)``
   and says with ``num_feature_axes`` how many trailing input axes are features.
+
+  >>> issubclass(LSTMCell, RNNCellBase), LSTMCell(2, 3, rngs=Rngs(0)).num_feature_axes
+  (True, 1)
   """
 
   def initialize_carry(self, input_shape: tuple, rngs: Any = None,
