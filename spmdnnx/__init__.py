@@ -186,9 +186,20 @@ from spmdnnx._modes import set_graph_updates as set_graph_updates
 # (end of rngs-variables block)
 
 # Flax NNX parity (nn-layers): names added by that part; keep each block separate
+from spmdnnx.nn import LoRA as LoRA
+from spmdnnx.nn import LoRALinear as LoRALinear
+from spmdnnx.nn import LoRAParam as LoRAParam
 # (end of nn-layers block)
 
 # Flax NNX parity (nn-norm-recurrent): names added by that part; keep each block separate
+from spmdnnx.nn import InstanceNorm as InstanceNorm
+from spmdnnx.nn import SpectralNorm as SpectralNorm
+from spmdnnx.nn import WeightNorm as WeightNorm
+from spmdnnx.nn import Bidirectional as Bidirectional
+from spmdnnx.nn import OptimizedLSTMCell as OptimizedLSTMCell
+from spmdnnx.nn import RNN as RNN
+from spmdnnx.nn import RNNCellBase as RNNCellBase
+from spmdnnx.nn import SimpleCell as SimpleCell
 # (end of nn-norm-recurrent block)
 
 # Flax NNX parity (training-helpers): names added by that part; keep each block separate

@@ -54,14 +54,97 @@ def param_axes(owner: str, pname: str, init: Callable, axes: Axes,
         f"{tuple([None] * len(shape))!r}.") from None
 
 
+#: Flax's metadata names for the axes of a Variable (aliases of ``logical_axes``).
+AXES_KEYS = ("logical_axes", "out_sharding", "sharding", "sharding_names")
+
+
 def make_param(owner: str, pname: str, init: Callable, key: jax.Array,
                shape: tuple, param_dtype: Any, axes: Axes = None,
-               default: Axes = None) -> Param:
-  """Initializes a Param of `shape` with logical axes (see `param_axes`)."""
+               default: Axes = None, metadata: Any = None) -> Param:
+  """Initializes a Param of `shape` with logical axes (see `param_axes`).
+
+  ``metadata`` is the layer's ``<pname>_metadata`` mapping (Flax's spelling):
+  its entries become the Param's metadata; an axes entry (``out_sharding``,
+  ``sharding``, ``sharding_names`` or ``logical_axes``) counts as ``axes``,
+  padded with None to the rank when shorter (as a `PartitionSpec` would be).
+  """
+  extra = dict(metadata or {})
+  meta_axes = [extra.pop(k) for k in AXES_KEYS if k in extra]
+  if meta_axes:
+    given = tuple(meta_axes[0]) if meta_axes[0] is not None else None
+    if given is not None and len(given) < len(shape):
+      # a PartitionSpec shorter than the rank leaves the trailing dims unsharded
+      given = given + (None,) * (len(shape) - len(given))
+    if axes is not None and given is not None and tuple(axes) != given:
+      raise errors.MetadataError(
+          f"{owner}: {pname}_axes={tuple(axes)!r} conflicts with the axes {given!r} "
+          f"in {pname}_metadata; pass the axes only once.", paths=[pname])
+    axes = axes if axes is not None else given
   logical = param_axes(owner, pname, init, axes, default, shape)
-  extra = {k: v for k, v in initializer_metadata(init).items() if k != "logical_axes"}
+  extra.update({k: v for k, v in initializer_metadata(init).items() if k != "logical_axes"})
   value = init(key, tuple(shape), param_dtype)
   return Param(value, logical_axes=logical, **extra)
+
+
+def canonicalize_dtype(*args: Any, dtype: Any = None, inexact: bool = True) -> Any:
+  """The dtype ``args`` are computed in: `dtype`, or their common dtype.
+
+  None entries are ignored. With ``inexact=True`` an integer result is promoted
+  with float32 (Flax's rule). Standard jax promotion is used even under
+  ``jax.numpy_dtype_promotion("strict")``.
+
+  Raises:
+    ConfigError: when ``inexact`` and the given ``dtype`` is not inexact.
+
+  >>> canonicalize_dtype(jnp.ones(2, jnp.int32))
+  dtype('float32')
+  """
+  if dtype is None:
+    raw = [v.value if hasattr(v, "raw_value") else v for v in args if v is not None]
+    with jax.numpy_dtype_promotion("standard"):
+      dtype = jnp.result_type(*raw)
+      if inexact and not jnp.issubdtype(dtype, jnp.inexact):
+        dtype = jnp.promote_types(jnp.float32, dtype)
+  if inexact and not jnp.issubdtype(dtype, jnp.inexact):
+    raise errors.ConfigError(
+        f"dtype must be a floating (inexact) dtype here, got {jnp.dtype(dtype)}; "
+        "pass e.g. dtype=jnp.float32.", value=dtype)
+  return dtype
+
+
+def promote_dtypes(args: tuple, /, *, dtype: Any = None, inexact: bool = True) -> tuple:
+  """Casts a tuple of arrays to one dtype (see `canonicalize_dtype`); Nones pass.
+
+  This is the default ``promote_dtype=`` of the layers, with Flax's signature:
+  one tuple in, a tuple of the same length out.
+
+  >>> x, w = promote_dtypes((jnp.ones(2, jnp.bfloat16), jnp.ones(2)))
+  >>> x.dtype, w.dtype
+  (dtype('float32'), dtype('float32'))
+  """
+  dtype = canonicalize_dtype(*args, dtype=dtype, inexact=inexact)
+  return tuple(None if v is None else jnp.asarray(
+      v.value if hasattr(v, "raw_value") else v, dtype) for v in args)
+
+
+def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
+  """``y + bias`` with standard promotion (a ``preferred_element_type`` output
+  may differ from the bias dtype), also under strict promotion."""
+  with jax.numpy_dtype_promotion("standard"):
+    return y + bias
+
+
+def call_kwargs(out_sharding: Any = None, preferred_element_type: Any = None) -> dict:
+  """Keyword arguments for a user-replaceable op (dot_general, einsum, conv).
+
+  Only the ones that are set are passed, so custom ops without them keep working.
+  """
+  kwargs = {}
+  if out_sharding is not None:
+    kwargs["out_sharding"] = out_sharding
+  if preferred_element_type is not None:
+    kwargs["preferred_element_type"] = preferred_element_type
+  return kwargs
 
 
 def result_dtype(*values: Any) -> Any:

@@ -16,7 +16,8 @@ names the axes.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +30,8 @@ from spmdnnx.nn import initializers
 from spmdnnx._rngs import Rngs
 
 _DEFAULT_KERNEL_INIT = initializers.default_kernel_init()
-PADDING_STRINGS = ("SAME", "VALID", "CIRCULAR", "CAUSAL")
+PADDING_STRINGS = ("SAME", "VALID", "CIRCULAR", "REFLECT", "CAUSAL")
+_NO_METADATA: Mapping[str, Any] = MappingProxyType({})
 
 
 def canonical_padding(owner: str, padding: Any, n: int) -> str | tuple:
@@ -96,9 +98,16 @@ def _operands(layer: Any, inputs: jax.Array, n: int) -> tuple:
   bias = layer.bias.value if layer.bias is not None else None
   kernel = layer.kernel.value
   if layer.mask is not None:
-    kernel = kernel * layer.mask.astype(kernel.dtype)
-  x, kernel, bias = _common.promote_dtype(x, kernel, bias, dtype=layer.dtype)
+    mask = jnp.asarray(layer.mask)
+    with jax.numpy_dtype_promotion("standard"):
+      kernel = kernel * mask
+  x, kernel, bias = layer.promote_dtype((x, kernel, bias), dtype=layer.dtype)
   return x, batch, kernel, bias
+
+
+def _tuple_or_one(owner: str, name: str, value: Any, n: int) -> tuple:
+  """Like `_common.canonical_tuple`, with None meaning 1 (Flax's sentinel)."""
+  return _common.canonical_tuple(owner, name, 1 if value is None else value, n)
 
 
 def _dimension_numbers(n: int) -> lax.ConvDimensionNumbers:
@@ -120,26 +129,39 @@ class Conv(Module):
     input_dilation: int or tuple, dilation of the input (strided transpose).
     kernel_dilation: int or tuple, dilation of the kernel (atrous conv).
     feature_group_count: groups; in and out features must be divisible by it.
-    use_bias, dtype, param_dtype, precision, kernel_init, bias_init: as Linear.
+    use_bias, dtype, param_dtype, precision, kernel_init, bias_init,
+    promote_dtype, preferred_element_type, kernel_metadata, bias_metadata: as
+      `Linear`.
     mask: optional array multiplied into the kernel (e.g. masked convs).
+    conv_general_dilated: the convolution op (default
+      `jax.lax.conv_general_dilated`).
     kernel_axes, bias_axes: logical axes (default: unannotated; the bias takes
       the kernel's last axis name).
     rngs: random streams.
+
+  'REFLECT' padding mirrors the input across its edges; 'CIRCULAR' wraps it.
+  Call with ``out_sharding=`` on an explicit-axes mesh to choose the output's
+  sharding.
 
   Raises:
     ConfigError: bad sizes, padding, strides, or group counts.
   """
 
   def __init__(self, in_features: int, out_features: int, kernel_size: int | Sequence[int],
-               strides: int | Sequence[int] = 1, *, padding: Any = "SAME",
-               input_dilation: int | Sequence[int] = 1,
-               kernel_dilation: int | Sequence[int] = 1, feature_group_count: int = 1,
+               strides: int | Sequence[int] | None = 1, *, padding: Any = "SAME",
+               input_dilation: int | Sequence[int] | None = 1,
+               kernel_dilation: int | Sequence[int] | None = 1, feature_group_count: int = 1,
                use_bias: bool = True, mask: jax.Array | None = None, dtype: Any = None,
                param_dtype: Any = jnp.float32, precision: Any = None,
                kernel_init: Callable = _DEFAULT_KERNEL_INIT,
                bias_init: Callable = initializers.zeros,
+               conv_general_dilated: Callable = lax.conv_general_dilated,
+               promote_dtype: Callable = _common.promote_dtypes,
+               preferred_element_type: Any = None,
                kernel_axes: Sequence[str | None] | None = None,
-               bias_axes: Sequence[str | None] | None = None, rngs: Rngs):
+               bias_axes: Sequence[str | None] | None = None, rngs: Rngs,
+               kernel_metadata: Mapping[str, Any] = _NO_METADATA,
+               bias_metadata: Mapping[str, Any] = _NO_METADATA):
     name = type(self).__name__
     _common.check_positive(name, in_features=in_features, out_features=out_features,
                            feature_group_count=feature_group_count)
@@ -157,40 +179,45 @@ class Conv(Module):
           shapes=[tuple(mask.shape), shape])
     _common.set_attrs(
         self, in_features=in_features, out_features=out_features, kernel_size=ks,
-        strides=_common.canonical_tuple(name, "strides", strides, n),
+        strides=_tuple_or_one(name, "strides", strides, n),
         padding=canonical_padding(name, padding, n),
-        input_dilation=_common.canonical_tuple(name, "input_dilation", input_dilation, n),
-        kernel_dilation=_common.canonical_tuple(name, "kernel_dilation", kernel_dilation, n),
+        input_dilation=_tuple_or_one(name, "input_dilation", input_dilation, n),
+        kernel_dilation=_tuple_or_one(name, "kernel_dilation", kernel_dilation, n),
         feature_group_count=feature_group_count, use_bias=use_bias, mask=mask,
-        dtype=dtype, param_dtype=param_dtype, precision=precision, bias=None)
+        dtype=dtype, param_dtype=param_dtype, precision=precision, bias=None,
+        kernel_shape=shape, conv_general_dilated=conv_general_dilated,
+        promote_dtype=promote_dtype, preferred_element_type=preferred_element_type)
     self.kernel = _common.make_param(name, "kernel", kernel_init, rngs.params(), shape,
-                                     param_dtype, kernel_axes)
+                                     param_dtype, kernel_axes, metadata=kernel_metadata)
     if use_bias:
       default = None if self.kernel.logical_axes is None else self.kernel.logical_axes[-1:]
       self.bias = _common.make_param(name, "bias", bias_init, rngs.params(),
-                                     (out_features,), param_dtype, bias_axes, default)
+                                     (out_features,), param_dtype, bias_axes, default,
+                                     metadata=bias_metadata)
 
   def _padding(self, x: jax.Array) -> tuple[jax.Array, Any]:
     pad = self.padding
     dilated = [(k - 1) * d + 1 for k, d in zip(self.kernel_size, self.kernel_dilation)]
-    if pad == "CIRCULAR":
+    if pad in ("CIRCULAR", "REFLECT"):
       widths = [(0, 0)] + [((k - 1) // 2, k // 2) for k in dilated] + [(0, 0)]
-      return jnp.pad(x, widths, mode="wrap"), "VALID"
+      mode = "wrap" if pad == "CIRCULAR" else "reflect"
+      return jnp.pad(x, widths, mode=mode), "VALID"
     if pad == "CAUSAL":
       return x, [(dilated[0] - 1, 0)]
     return x, pad
 
-  def __call__(self, inputs: jax.Array) -> jax.Array:
+  def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
     n = len(self.kernel_size)
     x, batch, kernel, bias = _operands(self, inputs, n)
     x, pad = self._padding(x)
-    y = lax.conv_general_dilated(
-        x, kernel, window_strides=self.strides, padding=pad,
+    y = self.conv_general_dilated(
+        x, kernel, self.strides, pad,
         lhs_dilation=self.input_dilation, rhs_dilation=self.kernel_dilation,
         dimension_numbers=_dimension_numbers(n),
-        feature_group_count=self.feature_group_count, precision=self.precision)
+        feature_group_count=self.feature_group_count, precision=self.precision,
+        **_common.call_kwargs(out_sharding, self.preferred_element_type))
     if bias is not None:
-      y = y + bias
+      y = _common.add_bias(y, bias)
     return y.reshape(batch + y.shape[1:])
 
 
@@ -200,11 +227,13 @@ class ConvTranspose(Module):
   Args:
     in_features, out_features, kernel_size: as `Conv`.
     strides: int or tuple; the input is dilated by it (upsampling).
-    padding: 'SAME', 'VALID', or explicit (low, high) pairs.
+    padding: 'SAME', 'VALID', 'CIRCULAR' (periodic output of size
+      ``input * strides``), or explicit (low, high) pairs.
     kernel_dilation: int or tuple.
     transpose_kernel: flip spatial axes and swap in/out (gradient-of-conv form;
       the kernel then has shape ``(*kernel_size, out_features, in_features)``).
     use_bias, mask, dtype, param_dtype, precision, kernel_init, bias_init,
+    promote_dtype, preferred_element_type, kernel_metadata, bias_metadata,
     kernel_axes, bias_axes, rngs: as `Conv`.
 
   >>> from spmdnnx._rngs import Rngs
@@ -220,14 +249,18 @@ class ConvTranspose(Module):
                param_dtype: Any = jnp.float32, precision: Any = None,
                kernel_init: Callable = _DEFAULT_KERNEL_INIT,
                bias_init: Callable = initializers.zeros, transpose_kernel: bool = False,
+               promote_dtype: Callable = _common.promote_dtypes,
+               preferred_element_type: Any = None,
                kernel_axes: Sequence[str | None] | None = None,
-               bias_axes: Sequence[str | None] | None = None, rngs: Rngs):
+               bias_axes: Sequence[str | None] | None = None, rngs: Rngs,
+               kernel_metadata: Mapping[str, Any] = _NO_METADATA,
+               bias_metadata: Mapping[str, Any] = _NO_METADATA):
     name = "ConvTranspose"
     _common.check_positive(name, in_features=in_features, out_features=out_features)
     ks = _kernel_size(name, kernel_size)
     n = len(ks)
     padding = canonical_padding(name, padding, n)
-    if padding in ("CIRCULAR", "CAUSAL"):
+    if padding in ("REFLECT", "CAUSAL"):
       raise errors.ConfigError(
           f"{name}: padding {padding!r} is not supported for transposed convs; "
           "use 'SAME', 'VALID' or explicit (low, high) pairs.",
@@ -244,23 +277,48 @@ class ConvTranspose(Module):
         padding=padding, kernel_dilation=_common.canonical_tuple(
             name, "kernel_dilation", 1 if kernel_dilation is None else kernel_dilation, n),
         transpose_kernel=transpose_kernel, use_bias=use_bias, mask=mask, dtype=dtype,
-        param_dtype=param_dtype, precision=precision, bias=None)
+        param_dtype=param_dtype, precision=precision, bias=None, kernel_shape=shape,
+        promote_dtype=promote_dtype, preferred_element_type=preferred_element_type)
     self.kernel = _common.make_param(name, "kernel", kernel_init, rngs.params(), shape,
-                                     param_dtype, kernel_axes)
+                                     param_dtype, kernel_axes, metadata=kernel_metadata)
     if use_bias:
       axes = self.kernel.logical_axes
       default = None if axes is None else axes[-2 if transpose_kernel else -1:][:1]
       self.bias = _common.make_param(name, "bias", bias_init, rngs.params(),
-                                     (out_features,), param_dtype, bias_axes, default)
+                                     (out_features,), param_dtype, bias_axes, default,
+                                     metadata=bias_metadata)
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
     n = len(self.kernel_size)
     x, batch, kernel, bias = _operands(self, inputs, n)
     spatial = "DHW"[3 - n:]
+    circular = self.padding == "CIRCULAR"
     y = lax.conv_transpose(
-        x, kernel, self.strides, self.padding, rhs_dilation=self.kernel_dilation,
+        x, kernel, self.strides, "VALID" if circular else self.padding,
+        rhs_dilation=self.kernel_dilation,
         dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"),
-        transpose_kernel=self.transpose_kernel, precision=self.precision)
+        transpose_kernel=self.transpose_kernel, precision=self.precision,
+        preferred_element_type=self.preferred_element_type)
+    if circular:
+      y = self._wrap_periodic(y, x.shape[1:-1])
     if bias is not None:
-      y = y + bias
+      y = _common.add_bias(y, jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,)))
     return y.reshape(batch + y.shape[1:])
+
+  def _wrap_periodic(self, y: jax.Array, in_spatial: tuple) -> jax.Array:
+    """Folds a 'VALID' transposed-conv output onto periods of ``input * strides``.
+
+    Each spatial axis is zero-padded to a whole number of periods (placing the
+    input's start on a period boundary), cut into periods and summed.
+    """
+    periods = [size * s for size, s in zip(in_spatial, self.strides)]
+    pads = []
+    for got, period in zip(y.shape[1:-1], periods):
+      extra = -(got - period) % (2 * period)
+      # an odd extra goes to the right for a transposed kernel, else to the left
+      left = extra // 2 if self.transpose_kernel else (extra + 1) // 2
+      pads.append((left, extra - left))
+    y = jnp.pad(y, [(0, 0)] + pads + [(0, 0)])
+    for axis, period in enumerate(periods, start=1):
+      y = y.reshape(y.shape[:axis] + (-1, period) + y.shape[axis + 1:]).sum(axis=axis)
+    return y

@@ -41,7 +41,8 @@ def draw_key(owner: str, collection: str, call_rngs: Any, own: Any) -> jax.Array
   if source is not None:
     return source
   raise errors.ConfigError(
-      f"{owner}: random dropout needs a key, but no rngs were given. Pass "
+      f"`deterministic` is False, but no `rngs` argument was provided to {owner}: "
+      f"random dropout needs a key. Pass "
       f"rngs=nnx.Rngs({collection}=0) at construction or call time, or run "
       "deterministically (deterministic=True, or model.eval()).", argument="rngs")
 

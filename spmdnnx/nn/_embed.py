@@ -24,7 +24,8 @@ rank 2; ``("activation_batch", "activation_embed")`` for rank 1). Pass
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +57,13 @@ class Embed(Module):
     activation_axes: logical names the output is constrained to under
       `use_sharding`: ``"default"`` (by the ids' rank, see the module doc),
       a tuple (one name per output dimension), or None for no constraints.
+    promote_dtype: ``f(arrays, dtype=..., inexact=...) -> tuple`` casting the
+      table (and the query of `attend`) to ``dtype``.
     rngs: random streams.
+    embedding_metadata: extra Param metadata (Flax's spelling).
+
+  Ids outside ``[0, num_embeddings)`` give NaN rows (for float tables), as in
+  Flax (``jnp.take``'s fill mode): a silent clip would hide a data bug.
 
   Raises:
     ConfigError: for non-positive sizes.
@@ -65,26 +72,39 @@ class Embed(Module):
   def __init__(self, num_embeddings: int, features: int, *, dtype: Any = None,
                param_dtype: Any = jnp.float32,
                embedding_init: Callable = initializers.default_embed_init(),
+               promote_dtype: Callable = _common.promote_dtypes,
                embedding_axes: Sequence[str | None] | None = None,
-               activation_axes: Any = "default", rngs: Rngs):
+               activation_axes: Any = "default", rngs: Rngs,
+               embedding_metadata: Mapping[str, Any] = MappingProxyType({})):
     _common.check_positive("Embed", num_embeddings=num_embeddings, features=features)
-    _common.set_attrs(self, num_embeddings=num_embeddings, features=features,
-                      dtype=dtype, param_dtype=param_dtype,
-                      activation_axes=_common.check_activation_axes("Embed", activation_axes))
     self.embedding = _common.make_param(
         "Embed", "embedding", embedding_init, rngs.params(), (num_embeddings, features),
-        param_dtype, embedding_axes, DEFAULT_EMBEDDING_AXES)
+        param_dtype, embedding_axes, DEFAULT_EMBEDDING_AXES, metadata=embedding_metadata)
+    _common.set_attrs(self, num_embeddings=num_embeddings, features=features,
+                      dtype=dtype or self.embedding.value.dtype, param_dtype=param_dtype,
+                      promote_dtype=promote_dtype,
+                      activation_axes=_common.check_activation_axes("Embed", activation_axes))
 
-  def __call__(self, inputs: jax.Array) -> jax.Array:
-    """Looks up ``inputs`` (integer ids of any shape) -> ``inputs.shape + (features,)``."""
+  def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
+    """Looks up ``inputs`` (integer ids of any shape) -> ``inputs.shape + (features,)``.
+
+    ``out_sharding`` (a `PartitionSpec`, explicit-axes meshes) chooses the
+    output's sharding; the gather itself then runs in auto mode.
+    """
     if not jnp.issubdtype(jnp.result_type(inputs), jnp.integer):
       raise errors.ShapeError(
           f"{_common.layer_name(self)}: expected integer ids, got an input of "
           f"dtype {jnp.result_type(inputs)} and shape {tuple(jnp.shape(inputs))}; "
           "cast the ids with .astype(jnp.int32).")
-    table = self.embedding.value
-    if self.dtype is not None:
-      table = table.astype(self.dtype)
+    (table,) = self.promote_dtype((self.embedding.value,), dtype=self.dtype, inexact=False)
+    if self.num_embeddings == 1:
+      return jnp.broadcast_to(table, jnp.shape(inputs) + (self.features,))
+    if out_sharding is not None:
+      take = jax.sharding.auto_axes(lambda t, i: jnp.take(t, i, axis=0),
+                                    out_sharding=out_sharding)
+      return take(table, inputs)
+    if _explicit_sharded(table) or _explicit_sharded(inputs):
+      return _explicit_take(table, inputs)
     if self.activation_axes is None or current_context() is None:
       return jnp.take(table, inputs, axis=0)
     table = layout_activation(table, LOOKUP_TABLE_AXES)
@@ -94,8 +114,40 @@ class Embed(Module):
     return layout_activation(out, _common.output_axes(
         self.activation_axes, out.ndim, "activation_embed"))
 
-  def attend(self, query: jax.Array) -> jax.Array:
-    """Scores ``query`` (``(..., features)``) against every embedding: ``query @ table.T``."""
+  def attend(self, query: jax.Array, out_sharding: Any = None) -> jax.Array:
+    """Scores ``query`` (``(..., features)``) against every embedding: ``query @ table.T``.
+
+    ``out_sharding`` chooses the output's sharding on explicit-axes meshes.
+    """
     _common.check_features(self, query, -1, self.features, "features")
-    query, table = _common.promote_dtype(query, self.embedding.value, dtype=self.dtype)
+    query, table = self.promote_dtype((query, self.embedding.value), dtype=self.dtype)
+    if out_sharding is not None:
+      return jnp.dot(query, table.T, out_sharding=out_sharding)
     return jnp.dot(query, table.T)
+
+
+def _explicit_sharded(x: Any) -> bool:
+  """Whether x's sharding (as traced) names an explicit mesh axis."""
+  try:
+    sharding = jax.typeof(x).sharding
+  except (AttributeError, TypeError):
+    return False
+  mesh = getattr(sharding, "mesh", None)
+  spec = getattr(sharding, "spec", None)
+  if mesh is None or spec is None or getattr(mesh, "empty", True):
+    return False
+  return any(p is not None for p in spec)
+
+
+def _explicit_take(table: jax.Array, ids: jax.Array) -> jax.Array:
+  """The lookup on explicit-axes meshes: the output keeps the ids' sharding.
+
+  A gather from a table sharded over an explicit axis has no rule to infer its
+  output sharding (jax raises ShardingTypeError), so it runs in auto mode with
+  the output laid out like the ids, features unsharded.
+  """
+  ids_spec = tuple(jax.typeof(ids).sharding.spec) if _explicit_sharded(ids) else ()
+  spec = jax.sharding.PartitionSpec(*(ids_spec + (None,) * (jnp.ndim(ids) - len(ids_spec))),
+                                    None)
+  take = jax.sharding.auto_axes(lambda t, i: jnp.take(t, i, axis=0), out_sharding=spec)
+  return take(table, ids)

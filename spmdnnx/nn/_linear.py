@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable, Sequence
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+import opt_einsum
 
 from spmdnnx import errors
 from spmdnnx._module import Module
@@ -41,12 +43,13 @@ from spmdnnx.spmd._constrain import constrain, layout_activation
 from spmdnnx.spmd._context import current_context
 
 _DEFAULT_KERNEL_INIT = initializers.default_kernel_init()
+_NO_METADATA: Mapping[str, Any] = MappingProxyType({})
 
 
-def _bias_default(kernel_axes: Any, n_out: int) -> tuple | None:
+def _bias_default(kernel_axes: Any, n_out: int, n_batch: int = 0) -> tuple | None:
   if kernel_axes is None:
     return None
-  return tuple(kernel_axes)[-n_out:]
+  return tuple(kernel_axes)[:n_batch] + tuple(kernel_axes)[-n_out:]
 
 
 class Linear(Module):
@@ -65,6 +68,15 @@ class Linear(Module):
     activation_axes: output layout under `use_sharding`: ``"default"`` (see
       the module doc), a tuple of logical names, or None (no constraint).
     rngs: random streams; the kernel is drawn from ``rngs.params()``.
+    dot_general: the contraction (default `jax.lax.dot_general`).
+    promote_dtype: ``f((inputs, kernel, bias), dtype=...) -> tuple``, casts the
+      operands before the matmul (default: to ``dtype`` or their common dtype).
+    preferred_element_type: the matmul's output dtype (passed to dot_general).
+    kernel_metadata, bias_metadata: extra Param metadata (Flax's spelling;
+      ``out_sharding``/``sharding_names`` there are the logical axes).
+
+  Call with ``out_sharding=`` (a `PartitionSpec`) on an explicit-axes mesh to
+  choose the output's sharding.
 
   Raises:
     ConfigError: for non-positive feature counts.
@@ -76,32 +88,39 @@ class Linear(Module):
                precision: Any = None, kernel_init: Callable = _DEFAULT_KERNEL_INIT,
                bias_init: Callable = initializers.zeros,
                dot_general: Callable = lax.dot_general,
+               promote_dtype: Callable = _common.promote_dtypes,
+               preferred_element_type: Any = None,
                kernel_axes: Sequence[str | None] | None = None,
                bias_axes: Sequence[str | None] | None = None,
-               activation_axes: Any = "default", rngs: Rngs):
+               activation_axes: Any = "default", rngs: Rngs,
+               kernel_metadata: Mapping[str, Any] = _NO_METADATA,
+               bias_metadata: Mapping[str, Any] = _NO_METADATA):
     _common.check_positive("Linear", in_features=in_features, out_features=out_features)
     _common.set_attrs(self, in_features=in_features, out_features=out_features,
                       use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
                       precision=precision, dot_general=dot_general,
+                      promote_dtype=promote_dtype,
+                      preferred_element_type=preferred_element_type,
                       activation_axes=_common.check_activation_axes("Linear", activation_axes))
     self.kernel = _common.make_param(
         "Linear", "kernel", kernel_init, rngs.params(), (in_features, out_features),
-        param_dtype, kernel_axes)
+        param_dtype, kernel_axes, metadata=kernel_metadata)
     _common.set_attrs(self, bias=None)
     if use_bias:
       self.bias = _common.make_param(
           "Linear", "bias", bias_init, rngs.params(), (out_features,), param_dtype,
-          bias_axes, _bias_default(self.kernel.logical_axes, 1))
+          bias_axes, _bias_default(self.kernel.logical_axes, 1), metadata=bias_metadata)
 
-  def __call__(self, inputs: jax.Array) -> jax.Array:
+  def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
     _common.check_features(self, inputs, -1, self.in_features, "in features")
     bias = self.bias.value if self.bias is not None else None
-    x, kernel, bias = _common.promote_dtype(inputs, self.kernel.value, bias, dtype=self.dtype)
+    x, kernel, bias = self.promote_dtype((inputs, self.kernel.value, bias), dtype=self.dtype)
     y = self.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
-                         precision=self.precision)
+                         precision=self.precision,
+                         **_common.call_kwargs(out_sharding, self.preferred_element_type))
     if bias is not None:
-      y = y + bias
-    return _layout_output(self, y, 1)
+      y = _common.add_bias(y, jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,)))
+    return y if out_sharding is not None else _layout_output(self, y, 1)
 
 
 def _as_tuple(owner: str, name: str, value: Any) -> tuple:
@@ -117,7 +136,13 @@ class LinearGeneral(Module):
     in_features: size(s) of the contracted input axes.
     out_features: size(s) of the produced output axes.
     axis: the input axes to contract (int or tuple, same length as in_features).
-    use_bias, dtype, param_dtype, precision, kernel_init, bias_init: as `Linear`.
+    batch_axis: ``{axis: size}`` of leading input axes that are batched (each
+      batch entry has its own kernel); consecutive from 0.
+    use_bias, dtype, param_dtype, precision, kernel_init, bias_init,
+    promote_dtype, preferred_element_type, kernel_metadata, bias_metadata: as
+      `Linear`.
+    dot_general: the contraction (None: `jax.lax.dot_general`).
+    dot_general_cls: alternatively a class whose instance is the contraction.
     kernel_axes: logical axes of the ``in_features + out_features`` kernel.
     bias_axes: logical axes of the bias (default: the kernel's output axes).
     activation_axes: output layout under `use_sharding`, as `Linear`.
@@ -126,6 +151,9 @@ class LinearGeneral(Module):
   The initializer sees the kernel flattened to ``(prod(in), prod(out))`` so
   fan-in based scaling counts every contracted axis.
 
+  Raises:
+    ConfigError: axis and in_features of different lengths, or a bad batch_axis.
+
   >>> from spmdnnx._rngs import Rngs
   >>> q = LinearGeneral(8, (2, 4), rngs=Rngs(0))
   >>> q(jnp.ones((3, 8))).shape
@@ -133,14 +161,19 @@ class LinearGeneral(Module):
   """
 
   def __init__(self, in_features: int | Sequence[int], out_features: int | Sequence[int],
-               *, axis: int | Sequence[int] = -1, use_bias: bool = True,
+               *, axis: int | Sequence[int] = -1, batch_axis: Mapping[int, int] = _NO_METADATA,
+               use_bias: bool = True,
                dtype: Any = None, param_dtype: Any = jnp.float32, precision: Any = None,
                kernel_init: Callable = _DEFAULT_KERNEL_INIT,
                bias_init: Callable = initializers.zeros,
-               dot_general: Callable = lax.dot_general,
+               dot_general: Callable | None = None, dot_general_cls: Any = None,
+               promote_dtype: Callable = _common.promote_dtypes,
+               preferred_element_type: Any = None,
                kernel_axes: Sequence[str | None] | None = None,
                bias_axes: Sequence[str | None] | None = None,
-               activation_axes: Any = "default", rngs: Rngs):
+               activation_axes: Any = "default", rngs: Rngs,
+               kernel_metadata: Mapping[str, Any] = _NO_METADATA,
+               bias_metadata: Mapping[str, Any] = _NO_METADATA):
     name = "LinearGeneral"
     self.in_features = _as_tuple(name, "in_features", in_features)
     self.out_features = _as_tuple(name, "out_features", out_features)
@@ -150,25 +183,44 @@ class LinearGeneral(Module):
           f"{name}: axis {self.axis} names {len(self.axis)} input axes but "
           f"in_features {self.in_features} has {len(self.in_features)}; give one "
           "contracted axis per in_features entry.")
+    batch_axis = dict(batch_axis)
+    if batch_axis and sorted(batch_axis) != list(range(len(batch_axis))):
+      raise errors.ConfigError(
+          f"{name}: batch_axis keys {sorted(batch_axis)} must be consecutive leading "
+          "axes starting from 0, e.g. {0: 4}.", value=batch_axis)
+    self.batch_axis = tuple(sorted(batch_axis.items()))
     _common.set_attrs(self, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
                       precision=precision, dot_general=dot_general,
+                      dot_general_cls=dot_general_cls, promote_dtype=promote_dtype,
+                      preferred_element_type=preferred_element_type,
                       activation_axes=_common.check_activation_axes(name, activation_axes))
-    shape = self.in_features + self.out_features
-    flat = (math.prod(self.in_features), math.prod(self.out_features))
+    batch_shape = tuple(size for _, size in self.batch_axis)
+    shape = batch_shape + self.in_features + self.out_features
+    flat = (math.prod(batch_shape) * math.prod(self.in_features),
+            math.prod(self.out_features))
 
     def flat_init(key, _shape, dtype):
       return kernel_init(key, flat, dtype).reshape(shape)
 
     flat_init.metadata = getattr(kernel_init, "metadata", {})
     self.kernel = _common.make_param(
-        name, "kernel", flat_init, rngs.params(), shape, param_dtype, kernel_axes)
+        name, "kernel", flat_init, rngs.params(), shape, param_dtype, kernel_axes,
+        metadata=kernel_metadata)
     _common.set_attrs(self, bias=None)
     if use_bias:
-      self.bias = _common.make_param(
-          name, "bias", bias_init, rngs.params(), self.out_features, param_dtype,
-          bias_axes, _bias_default(self.kernel.logical_axes, len(self.out_features)))
+      bias_shape = batch_shape + self.out_features
 
-  def __call__(self, inputs: jax.Array) -> jax.Array:
+      def flat_bias_init(key, _shape, dtype):
+        return bias_init(key, (math.prod(bias_shape),), dtype).reshape(bias_shape)
+
+      flat_bias_init.metadata = getattr(bias_init, "metadata", {})
+      self.bias = _common.make_param(
+          name, "bias", flat_bias_init, rngs.params(), bias_shape, param_dtype,
+          bias_axes, _bias_default(self.kernel.logical_axes, len(self.out_features),
+                                   len(batch_shape)),
+          metadata=bias_metadata)
+
+  def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
     ndim = jnp.ndim(inputs)
     axes = tuple(a % ndim for a in self.axis) if ndim else ()
     got = tuple(jnp.shape(inputs)[a] for a in axes) if len(axes) == len(self.axis) else ()
@@ -177,12 +229,23 @@ class LinearGeneral(Module):
           f"{_common.layer_name(self)}: expected input axes {self.axis} to have "
           f"sizes {self.in_features}, got an input of shape {tuple(jnp.shape(inputs))}.")
     bias = self.bias.value if self.bias is not None else None
-    x, kernel, bias = _common.promote_dtype(inputs, self.kernel.value, bias, dtype=self.dtype)
-    n_in = len(axes)
-    y = self.dot_general(x, kernel, ((axes, tuple(range(n_in))), ((), ())),
-                         precision=self.precision)
+    x, kernel, bias = self.promote_dtype((inputs, self.kernel.value, bias), dtype=self.dtype)
+    n_batch = len(self.batch_axis)
+    batch_axes = tuple(sorted(a % ndim for a, _ in self.batch_axis))
+    contract = tuple(range(n_batch, n_batch + len(axes)))
+    if self.dot_general_cls is not None:
+      dot_general = self.dot_general_cls()
+    else:
+      dot_general = self.dot_general if self.dot_general is not None else lax.dot_general
+    y = dot_general(x, kernel, ((axes, contract), (batch_axes, tuple(range(n_batch)))),
+                    precision=self.precision,
+                    **_common.call_kwargs(out_sharding, self.preferred_element_type))
     if bias is not None:
-      y = y + bias
+      expanded = tuple(x.shape[a] if a in batch_axes else 1
+                       for a in range(ndim) if a not in axes)
+      y = _common.add_bias(y, jnp.reshape(bias, expanded + self.out_features))
+    if out_sharding is not None or n_batch:
+      return y
     return _layout_output(self, y, len(self.out_features))
 
 
@@ -195,9 +258,11 @@ class Einsum(Module):
   Args:
     einsum_str: a two-operand equation, inputs first, e.g. ``"bd,dh->bh"``.
     kernel_shape: the kernel's shape (one entry per letter of operand two).
-    bias_shape: optional bias shape: the sizes of the output letters that come
-      only from the kernel, in output order.
-    dtype, param_dtype, precision, kernel_init, bias_init: as `Linear`.
+    bias_shape: optional bias shape: the sizes of the output letters that
+      appear in the kernel, in output order (e.g. ``(h,)`` for ``"bd,dh->bh"``).
+    dtype, param_dtype, precision, kernel_init, bias_init, promote_dtype,
+    preferred_element_type, kernel_metadata, bias_metadata: as `Linear`.
+    einsum_op: the einsum function (default `jax.numpy.einsum`).
     kernel_axes, bias_axes: logical axes (default: unannotated, and the bias
       takes the kernel axes of its letters).
     activation_axes: a tuple of logical names to constrain the output to under
@@ -208,7 +273,7 @@ class Einsum(Module):
     ConfigError: when the equation does not fit the kernel or bias shape.
 
   >>> from spmdnnx._rngs import Rngs
-  >>> layer = Einsum("btd,dnh->btnh", (8, 2, 4), rngs=Rngs(0))
+  >>> layer = Einsum("btd,dnh->btnh", (8, 2, 4), (2, 4), rngs=Rngs(0))
   >>> layer(jnp.ones((1, 3, 8))).shape
   (1, 3, 2, 4)
   """
@@ -218,38 +283,51 @@ class Einsum(Module):
                param_dtype: Any = jnp.float32, precision: Any = None,
                kernel_init: Callable = _DEFAULT_KERNEL_INIT,
                bias_init: Callable = initializers.zeros,
+               promote_dtype: Callable = _common.promote_dtypes,
+               einsum_op: Callable = jnp.einsum, preferred_element_type: Any = None,
                kernel_axes: Sequence[str | None] | None = None,
                bias_axes: Sequence[str | None] | None = None,
-               activation_axes: Any = "default", rngs: Rngs):
+               activation_axes: Any = "default", rngs: Rngs,
+               kernel_metadata: Mapping[str, Any] = _NO_METADATA,
+               bias_metadata: Mapping[str, Any] = _NO_METADATA):
     self.einsum_str = einsum_str.replace(" ", "")
     lhs, kernel_letters, out = self._parse(self.einsum_str)
     kernel_shape = tuple(kernel_shape)
-    if len(kernel_letters) != len(kernel_shape):
+    n_letters = len(kernel_letters.replace("...", ""))
+    if ("..." not in kernel_letters and n_letters != len(kernel_shape)) or (
+        n_letters > len(kernel_shape)):
       raise errors.ConfigError(
           f"Einsum: the kernel operand {kernel_letters!r} of {einsum_str!r} has "
-          f"{len(kernel_letters)} axes but kernel_shape {kernel_shape} has "
+          f"{n_letters} axes but kernel_shape {kernel_shape} has "
           f"{len(kernel_shape)}; make them agree.")
     _common.check_positive("Einsum", **{f"kernel_shape[{i}]": s
                                         for i, s in enumerate(kernel_shape)})
     _common.set_attrs(self, dtype=dtype, param_dtype=param_dtype, precision=precision,
                       kernel_shape=kernel_shape, bias_shape=None,
+                      promote_dtype=promote_dtype, einsum_op=einsum_op,
+                      preferred_element_type=preferred_element_type,
                       activation_axes=_common.check_activation_axes("Einsum", activation_axes))
     self.kernel = _common.make_param(
         "Einsum", "kernel", kernel_init, rngs.params(), kernel_shape, param_dtype,
-        kernel_axes)
+        kernel_axes, metadata=kernel_metadata)
     _common.set_attrs(self, bias=None)
     if bias_shape is not None:
-      own = [c for c in out if c in kernel_letters and c not in lhs]
-      sizes = tuple(kernel_shape[kernel_letters.index(c)] for c in own)
-      if tuple(bias_shape) != sizes:
-        raise errors.ConfigError(
-            f"Einsum: bias_shape {tuple(bias_shape)} must equal the sizes {sizes} of "
-            f"the output letters {''.join(own)!r} that come only from the kernel.")
-      self.bias_shape = sizes
-      k_axes = self.kernel.logical_axes
-      default = None if k_axes is None else tuple(k_axes[kernel_letters.index(c)] for c in own)
+      bias_shape = (bias_shape,) if isinstance(bias_shape, int) else tuple(bias_shape)
+      default = None
+      if "..." not in kernel_letters:
+        own = [c for c in out if c in kernel_letters]
+        sizes = tuple(kernel_shape[kernel_letters.index(c)] for c in own)
+        if bias_shape != sizes:
+          raise errors.ConfigError(
+              f"Einsum: bias_shape {bias_shape} must equal the sizes {sizes} of "
+              f"the output letters {''.join(own)!r} that appear in the kernel.")
+        k_axes = self.kernel.logical_axes
+        if k_axes is not None:
+          default = tuple(k_axes[kernel_letters.index(c)] for c in own)
+      self.bias_shape = bias_shape
       self.bias = _common.make_param(
-          "Einsum", "bias", bias_init, rngs.params(), sizes, param_dtype, bias_axes, default)
+          "Einsum", "bias", bias_init, rngs.params(), bias_shape, param_dtype, bias_axes,
+          default, metadata=bias_metadata)
 
   @staticmethod
   def _parse(einsum_str: str) -> tuple[str, str, str]:
@@ -263,7 +341,8 @@ class Einsum(Module):
           "e.g. 'bd,dh->bh'.")
     return operands[0], operands[1], parts[1]
 
-  def __call__(self, inputs: jax.Array, einsum_str: str | None = None) -> jax.Array:
+  def __call__(self, inputs: jax.Array, einsum_str: str | None = None,
+               out_sharding: Any = None) -> jax.Array:
     eq = self.einsum_str if einsum_str is None else einsum_str.replace(" ", "")
     lhs, _, out = self._parse(eq)
     if "..." not in lhs and len(lhs) != jnp.ndim(inputs):
@@ -271,25 +350,25 @@ class Einsum(Module):
           f"{_common.layer_name(self)}: the input operand {lhs!r} of {eq!r} has "
           f"{len(lhs)} axes but the input has shape {tuple(jnp.shape(inputs))}.")
     bias = self.bias.value if self.bias is not None else None
-    x, kernel, bias = _common.promote_dtype(inputs, self.kernel.value, bias, dtype=self.dtype)
+    x, kernel, bias = self.promote_dtype((inputs, self.kernel.value, bias), dtype=self.dtype)
     try:
-      y = jnp.einsum(eq, x, kernel, precision=self.precision)
+      y = self.einsum_op(eq, x, kernel, precision=self.precision,
+                         **_common.call_kwargs(out_sharding, self.preferred_element_type))
     except ValueError as e:
       raise errors.ShapeError(
           f"{_common.layer_name(self)}: input of shape {tuple(x.shape)} does not fit "
           f"{eq!r} with kernel shape {self.kernel_shape}: {e}") from None
     if bias is not None:
-      _, kernel_letters, _ = self._parse(eq)
-      shape = [1] * y.ndim
-      own = [i for i, c in enumerate(out.replace("...", "")) if c in kernel_letters
-             and c not in lhs]
-      offset = y.ndim - len(out.replace("...", ""))
-      for j, i in enumerate(own):
-        shape[offset + i] = bias.shape[j]
-      y = y + bias.reshape(shape)
-    if isinstance(self.activation_axes, tuple):
+      y = _common.add_bias(y, jnp.reshape(bias, self._bias_broadcast(eq, x, kernel)))
+    if isinstance(self.activation_axes, tuple) and out_sharding is None:
       y = constrain(y, self.activation_axes, name=_common.layer_name(self))
     return y
+
+  def _bias_broadcast(self, eq: str, x: jax.Array, kernel: jax.Array) -> list:
+    """The bias reshaped to broadcast against the output of ``eq`` (ellipses expanded)."""
+    operands, result, _ = opt_einsum.parser.parse_einsum_input((eq, x, kernel))
+    rhs = {c: i for i, c in enumerate(operands.split(",")[1])}
+    return [self.kernel_shape[rhs[c]] if c in rhs else 1 for c in result]
 
 
 def _layout_output(layer: Any, y: jax.Array, n_out: int) -> jax.Array:

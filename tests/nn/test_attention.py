@@ -128,3 +128,71 @@ def test_mha_with_partitioning_and_errors():
   mha.init_cache((1, 4, 4))
   with pytest.raises(errors.ShapeError, match=r"decoding takes one token per call"):
     mha(jnp.ones((1, 2, 4)), decode=True)
+
+
+# --- grouped-query attention, is_causal, Flax keywords ------------------------
+
+
+def test_grouped_query_attention_equals_repeating_kv_heads():
+  from spmdnnx.nn import dot_product_attention
+  ks = jax.random.split(jax.random.key(0), 3)
+  q = jax.random.normal(ks[0], (2, 3, 4, 5))
+  k = jax.random.normal(ks[1], (2, 6, 2, 5))
+  v = jax.random.normal(ks[2], (2, 6, 2, 5))
+  out = dot_product_attention(q, k, v)
+  # query heads 0,1 use kv head 0; heads 2,3 use kv head 1
+  ref = dot_product_attention(q, jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2))
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+  with pytest.raises(errors.ShapeError, match=r"query heads \(4\) must be a multiple of the "
+                                              r"key heads \(3\)"):
+    dot_product_attention(q, k[:, :, :1].repeat(3, 2), v[:, :, :1].repeat(3, 2))
+  with pytest.raises(errors.ShapeError, match="key and value lengths must match"):
+    dot_product_attention(q, k, v[:, :5])
+  with pytest.raises(errors.ShapeError, match="query and key depths must match"):
+    dot_product_attention(q, k[..., :4], v)
+
+
+def test_is_causal_equals_a_causal_mask():
+  from spmdnnx.nn import dot_product_attention, make_causal_mask
+  ks = jax.random.split(jax.random.key(1), 3)
+  q, k, v = (jax.random.normal(key, (1, 4, 2, 3)) for key in ks)
+  mask = make_causal_mask(jnp.ones((1, 4)), dtype=bool)
+  np.testing.assert_allclose(dot_product_attention(q, k, v, is_causal=True),
+                             dot_product_attention(q, k, v, mask=mask), rtol=1e-6)
+  pad = jnp.array([True, True, False, True])[None, None, None, :]
+  np.testing.assert_allclose(dot_product_attention(q, k, v, mask=pad, is_causal=True),
+                             dot_product_attention(q, k, v, mask=jnp.logical_and(mask, pad)),
+                             rtol=1e-6)
+  mha = MultiHeadAttention(2, 6, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(2), (1, 4, 6))
+  np.testing.assert_allclose(mha(x, is_causal=True), mha(x, mask=mask), rtol=1e-5)
+
+
+def test_mha_num_kv_heads_shapes_cache_and_errors():
+  mha = MultiHeadAttention(4, 8, num_kv_heads=2, rngs=nnx.Rngs(0))
+  assert mha.query.kernel.shape == (8, 4, 2) and mha.key.kernel.shape == (8, 2, 2)
+  assert mha.key.kernel.logical_axes == ("embed", "kv_heads", "kv")
+  assert mha.query.kernel.logical_axes == ("embed", "heads", "kv")
+  x = jax.random.normal(jax.random.key(0), (1, 3, 8))
+  full = mha(x, is_causal=True)
+  mha.init_cache((1, 3, 8))
+  assert mha.cached_key.shape == (1, 3, 2, 2)
+  steps = [mha(x[:, i:i + 1], decode=True) for i in range(3)]
+  np.testing.assert_allclose(jnp.concatenate(steps, 1), full, rtol=1e-5, atol=1e-5)
+  with pytest.raises(errors.ConfigError, match=r"num_heads \(4\) must be divisible by "
+                                               r"num_kv_heads \(3\)"):
+    MultiHeadAttention(4, 8, num_kv_heads=3, rngs=nnx.Rngs(0))
+
+
+def test_mha_set_view_and_flax_keywords():
+  mha = MultiHeadAttention(2, 4, rngs=nnx.Rngs(0), kernel_metadata={"out_sharding": ("embed",)},
+                           normalize_qk=True, query_ln_scale_metadata={"note": "q"},
+                           key_ln_scale_metadata={"out_sharding": ("norm",)})
+  assert mha.query.kernel.logical_axes == ("embed", None, None)
+  assert mha.out.kernel.logical_axes == ("embed", None, None)  # out_* default to kernel_*
+  assert mha.query_ln.scale.get_metadata()["note"] == "q"
+  assert mha.query_ln.scale.logical_axes == ("kv",) and mha.key_ln.scale.logical_axes == ("norm",)
+  with pytest.raises(errors.ConfigError, match="decode=True needs a cache; pass batch_size="):
+    mha.set_view(decode=True)
+  mha.set_view(decode=True, deterministic=True, batch_size=3, max_length=5)
+  assert mha.cached_key.shape == (3, 5, 2, 2) and mha.decode and mha.deterministic

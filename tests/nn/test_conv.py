@@ -139,7 +139,7 @@ def test_conv_errors():
   with pytest.raises(errors.ShapeError, match=r"Conv: expected an input of shape \(\*batch, 2 spatial"):
     conv(jnp.ones((5, 3)))
   with pytest.raises(errors.ConfigError, match="not supported for transposed"):
-    ConvTranspose(2, 2, 3, padding="CIRCULAR", rngs=nnx.Rngs(0))
+    ConvTranspose(2, 2, 3, padding="REFLECT", rngs=nnx.Rngs(0))
   with pytest.raises(errors.ConfigError, match=r"Conv: kernel_size \(1, 1, 1, 1\) must have 1 to 3 "
                                                r"entries") as e:
     Conv(2, 2, (1, 1, 1, 1), rngs=nnx.Rngs(0))
@@ -151,3 +151,44 @@ def test_conv_errors():
   with pytest.raises(errors.ShapeError, match="expected an input of shape") as e:
     conv(jnp.ones((5, 3)))
   assert e.value.shapes == [(5, 3)]
+
+
+def test_conv_reflect_padding():
+  conv = Conv(1, 1, 3, padding="REFLECT", use_bias=False, kernel_init=initializers.ones,
+              rngs=nnx.Rngs(0))
+  y = conv(jnp.arange(4.0).reshape(1, 4, 1))
+  # reflected input: [1, 0, 1, 2, 3, 2]
+  close(y[0, :, 0], [1 + 0 + 1, 0 + 1 + 2, 1 + 2 + 3, 2 + 3 + 2])
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv_transpose_circular_is_periodic_and_keeps_the_sum(stride):
+  up = ConvTranspose(1, 1, 3, strides=stride, padding="CIRCULAR", use_bias=False,
+                     kernel_init=initializers.normal(1.0), rngs=nnx.Rngs(0))
+  x = _x((1, 5, 1))
+  y = up(jnp.asarray(x))
+  assert y.shape == (1, 5 * stride, 1)
+  # every input element reaches every kernel tap exactly once (wrapped around)
+  close(jnp.sum(y), np.sum(x) * np.sum(np.asarray(up.kernel.value)), 1e-4)
+  # shifting the input by one step shifts the output by one stride
+  shifted = up(jnp.roll(jnp.asarray(x), 1, axis=1))
+  close(shifted, jnp.roll(y, stride, axis=1), 1e-5)
+
+
+def test_conv_flax_keywords():
+  seen = {}
+
+  def my_conv(*args, **kwargs):
+    seen.update(kwargs)
+    return jax.lax.conv_general_dilated(*args, **kwargs)
+
+  conv = Conv(2, 3, 3, strides=None, input_dilation=None, conv_general_dilated=my_conv,
+              dtype=jnp.bfloat16, preferred_element_type=jnp.float32,
+              kernel_metadata={"out_sharding": (None, None, "mlp")}, rngs=nnx.Rngs(0))
+  assert conv.strides == (1,) and conv.kernel.logical_axes == (None, None, "mlp")
+  assert conv.bias.logical_axes == ("mlp",)
+  assert conv(jnp.ones((1, 5, 2))).dtype == jnp.float32
+  assert seen["preferred_element_type"] == jnp.float32
+  up = ConvTranspose(2, 3, 3, dtype=jnp.bfloat16, preferred_element_type=jnp.float32,
+                     rngs=nnx.Rngs(0))
+  assert up(jnp.ones((1, 5, 2))).dtype == jnp.float32

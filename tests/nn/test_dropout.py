@@ -52,5 +52,5 @@ def test_rate_edges_and_dtype():
 def test_errors():
   with pytest.raises(errors.ConfigError, match=r"Dropout: rate must be a probability in \[0, 1\], got 1.5"):
     Dropout(1.5)
-  with pytest.raises(errors.ConfigError, match=r"no rngs were given. Pass rngs=nnx.Rngs\(dropout=0\)"):
+  with pytest.raises(errors.ConfigError, match=r"no `rngs` argument was provided to Dropout: random dropout needs a key. Pass rngs=nnx.Rngs\(dropout=0\)"):
     Dropout(0.5)(jnp.ones(3))

@@ -51,3 +51,31 @@ def test_errors():
     emb(jnp.ones((2,)))
   with pytest.raises(errors.ShapeError, match=r"Embed: expected an input whose axis -1 has 2 features"):
     emb.attend(jnp.ones((2, 3)))
+
+
+def test_embed_single_row_broadcasts_and_out_of_range_ids_give_nan():
+  one = Embed(1, 3, rngs=nnx.Rngs(0))
+  y = one(jnp.array([0, 5, -2]))
+  close(y, np.broadcast_to(np.asarray(one.embedding.value), (3, 3)))
+  emb = Embed(4, 2, rngs=nnx.Rngs(0))
+  y = emb(jnp.array([1, 4, 9]))
+  close(y[0], emb.embedding.value[1])
+  # a silent clip would hide a data bug: out-of-range rows are NaN, as in Flax
+  assert bool(jnp.all(jnp.isnan(y[1:])))
+
+
+def test_embed_dtype_promote_dtype_and_metadata():
+  emb = Embed(4, 2, param_dtype=jnp.bfloat16, embedding_metadata={"out_sharding": ("vocab",)},
+              rngs=nnx.Rngs(0))
+  assert emb.dtype == jnp.bfloat16 and emb.embedding.logical_axes == ("vocab", None)
+  assert emb(jnp.array([1])).dtype == jnp.bfloat16
+  seen = []
+
+  def keep(arrays, dtype=None, inexact=True):
+    seen.append(inexact)
+    return arrays
+
+  emb = Embed(4, 2, promote_dtype=keep, rngs=nnx.Rngs(0))
+  emb(jnp.array([0]))
+  emb.attend(jnp.ones((1, 2)))
+  assert seen == [False, True]

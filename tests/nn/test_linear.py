@@ -121,3 +121,102 @@ def test_einsum_errors():
   layer = Einsum("bd,dh->bh", (2, 3), rngs=nnx.Rngs(0))
   with pytest.raises(errors.ShapeError, match=r"Einsum: the input operand 'bd' .* has 2 axes"):
     layer(jnp.ones((1, 2, 2)))
+
+
+# --- Flax keyword arguments -------------------------------------------------
+
+
+@pytest.mark.parametrize("cls,args", [(Linear, (3, 4)), (LinearGeneral, (3, (2, 2)))])
+def test_preferred_element_type_sets_the_matmul_output_dtype(cls, args):
+  layer = cls(*args, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+              preferred_element_type=jnp.float32, use_bias=False, rngs=nnx.Rngs(0))
+  x = _x((2, 3)).astype(jnp.bfloat16)
+  y = layer(x)
+  assert y.dtype == jnp.float32
+  kernel = np.asarray(layer.kernel.value, np.float32).reshape(3, -1)
+  close(y.reshape(2, -1), np.asarray(x, np.float32) @ kernel, 1e-2)
+  assert cls(*args, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, use_bias=False,
+             rngs=nnx.Rngs(0))(x).dtype == jnp.bfloat16
+
+
+def test_einsum_preferred_element_type_and_einsum_op():
+  seen = {}
+
+  def my_einsum(eq, *operands, **kwargs):
+    seen.update(kwargs)
+    return jnp.einsum(eq, *operands, **kwargs)
+
+  layer = Einsum("bd,dh->bh", (3, 4), dtype=jnp.bfloat16, einsum_op=my_einsum,
+                 preferred_element_type=jnp.float32, rngs=nnx.Rngs(0))
+  assert layer(_x((2, 3))).dtype == jnp.float32
+  assert seen["preferred_element_type"] == jnp.float32 and "out_sharding" not in seen
+
+
+def test_custom_promote_dtype_and_dot_general_are_used():
+  calls = []
+
+  def keep(arrays, dtype=None, inexact=True):
+    calls.append(dtype)
+    return arrays
+
+  def dot(x, k, dims, precision=None):  # no preferred_element_type/out_sharding kwargs
+    return jnp.full(x.shape[:-1] + k.shape[1:], 7.0, x.dtype)
+
+  layer = Linear(3, 2, promote_dtype=keep, dot_general=dot, dtype=jnp.float16,
+                 rngs=nnx.Rngs(0))
+  y = layer(jnp.ones((1, 3)))
+  close(y, np.full((1, 2), 7.0))
+  assert calls == [jnp.float16]
+
+
+def test_default_promote_dtype_casts_to_dtype_and_keeps_ints_inexact():
+  from spmdnnx.nn._common import promote_dtypes
+  a, b, c = promote_dtypes((jnp.ones(2, jnp.float32), None, jnp.ones(2, jnp.int32)))
+  assert a.dtype == c.dtype == jnp.float32 and b is None
+  (h,) = promote_dtypes((jnp.ones(2),), dtype=jnp.float16)
+  assert h.dtype == jnp.float16
+  (i,) = promote_dtypes((jnp.ones(2, jnp.int8),), dtype=jnp.int8, inexact=False)
+  assert i.dtype == jnp.int8
+  with pytest.raises(errors.ConfigError, match="dtype must be a floating"):
+    promote_dtypes((jnp.ones(2),), dtype=jnp.int32)
+
+
+def test_kernel_metadata_gives_axes_and_extra_metadata():
+  layer = Linear(3, 4, kernel_metadata={"out_sharding": ("embed", "mlp"), "note": 1},
+                 bias_metadata={"sharding_names": ("mlp",)}, rngs=nnx.Rngs(0))
+  assert layer.kernel.logical_axes == ("embed", "mlp") == layer.kernel.out_sharding
+  assert layer.kernel.get_metadata()["note"] == 1
+  assert layer.bias.logical_axes == ("mlp",)
+  # a spec shorter than the rank leaves trailing dims unsharded, as a PartitionSpec
+  lg = LinearGeneral(3, (2, 4), kernel_metadata={"out_sharding": ("embed",)},
+                     rngs=nnx.Rngs(0))
+  assert lg.kernel.logical_axes == ("embed", None, None)
+  with pytest.raises(errors.MetadataError, match=r"kernel_axes=\('a', 'b'\) conflicts with "
+                                                 r"the axes \('c', 'd'\) in kernel_metadata"):
+    Linear(3, 4, kernel_axes=("a", "b"), kernel_metadata={"out_sharding": ("c", "d")},
+           rngs=nnx.Rngs(0))
+
+
+def test_linear_general_batch_axis_has_a_kernel_per_batch_entry():
+  layer = LinearGeneral(3, 2, axis=-1, batch_axis={0: 4}, bias_init=initializers.normal(1.0),
+                        rngs=nnx.Rngs(0))
+  assert layer.kernel.shape == (4, 3, 2) and layer.bias.shape == (4, 2)
+  x = _x((4, 5, 3))
+  k, b = np.asarray(layer.kernel.value), np.asarray(layer.bias.value)
+  ref = np.einsum("btd,bdh->bth", np.asarray(x), k) + b[:, None, :]
+  close(layer(x), ref, 1e-4)
+  with pytest.raises(errors.ConfigError, match=r"batch_axis keys \[1\] must be consecutive"):
+    LinearGeneral(3, 2, batch_axis={1: 4}, rngs=nnx.Rngs(0))
+
+
+def test_einsum_bias_covers_output_letters_in_the_kernel_even_if_shared():
+  # 'b' is in the input and the kernel: the bias has an entry per b (Flax's rule)
+  layer = Einsum("btd,bdh->bth", (2, 3, 4), (2, 4), bias_init=initializers.normal(1.0),
+                 rngs=nnx.Rngs(0))
+  x = _x((2, 5, 3))
+  k, b = np.asarray(layer.kernel.value), np.asarray(layer.bias.value)
+  close(layer(x), np.einsum("btd,bdh->bth", np.asarray(x), k) + b[:, None, :], 1e-4)
+  # with an ellipsis the bias broadcasts by the expanded letters
+  ell = Einsum("...d,dh->...h", (3, 4), 4, bias_init=initializers.ones, rngs=nnx.Rngs(0))
+  close(ell(x), np.einsum("btd,dh->bth", np.asarray(x), np.asarray(ell.kernel.value)) + 1,
+        1e-4)

@@ -153,3 +153,93 @@ def test_grad_step_hlo_grows_linearly_with_depth(kind):
           "GroupNorm": lambda: GroupNorm(64, num_groups=8, rngs=nnx.Rngs(0))}[kind]
   four, eight = _grad_hlo_lines(make, 4), _grad_hlo_lines(make, 8)
   assert eight / four < 2.3, (four, eight)
+
+
+# --- InstanceNorm, WeightNorm, SpectralNorm, Flax keywords --------------------
+
+
+def test_instance_norm_normalizes_each_example_and_feature_over_space():
+  from spmdnnx.nn import InstanceNorm
+  x = jax.random.normal(jax.random.key(0), (2, 5, 3)) * 3.0 + 1.0
+  norm = InstanceNorm(3, rngs=nnx.Rngs(0))
+  y = np.asarray(norm(x))
+  xn = np.asarray(x)
+  ref = (xn - xn.mean(1, keepdims=True)) / np.sqrt(xn.var(1, keepdims=True) + 1e-6)
+  np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+  with pytest.raises(errors.ConfigError, match=r"feature_axes .* include axis 0"):
+    InstanceNorm(2, feature_axes=0, rngs=nnx.Rngs(0))(x[:, :, :2])
+  with pytest.raises(errors.ShapeError, match="expected 4 features"):
+    InstanceNorm(4, rngs=nnx.Rngs(0))(x)
+
+
+def test_norm_scale_and_bias_take_separate_keys_in_flax_order():
+  rngs = nnx.Rngs(0)
+  ln = LayerNorm(3, scale_init=initializers.normal(1.0), bias_init=initializers.normal(1.0),
+                 rngs=rngs)
+  ref = nnx.Rngs(0)
+  k1, k2 = ref.params(), ref.params()
+  close(ln.scale.value, jax.random.normal(k1, (3,)))
+  close(ln.bias.value, jax.random.normal(k2, (3,)))
+
+
+def test_norm_promote_dtype_and_metadata():
+  seen = []
+
+  def keep(arrays, dtype=None, inexact=True):
+    seen.append(len(arrays))
+    return arrays
+
+  bn = BatchNorm(3, promote_dtype=keep, scale_metadata={"out_sharding": ("embed",)},
+                 rngs=nnx.Rngs(0))
+  bn(jnp.ones((2, 3)))
+  assert seen == [5] and bn.scale.logical_axes == ("embed",)
+  ln = LayerNorm(3, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  assert ln(jnp.ones((2, 3))).dtype == jnp.bfloat16
+  gn = GroupNorm(4, num_groups=2, rngs=nnx.Rngs(0))
+  mask = jnp.array([True, True, False, True])
+  x = jnp.array([[1.0, 3.0, 100.0, 5.0]])
+  y = gn(x, mask=mask)
+  close(y[0, :2], [-1.0, 1.0], 1e-3)   # group 1: mean 2, var 1
+  close(y[0, 3], 0.0, 1e-3)            # group 2 sees only the 5.0
+
+
+def test_weight_norm_rewrites_the_kernel_to_scaled_unit_columns():
+  from spmdnnx.nn import Linear, WeightNorm
+  dense = Linear(4, 3, rngs=nnx.Rngs(0))
+  wn = WeightNorm(dense, scale_init=initializers.constant(2.0), rngs=nnx.Rngs(1))
+  assert set(wn.scales) == {("kernel",)} and wn.scales[("kernel",)].shape == (3,)
+  x = jax.random.normal(jax.random.key(2), (5, 4))
+  y = wn(x)
+  kernel = np.asarray(dense.kernel.value)
+  close(np.linalg.norm(kernel, axis=0), np.full(3, 2.0), 1e-5)
+  close(y, np.asarray(x) @ kernel + np.asarray(dense.bias.value), 1e-5)
+  no_scale = WeightNorm(Linear(4, 3, rngs=nnx.Rngs(0)), use_scale=False, feature_axes=None,
+                        rngs=nnx.Rngs(1))
+  no_scale(x)
+  close(np.linalg.norm(np.asarray(no_scale.layer_instance.kernel.value)), 1.0, 1e-5)
+  dense.extra = nnx.Param(jnp.ones((2, 2)))
+  wn.variable_filter = lambda path, v: True
+  with pytest.raises(errors.GraphError, match=r"WeightNorm: no scale for the parameter at "
+                                              r"\('bias',\)"):
+    wn(x)
+
+
+def test_spectral_norm_divides_by_the_largest_singular_value():
+  from spmdnnx.nn import Conv, Linear, SpectralNorm
+  dense = Linear(4, 4, kernel_init=initializers.normal(3.0), rngs=nnx.Rngs(0))
+  sn = SpectralNorm(dense, n_steps=30, rngs=nnx.Rngs(1))
+  assert set(sn.batch_stats) == {("kernel", "u"), ("kernel", "sigma")}
+  original = np.asarray(dense.kernel.value)
+  sn(jnp.ones((1, 4)))
+  close(np.linalg.norm(np.asarray(dense.kernel.value), ord=2), 1.0, 1e-3)
+  close(sn.batch_stats[("kernel", "sigma")].value, np.linalg.norm(original, ord=2), 1e-3)
+  u = np.asarray(sn.batch_stats[("kernel", "u")].value)
+  sn(jnp.ones((1, 4)), update_stats=False)
+  close(sn.batch_stats[("kernel", "u")].value, u)
+  with pytest.raises(errors.ShapeError, match=r"SpectralNorm: the parameter at \('kernel',\) "
+                                              r"has shape \(3, 2, 2\) \(3D\)"):
+    SpectralNorm(Conv(2, 2, 3, rngs=nnx.Rngs(0)), error_on_non_matrix=True, rngs=nnx.Rngs(1))
+  dense.kernel2 = nnx.Param(jnp.ones((4, 4)))
+  with pytest.raises(errors.GraphError, match=r"no 'u' batch stat for the parameter at "
+                                              r"\('kernel2',\)"):
+    sn(jnp.ones((1, 4)))
