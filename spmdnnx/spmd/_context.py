@@ -20,6 +20,7 @@ import dataclasses
 import threading
 from typing import Any, Iterator
 
+from spmdnnx import _eager
 from spmdnnx import errors
 from spmdnnx.spmd import _rules as rules_lib
 
@@ -107,3 +108,19 @@ def mesh_and_rules(mesh: Any = None, rules: Any = None, *, need_mesh: bool = Tru
         "`with spmdnnx.use_sharding(mesh, rules):`.", missing=lacking.split(" and "),
         what=what)
   return mesh, rules_lib.as_rules(rules)
+
+
+def _resolve_new_variable(logical_axes: tuple, shape: tuple) -> tuple | None:
+  """Eager sharding's view of the context: ``(mesh, spec)`` for new Variables.
+
+  A Variable created under ``jax.set_mesh`` inside ``use_sharding`` is placed
+  by this context's rules (see spmdnnx/_eager.py); None outside any context.
+  """
+  ctx = current_context()
+  if ctx is None:
+    return None
+  spec = ctx.rules.resolve(logical_axes, shape, ctx.mesh, path=("<new Variable>",))
+  return ctx.mesh, spec
+
+
+_eager.set_context_resolver(_resolve_new_variable, rules_lib.LOGICAL_AXES)
