@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
@@ -195,3 +196,21 @@ def test_as_abstract_uses_the_ambient_or_the_variables_mesh(mesh):
   plain = nnx.as_abstract(nnx.eval_shape(lambda: nnx.Linear(4, 8, use_bias=False,
                                                              rngs=nnx.Rngs(0))))
   assert getattr(plain.kernel.value, "sharding", None) is None
+
+
+# --- optimizer state ------------------------------------------------------------------
+
+def test_optimizer_state_is_sharded_like_its_parameter(mesh):
+  with jax.set_mesh(mesh), nnx.logical_axis_rules([("embed", "model")]):
+    kept = nnx.Param(jnp.ones((8, 4)), out_sharding=("rows", "embed"),
+                     sharding_rules=(("rows", "data"),))
+    physical = nnx.Param(jnp.ones((8, 4)), out_sharding=P(None, "model"))
+    zero = nnx.Param(jnp.ones((8, 4)), out_sharding=(None, "model"),
+                     optimizer_sharding=("data", "model"))
+    model = nnx.Dict(kept=kept, physical=physical, zero=zero)
+    opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+  mu = opt.opt_state[0]["mu"]
+  assert mu["kept"].sharding == NamedSharding(mesh, P("data", "model"))
+  assert mu["physical"].sharding == NamedSharding(mesh, P(None, "model"))
+  assert zero.sharding.spec == P(None, "model")
+  assert mu["zero"].sharding == NamedSharding(mesh, P("data", "model"))
