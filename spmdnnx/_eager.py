@@ -357,8 +357,18 @@ def shard_at_creation(value: Any, metadata: dict, eager: bool | None) -> Any:
       ``mesh``, ``sharding_rules``).
     eager: the Variable's ``eager_sharding=`` argument (None: the setting).
   """
-  if not (using_eager_sharding() if eager is None else eager):
+  if eager is False:
     return value
+  physical = metadata.get("out_sharding")
+  if metadata.get("logical_axes") is None and physical is None:
+    return value
+  if eager is None:
+    # Cheap checks first: reading the setting costs more than a Variable.
+    if (metadata.get("mesh") is None and not jax.sharding.get_abstract_mesh().axis_names
+        and (physical is None or physical_mesh(physical) is None)):
+      return value
+    if not using_eager_sharding():
+      return value
   shape = getattr(value, "shape", None)
   if shape is None or not hasattr(value, "dtype"):
     return value
