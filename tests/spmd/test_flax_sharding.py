@@ -214,3 +214,12 @@ def test_optimizer_state_is_sharded_like_its_parameter(mesh):
   assert mu["physical"].sharding == NamedSharding(mesh, P(None, "model"))
   assert zero.sharding.spec == P(None, "model")
   assert mu["zero"].sharding == NamedSharding(mesh, P("data", "model"))
+
+
+def test_get_abstract_model_inside_use_sharding_uses_the_rules():
+  mesh = nnx.make_mesh(nnx.MeshConfig(fsdp=4, tensor=2))
+  with nnx.use_sharding(mesh, "fsdp_tp"):
+    _, abstract = nnx.get_abstract_model(
+        lambda: nnx.Linear(16, 32, kernel_axes=("embed", "mlp"), rngs=nnx.Rngs(0)), mesh)
+  assert abstract["kernel"].value.sharding == NamedSharding(mesh, P("fsdp", "tensor"))
+  assert abstract["bias"].value.sharding == NamedSharding(mesh, P("tensor"))
