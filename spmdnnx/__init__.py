@@ -210,6 +210,12 @@ from spmdnnx._tabulate import tabulate as tabulate
 # (end of training-helpers block)
 
 # Flax NNX parity (sharding): names added by that part; keep each block separate
+from spmdnnx._abstract import abstract_with_sharding as abstract_with_sharding
+from spmdnnx._abstract import as_abstract as as_abstract
+from spmdnnx._abstract import get_abstract_model as get_abstract_model
+from spmdnnx._eager import logical_axis_rules as logical_axis_rules
+from spmdnnx._eager import use_eager_sharding as use_eager_sharding
+from spmdnnx._eager import using_eager_sharding as using_eager_sharding
 # (end of sharding block)
 
 # Flax NNX parity (pipeline): names added by that part; keep each block separate

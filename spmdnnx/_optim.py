@@ -70,6 +70,24 @@ def _override_axes(override: AxesOverride, path: tuple, axes: Any, ndim: int) ->
   return tuple(override.get(a, a) for a in axes)
 
 
+def _sharding_metadata(param: Variable, axes: Any) -> dict:
+  """The sharding metadata of a parameter's optimizer state: ``axes`` plus Flax's keys.
+
+  ``mesh`` and ``sharding_rules`` are kept; a PartitionSpec/NamedSharding
+  ``out_sharding`` is kept when there are no logical axes; Flax's
+  ``optimizer_sharding`` replaces the parameter's sharding for its state.
+  """
+  meta = param.get_metadata()
+  out = {k: meta[k] for k in ("mesh", "sharding_rules") if k in meta}
+  if meta.get("optimizer_sharding") is not None:
+    out["out_sharding"] = meta["optimizer_sharding"]
+  elif axes is None and meta.get("out_sharding") is not None:
+    out["out_sharding"] = meta["out_sharding"]
+  else:
+    out["logical_axes"] = axes
+  return out
+
+
 def _optax_promotion():
   """optax mixes Python floats with int32 counts, which strict promotion rejects;
   run it under jax's standard promotion whatever the user's setting."""
@@ -146,7 +164,7 @@ class Optimizer(Object):
       param = by_path.get(path[-n:]) if len(path) >= n else None
       if param is not None and jnp.shape(leaf) == param.shape:
         axes = _override_axes(override, path[-n:], param.logical_axes, param.ndim)
-        return OptVariable(leaf, logical_axes=axes)
+        return OptVariable(leaf, **_sharding_metadata(param, axes))
     return OptArrayState(leaf)
 
   def _leaves(self) -> list:

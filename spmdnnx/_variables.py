@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spmdnnx import errors
+from spmdnnx import _eager
 from spmdnnx import _tracectx as tracectx
 
 #: Flax metadata names accepted as aliases of `logical_axes`.
@@ -141,18 +142,41 @@ def check_logical_axes(axes: Any, value: Any, where: str = "") -> tuple | None:
 
 
 def _normalize_metadata(metadata: dict, value: Any, cls_name: str) -> dict:
+  # Flax's `out_sharding` (and its older spellings) is our `logical_axes` when it
+  # is a tuple of names; a PartitionSpec, NamedSharding or layout names mesh axes
+  # and is kept as `out_sharding` (see spmdnnx/_eager.py).
   axes = metadata.pop("logical_axes", None)
+  physical = None
+  if axes is not None and _eager.is_physical(axes):
+    axes, physical = None, axes
   for alias in AXES_ALIASES:
     if alias in metadata:
       alias_axes = metadata.pop(alias)
+      if alias_axes is not None and _eager.is_physical(alias_axes):
+        physical = alias_axes
+        continue
       if axes is not None and alias_axes is not None and tuple(alias_axes) != tuple(axes):
         raise errors.MetadataError(
             f"{cls_name}: logical_axes={axes!r} conflicts with "
             f"{alias}={alias_axes!r}; pass only one of them.")
       axes = axes if axes is not None else alias_axes
+  if axes is not None and physical is not None:
+    raise errors.MetadataError(
+        f"{cls_name}: logical axes {tuple(axes)!r} and the mesh sharding "
+        f"{physical!r} were both given; pass logical names (a tuple, resolved by "
+        "rules) or a PartitionSpec/NamedSharding, not both.")
   if axes is not None:
     metadata["logical_axes"] = check_logical_axes(axes, value, f"{cls_name}: ")
+  if physical is not None:
+    metadata["out_sharding"] = physical
   return metadata
+
+
+def _drop_axes(meta: dict, new: dict) -> None:
+  """Forgets meta's axes/sharding when `new` gives any (set_metadata, replace)."""
+  if "logical_axes" in new or any(a in new for a in AXES_ALIASES):
+    meta.pop("logical_axes", None)
+    meta.pop("out_sharding", None)
 
 
 class Variable:
@@ -177,8 +201,12 @@ class Variable:
       value = value.raw_value
     if logical_axes is not None:
       metadata["logical_axes"] = logical_axes
-    _fill(self, value, _normalize_metadata(metadata, value, type(self).__name__), None,
-          tracectx.current_frame())
+    eager = metadata.pop("eager_sharding", None)
+    metadata = _normalize_metadata(metadata, value, type(self).__name__)
+    value = _eager.shard_at_creation(value, metadata, eager)
+    if eager is not None:
+      metadata["eager_sharding"] = bool(eager)
+    _fill(self, value, metadata, None, tracectx.current_frame())
 
   def __init_subclass__(cls, **kwargs):
     super().__init_subclass__(**kwargs)
@@ -220,10 +248,11 @@ class Variable:
   def logical_axes(self, axes: Any) -> None:
     self.set_metadata(logical_axes=axes)
 
-  # Flax spellings, read-only views of logical_axes.
-  sharding = property(lambda self: self.logical_axes)
-  sharding_names = property(lambda self: self.logical_axes)
-  out_sharding = property(lambda self: self.logical_axes)
+  # Flax spellings. ``v.sharding`` is the value's placement (as in Flax), found
+  # through __getattr__; these two read the annotation.
+  out_sharding = property(
+      lambda self: self._metadata().get("out_sharding", self.logical_axes))
+  sharding_names = out_sharding
 
   def _metadata(self) -> dict:
     meta = self._meta
@@ -239,8 +268,7 @@ class Variable:
   def set_metadata(self, **metadata: Any) -> None:
     """Updates metadata in place; ``logical_axes`` (or an alias) is validated."""
     meta = self.get_metadata()
-    if "logical_axes" in metadata or any(a in metadata for a in AXES_ALIASES):
-      meta.pop("logical_axes", None)
+    _drop_axes(meta, metadata)
     meta.update(metadata)
     meta = _normalize_metadata(meta, self.raw_value, type(self).__name__)
     object.__setattr__(self, "_meta", meta)
@@ -282,8 +310,7 @@ class Variable:
   def replace(self, value: Any = ..., **metadata: Any) -> "Variable":
     """A new Variable of the same type, with value and/or metadata replaced."""
     meta = self.get_metadata()
-    if "logical_axes" in metadata or any(a in metadata for a in AXES_ALIASES):
-      meta.pop("logical_axes", None)
+    _drop_axes(meta, metadata)
     meta.update(metadata)
     value = self.raw_value if value is ... else value
     return new_variable(type(self), value,

@@ -16,7 +16,7 @@ PACKAGE = ROOT / "spmdnnx"
 #: layer name -> module-name prefixes (dotted, relative to spmdnnx), in table order.
 LAYERS = [
     ("base", ["errors", "_typing", "_tracectx", "_modes"]),
-    ("values", ["_filters", "_variables", "_stacked"]),
+    ("values", ["_filters", "_eager", "_variables", "_stacked"]),
     ("objects", ["_object", "_state", "_rngs"]),
     ("graph", ["_graphdef", "_graph", "_restructure", "_module", "_display"]),
     ("spmd", ["spmd"]),
@@ -25,6 +25,7 @@ LAYERS = [
         "nn", "_optim", "_stack", "_stack_convert",
         "_metrics", "metrics", "_train_state", "_tabulate",
         "_pipeline",
+        "_abstract",
     ]),
     ("models", ["models"]),
     ("checkpointing", ["checkpointing"]),

@@ -28,6 +28,7 @@ from spmdnnx._module import Module
 from spmdnnx._rngs import Rngs
 from spmdnnx._variables import Param
 from spmdnnx.spmd._constrain import constrain
+from spmdnnx.spmd._constrain import explicit_out_sharding
 
 #: Logical names of a [batch, length, embed] activation.
 BTE = ("activation_batch", "activation_length", "activation_embed")
@@ -38,6 +39,22 @@ def scaled_normal(rngs: Rngs, shape: Sequence[int], fan_in: int, axes: Sequence[
   """A Param drawn from N(0, 1/fan_in), stored in ``dtype``, with logical axes."""
   value = jax.random.normal(rngs.params(), tuple(shape), jnp.float32) / math.sqrt(fan_in)
   return Param(value.astype(dtype), logical_axes=tuple(axes))
+
+
+def project(subscripts: str, x: jax.Array, w: jax.Array, names: Sequence[str | None],
+            **kwargs: Any) -> jax.Array:
+  """``jnp.einsum(subscripts, x, w)`` whose output, on an Explicit mesh, is laid out by ``names``.
+
+  On `AxisType.Explicit` meshes JAX needs the output sharding of a contraction
+  over sharded dimensions; this passes the rules' layout of the output's
+  logical ``names`` (`explicit_out_sharding`), and None (JAX decides) elsewhere.
+  """
+  inputs, out = subscripts.split("->")
+  left, right = inputs.split(",")
+  sizes = {**dict(zip(left, x.shape)), **dict(zip(right, w.shape))}
+  shape = tuple(sizes[c] for c in out)
+  return jnp.einsum(subscripts, x, w, out_sharding=explicit_out_sharding(names, shape),
+                    **kwargs)
 
 
 class SwiGLU(Module):
@@ -58,8 +75,8 @@ class SwiGLU(Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """``x``: ``[batch, length, embed]`` in the activation dtype."""
     dt = jnp.dtype(self.dtype)
-    gate = jnp.einsum("btd,dm->btm", x, self.w_gate.value.astype(dt))
-    up = jnp.einsum("btd,dm->btm", x, self.w_up.value.astype(dt))
     names = ("activation_batch", "activation_length", "activation_mlp")
+    gate = project("btd,dm->btm", x, self.w_gate.value.astype(dt), names)
+    up = project("btd,dm->btm", x, self.w_up.value.astype(dt), names)
     h = constrain(jax.nn.silu(constrain(gate, names)) * constrain(up, names), names)
-    return jnp.einsum("btm,md->btd", h, self.w_down.value.astype(dt))
+    return project("btm,md->btd", h, self.w_down.value.astype(dt), BTE)

@@ -40,6 +40,7 @@ from spmdnnx._transforms import resolve_policy
 from spmdnnx.models._cache import KVCache
 from spmdnnx.models._config import LMConfig
 from spmdnnx.models._layers import BTE
+from spmdnnx.models._layers import project
 from spmdnnx.models._layers import scaled_normal
 from spmdnnx.models._layers import SwiGLU
 from spmdnnx.models._rope import apply_rope
@@ -94,9 +95,9 @@ class Attention(Module):
       ``(y, (cache_k, cache_v))``; the pair is None without a cache.
     """
     dt = jnp.dtype(self.dtype)
-    q = jnp.einsum("btd,dnh->btnh", x, self.wq.value.astype(dt))
-    k = jnp.einsum("btd,dkh->btkh", x, self.wk.value.astype(dt))
-    v = jnp.einsum("btd,dkh->btkh", x, self.wv.value.astype(dt))
+    q = project("btd,dnh->btnh", x, self.wq.value.astype(dt), _Q_NAMES)
+    k = project("btd,dkh->btkh", x, self.wk.value.astype(dt), _KV_NAMES)
+    v = project("btd,dkh->btkh", x, self.wv.value.astype(dt), _KV_NAMES)
     q = constrain(apply_rope(constrain(q, _Q_NAMES), positions, theta=self.rope_theta), _Q_NAMES)
     k = constrain(apply_rope(constrain(k, _KV_NAMES), positions, theta=self.rope_theta),
                   _KV_NAMES)
@@ -116,7 +117,7 @@ class Attention(Module):
       out = attend(q, cache_k.astype(dt), cache_v.astype(dt), mask=mask)
       new_cache = (cache_k, cache_v)
     out = constrain(out, _Q_NAMES)
-    return jnp.einsum("btnh,nhd->btd", out, self.wo.value.astype(dt)), new_cache
+    return project("btnh,nhd->btd", out, self.wo.value.astype(dt), BTE), new_cache
 
 
 class Block(Module):
@@ -201,8 +202,9 @@ def apply_list(cfg: LMConfig, blocks: Any, x: jax.Array, **kwargs: Any) -> jax.A
 def output_logits(x: jax.Array, table: jax.Array, dt: Any, tied: bool) -> jax.Array:
   """Float32 logits ``[B, T, vocab]`` from the final hidden states."""
   spec = "btd,vd->btv" if tied else "btd,dv->btv"
-  logits = jnp.einsum(spec, x, table.astype(dt), preferred_element_type=jnp.float32)
-  return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+  names = ("activation_batch", "activation_length", "activation_vocab")
+  logits = project(spec, x, table.astype(dt), names, preferred_element_type=jnp.float32)
+  return constrain(logits, names)
 
 
 class TokenLM(Module):

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from spmdnnx import errors
+from spmdnnx.spmd._constrain import constrain, explicit_out_sharding
 
 
 def lm_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None, *,
@@ -56,12 +57,26 @@ def lm_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None
         f"{list(jnp.shape(mask))}.", shapes=[tshape, tuple(jnp.shape(mask))])
   logits = logits.astype(jnp.float32)
   lse = jax.nn.logsumexp(logits, axis=-1)
-  picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  picked = _pick(logits, targets)
   weights = jnp.ones(tshape, jnp.float32) if mask is None else _weights(mask)
   denom = jnp.maximum(jnp.sum(weights), 1.0)
   nll = jnp.sum((lse - picked) * weights) / denom
   z = jnp.float32(z_loss) * (jnp.sum(jnp.square(lse) * weights) / denom)
   return nll + z, {"nll": nll, "z_loss": z}
+
+
+def _pick(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """``logits[..., targets]``: a gather, or on an Explicit mesh a one-hot sum.
+
+  On `AxisType.Explicit` meshes a gather over the (sharded) vocab axis has no
+  unambiguous output layout (``ShardingTypeError``); multiplying by a one-hot
+  laid out like the logits and summing over the vocab gives the same values.
+  """
+  names = ("activation_batch", "activation_length", "activation_vocab")
+  if logits.ndim != 3 or explicit_out_sharding(names, logits.shape) is None:
+    return jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  hot = constrain(jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype), names)
+  return jnp.sum(logits * hot, axis=-1)
 
 
 def _weights(mask: Any) -> jax.Array:

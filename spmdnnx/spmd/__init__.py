@@ -3,6 +3,7 @@
 from spmdnnx.spmd._batch import global_batch_from_local as global_batch_from_local
 from spmdnnx.spmd._batch import shard_batch as shard_batch
 from spmdnnx.spmd._constrain import constrain as constrain
+from spmdnnx.spmd._constrain import explicit_out_sharding as explicit_out_sharding
 from spmdnnx.spmd._constrain import layout_activation as layout_activation
 from spmdnnx.spmd._context import ShardingContext as ShardingContext
 from spmdnnx.spmd._context import current_context as current_context

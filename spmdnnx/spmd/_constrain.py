@@ -67,7 +67,43 @@ def constrain(x: Any, logical_axes: Sequence[str | None], *, mesh: Any = None,
                               rules)
     return x
   spec = rules.resolve(logical_axes, shape, mesh, path=(name,))
+  if _all_explicit(mesh) and not _in_manual_region():
+    # Explicit axes: the sharding is part of the type; reshard changes it.
+    return jax.sharding.reshard(x, NamedSharding(mesh, spec))
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def _all_explicit(mesh: Any) -> bool:
+  return bool(mesh.axis_types) and all(t == AxisType.Explicit for t in mesh.axis_types)
+
+
+def _in_manual_region() -> bool:
+  ambient = jax.sharding.get_abstract_mesh()
+  return not ambient.empty and bool(ambient.manual_axes)
+
+
+def explicit_out_sharding(logical_axes: Sequence[str | None],
+                          shape: Sequence[int]) -> NamedSharding | None:
+  """The ``out_sharding=`` a matmul needs on an Explicit mesh, else None.
+
+  On a mesh whose axes are all `AxisType.Explicit`, JAX asks for the output
+  sharding of a contraction whose contracting dimensions are sharded
+  (``ShardingTypeError`` otherwise). Inside ``use_sharding`` with such a mesh
+  this resolves the output's logical names by the rules; everywhere else
+  (Auto meshes, no context, a shard_map body) it returns None, which
+  ``jnp.einsum(..., out_sharding=None)`` treats as "let JAX decide".
+
+  >>> explicit_out_sharding(("activation_batch", "activation_embed"), (8, 4)) is None
+  True
+  """
+  ctx = context_lib.current_context()
+  if ctx is None or not isinstance(ctx.mesh, Mesh) or not _all_explicit(ctx.mesh):
+    return None
+  if _in_manual_region():
+    return None
+  spec = ctx.rules.resolve(tuple(logical_axes), tuple(shape), ctx.mesh,
+                           path=("activation",))
+  return NamedSharding(ctx.mesh, spec)
 
 
 def layout_activation(x: Any, logical_axes: Sequence[str | None] | None) -> Any:
@@ -94,14 +130,16 @@ def layout_activation(x: Any, logical_axes: Sequence[str | None] | None) -> Any:
   if len(logical_axes) != len(shape) or any(
       n is not None and n not in ctx.rules for n in logical_axes):
     return x
-  if any(t != AxisType.Auto for t in ctx.mesh.axis_types):
+  explicit = _all_explicit(ctx.mesh)
+  if not explicit and any(t != AxisType.Auto for t in ctx.mesh.axis_types):
     return x
-  ambient = jax.sharding.get_abstract_mesh()
-  if not ambient.empty and ambient.manual_axes:
+  if _in_manual_region():
     return x  # inside shard_map: the mesh axes are manual here
   res = ctx.rules.resolve_detailed(logical_axes, shape, ctx.mesh)
   if res.missing:
     return x
+  if explicit:
+    return jax.sharding.reshard(x, NamedSharding(ctx.mesh, res.spec))
   undivided = {dim for dim, *_ in res.undivided}
   spec = PartitionSpec(*(PartitionSpec.UNCONSTRAINED if i in undivided else e
                          for i, e in enumerate(res.spec)))

@@ -1,7 +1,8 @@
 """The ambient sharding context: which mesh and axis rules are in force.
 
 `use_sharding` pushes a (mesh, rules) pair on a per-thread stack for the
-duration of a ``with`` block; `current_context` reads the innermost one.
+duration of a ``with`` block; `current_context` reads the innermost one. On a mesh whose axes are all
+`AxisType.Explicit` the block also makes the mesh current (``jax.set_mesh``).
 Sharded init, `get_named_sharding`, `constrain`, batch helpers and the lifted
 `jit` all use it when not given a mesh or rules explicitly.
 
@@ -20,6 +21,10 @@ import dataclasses
 import threading
 from typing import Any, Iterator
 
+import jax
+from jax.sharding import AxisType, Mesh
+
+from spmdnnx import _eager
 from spmdnnx import errors
 from spmdnnx.spmd import _rules as rules_lib
 
@@ -72,11 +77,21 @@ def use_sharding(mesh: Any, rules: Any) -> Iterator[ShardingContext]:
   if mesh is not None:
     rules.validate(mesh)
   ctx = ShardingContext(mesh, rules)
-  _STACK.items.append(ctx)
-  try:
-    yield ctx
-  finally:
-    _STACK.items.pop()
+  with contextlib.ExitStack() as stack:
+    if _is_explicit(mesh):
+      # Explicit axes: JAX's own APIs (reshard, out_sharding=P(...), auto_axes)
+      # need the mesh to be current, so the block also sets it.
+      stack.enter_context(jax.set_mesh(mesh))
+    _STACK.items.append(ctx)
+    try:
+      yield ctx
+    finally:
+      _STACK.items.pop()
+
+
+def _is_explicit(mesh: Any) -> bool:
+  types = getattr(mesh, "axis_types", ()) if isinstance(mesh, Mesh) else ()
+  return bool(types) and all(t == AxisType.Explicit for t in types)
 
 
 def mesh_and_rules(mesh: Any = None, rules: Any = None, *, need_mesh: bool = True,
@@ -107,3 +122,19 @@ def mesh_and_rules(mesh: Any = None, rules: Any = None, *, need_mesh: bool = Tru
         "`with spmdnnx.use_sharding(mesh, rules):`.", missing=lacking.split(" and "),
         what=what)
   return mesh, rules_lib.as_rules(rules)
+
+
+def _resolve_new_variable(logical_axes: tuple, shape: tuple) -> tuple | None:
+  """Eager sharding's view of the context: ``(mesh, spec)`` for new Variables.
+
+  A Variable created under ``jax.set_mesh`` inside ``use_sharding`` is placed
+  by this context's rules (see spmdnnx/_eager.py); None outside any context.
+  """
+  ctx = current_context()
+  if ctx is None:
+    return None
+  spec = ctx.rules.resolve(logical_axes, shape, ctx.mesh, path=("<new Variable>",))
+  return ctx.mesh, spec
+
+
+_eager.set_context_resolver(_resolve_new_variable, rules_lib.LOGICAL_AXES)

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 from jax.sharding import NamedSharding, PartitionSpec
 
+from spmdnnx import _eager as eager
 from spmdnnx import errors
 from spmdnnx.spmd import _context as context_lib
 from spmdnnx.spmd import _mesh_axes as mesh_axes_lib
@@ -64,7 +65,14 @@ def leaf_specs(paths: Sequence[Any], leaves: Sequence[Any], rules: Any,
   """
   axes_list = [leaf_axes(leaf) for leaf in leaves]
   shapes = [leaf_shape(leaf) for leaf in leaves]
-  return resolve_all(paths, axes_list, shapes, rules, mesh)
+  specs = resolve_all(paths, axes_list, shapes, rules, mesh)
+  # A PartitionSpec/NamedSharding given as `out_sharding` names mesh axes itself.
+  for i, leaf in enumerate(leaves):
+    if isinstance(leaf, Variable) and leaf.logical_axes is None:
+      physical = leaf.get_metadata().get("out_sharding")
+      if physical is not None:
+        specs[i] = eager.physical_spec(physical)
+  return specs
 
 
 def resolve_all(paths: Sequence[Any], axes_list: Sequence[Sequence[str | None] | None],

@@ -110,13 +110,17 @@ def test_plain_pytree_of_variables(mesh):
   assert out["b"] == NamedSharding(mesh, P())
 
 
-def test_missing_context_raises():
+def test_missing_mesh_raises():
+  # No rules, no context: Flax's convention, which still needs a mesh.
   with pytest.raises(errors.ShardingError,
-                     match=r"get_named_sharding needs mesh and rules: pass them as arguments "
-                           r"or run inside `with spmdnnx.use_sharding\(mesh, rules\):`"):
+                     match=r"get_named_sharding needs a mesh: pass it \(get_named_sharding\(tree, "
+                           r"mesh\)\), run inside `with jax.set_mesh\(mesh\):`"):
     get_named_sharding(State({}))
-  with pytest.raises(errors.ShardingError, match=r"get_partition_spec needs rules"):
-    get_partition_spec(State({}))
+
+
+def test_rules_without_a_mesh_still_need_a_mesh_for_named_shardings():
+  with pytest.raises(errors.ShardingError, match=r"get_named_sharding needs mesh"):
+    get_named_sharding(State({}), rules="fsdp")
 
 
 def test_unknown_names_reported_for_all_paths_at_once(mesh):
