@@ -177,6 +177,9 @@ from spmdnnx._modes import set_graph_updates as set_graph_updates
 # (end of graph block)
 
 # Flax NNX parity (transforms): names added by that part; keep each block separate
+from spmdnnx._transforms import cached_partial as cached_partial
+from spmdnnx._transforms import jit_partial as jit_partial
+from spmdnnx._transforms import prefix as prefix
 # (end of transforms block)
 
 # Flax NNX parity (loops): names added by that part; keep each block separate

@@ -15,10 +15,16 @@ from spmdnnx._transforms.control import cond as cond
 from spmdnnx._transforms.control import fori_loop as fori_loop
 from spmdnnx._transforms.control import switch as switch
 from spmdnnx._transforms.control import while_loop as while_loop
-from spmdnnx._transforms.misc import StateSharding as StateSharding
+from spmdnnx._transforms.prefixes import StateSharding as StateSharding
+from spmdnnx._transforms.prefixes import prefix as prefix
 from spmdnnx._transforms.misc import checkpoint_name as checkpoint_name
 from spmdnnx._transforms.misc import eval_shape as eval_shape
 from spmdnnx._transforms.misc import remat as remat
 from spmdnnx._transforms.misc import resolve_policy as resolve_policy
 from spmdnnx._transforms.misc import shard_map as shard_map
 from spmdnnx._transforms.scan import scan as scan
+from spmdnnx._transforms.guards import check_unbound as check_unbound
+from spmdnnx._transforms.jit import Compiled as Compiled
+from spmdnnx._transforms.jit import Lowered as Lowered
+from spmdnnx._transforms.partials import cached_partial as cached_partial
+from spmdnnx._transforms.partials import jit_partial as jit_partial

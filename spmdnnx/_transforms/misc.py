@@ -25,6 +25,7 @@ from spmdnnx import _filters as filterlib
 from spmdnnx import _graph as graph
 from spmdnnx._transforms import lift
 from spmdnnx._transforms.axes import node_arg_index
+from spmdnnx._transforms.prefixes import StateSharding
 
 #: Remat policies by name (see `jax.checkpoint_policies`).
 POLICIES = {
@@ -124,23 +125,6 @@ def eval_shape(f: Callable, *args: Any) -> Any:
   """
   return _lifted(f, f"eval_shape({lift.fun_name(f)})",
                  lambda inner: functools.partial(jax.eval_shape, inner), update=False)(*args)
-
-
-class StateSharding:
-  """Per-filter PartitionSpecs for the state of a graph-node argument of shard_map."""
-
-  def __init__(self, specs: dict):
-    self.filters = tuple(specs)
-    self.specs = tuple(specs.values())
-    self.predicates = filterlib.filters_to_predicates(self.filters)
-
-  def spec_for(self, path, leaf) -> PartitionSpec:
-    for pred, spec in zip(self.predicates, self.specs):
-      if pred(path, leaf):
-        return spec
-    raise errors.TransformError(
-        f"shard_map: StateSharding filters do not match {errors.path_str(path)}; "
-        "add a catch-all entry such as `...: PartitionSpec()`.")
 
 
 def shard_map(f: Callable | None = None, *, mesh: Any = None, in_specs: Any,
