@@ -105,3 +105,19 @@ def check_prefix(prefix: Any, name: str, who: str, graph_mode: bool,
       or graph.is_graph_node(x))[0]
   for path, leaf in leaves:
     visit(path, leaf)
+
+
+def check_kept_structure(restructure: Any, who: str, name: str) -> None:
+  """graph_updates=False / tree mode: a structure change inside is an error.
+
+  Raises:
+    TransformError: `restructure` (from `lift.collect`) is not None.
+  """
+  if restructure is not None:
+    raise errors.TransformError(
+        f"{who}({name}) with graph=False or graph_updates=False changed the structure of "
+        f"its graph arguments (state paths now "
+        f"{errors.format_paths(map(errors.path_str, restructure.paths))}). Only Variable "
+        f"values flow back in this mode: update values with `v[...] = x`, or use "
+        f"nnx.{who}(..., graph=True, graph_updates=True).",
+        paths=list(restructure.paths))
