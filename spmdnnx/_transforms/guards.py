@@ -32,6 +32,7 @@ import jax
 from spmdnnx import errors
 from spmdnnx import _graph as graph
 from spmdnnx import _modes as modes
+from spmdnnx._transforms import lift
 from spmdnnx._variables import Variable
 
 
@@ -121,3 +122,21 @@ def check_kept_structure(restructure: Any, who: str, name: str) -> None:
         f"values flow back in this mode: update values with `v[...] = x`, or use "
         f"nnx.{who}(..., graph=True, graph_updates=True).",
         paths=list(restructure.paths))
+
+
+def check_no_returned_inputs(out: Any, who: str, name: str) -> None:
+  """Tree mode / no updates: an input object returned (an `InputRef` marker) is an error.
+
+  Raises:
+    TransformError: `out` (marked by `lift.collect`) holds an input object.
+  """
+  refs = [m for m in jax.tree_util.tree_leaves(
+      out, is_leaf=lambda x: isinstance(x, (lift.InputRef, lift.NodeOut)))
+      if isinstance(m, lift.InputRef)]
+  if refs:
+    where = errors.path_str(refs[0].path) if refs[0].path else "(the object itself)"
+    raise errors.TransformError(
+        f"{who}({name}) with graph=False or graph_updates=False returned input argument "
+        f"node #{refs[0].index} at {where}: this mode does not support Variable aliasing "
+        f"(an input returned as an output). Return its values or a copy (nnx.clone), or "
+        f"use nnx.{who}(..., graph=True, graph_updates=True).", paths=[refs[0].path])
