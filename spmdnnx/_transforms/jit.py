@@ -272,6 +272,8 @@ class JitWrapped:
     values, kinds, details, roots = plan_lib.classify(args, kwargs, static,
                                                       self.static_argnames)
     kw_names = tuple(kwargs)
+    if not self.graph:
+      _check_passed_once(kinds, details, roots)
     ex = lift.extract(roots, aliasing=self.graph, who="jit")
     names = plan_lib.root_names(values, kinds, details, nargs, kw_names)
     plan_lib.check_not_deleted(lift.fun_name(self.fun), ex, values, kinds, names, nargs,
@@ -589,6 +591,19 @@ def _plain_ok(value: Any) -> bool:
   return not (_MULTI_DEVICE[0] and any(map(plan_lib.is_deleted, leaves)))
 
 
+def _check_passed_once(kinds: list, details: list, roots: list) -> None:
+  """Tree mode: an object at two argument positions is aliasing (jit dedups them)."""
+  seen: dict = {}
+  for j, (kind, detail) in enumerate(zip(kinds, details)):
+    slots = [detail] if kind == NODE else (
+        [x for x in detail[1] if isinstance(x, lift.NodeSlot)] if kind == TREE else [])
+    for slot in slots:
+      if slot.index in seen:
+        lift.raise_alias("jit", f"argument {seen[slot.index]}", f"argument {j}",
+                         roots[slot.index])
+      seen[slot.index] = j
+
+
 def _is_marker(x: Any) -> bool:
   return isinstance(x, (lift.InputRef, lift.NodeOut))
 
@@ -610,8 +625,9 @@ def _constrain_outputs(fun: Callable, out_prefix: Any) -> Callable:
     if isinstance(spec, (State, prefixes.StateSharding)) or \
         graph.is_graph_node(value):
       _, w = graph.flatten(value)
-      for path, var in w.pairs:
-        pin(var, prefixes.leaf_value(spec, path, var, f"jit({lift.fun_name(fun)})"))
+      for (path, leaf), var in zip(w.pairs, w.variables):
+        if var is not None:
+          pin(var, prefixes.leaf_value(spec, path, leaf, f"jit({lift.fun_name(fun)})"))
       return value
     return jax.tree_util.tree_map(pin, value, spec)
 
