@@ -20,6 +20,7 @@ import functools
 from typing import Any, Callable, Sequence
 
 import jax
+import numpy as np
 
 from spmdnnx import errors
 from spmdnnx import _graph as graphlib
@@ -136,11 +137,21 @@ def jvp(f: Callable | None = None, primals: Sequence = (), tangents: Sequence = 
         "(the same graph objects' types and attributes, the same pytrees).")
   inner, cell = _run(f, ex, "jvp", has_aux)
   vals = [lift._raw(x) for x in ex.leaves]
-  t_vals = [lift._raw(x) for x in ex_t.leaves]
+  # Integer state (counters) has no tangent: float0 zeros, whatever was given.
+  t_vals = [_float0_like(p) if not _inexact(p) else lift._raw(t)
+            for p, t in zip(vals, ex_t.leaves)]
   (out, (new_vals, aux)), (t_out, _) = jax.jvp(
       inner, (vals, lift.plain_leaves(ex)), (t_vals, lift.plain_leaves(ex_t)))
   aux = _finish(ex, new_vals, aux, cell)
   return (out, t_out, aux) if has_aux else (out, t_out)
+
+
+def _inexact(x: Any) -> bool:
+  return jax.numpy.issubdtype(jax.numpy.result_type(x), jax.numpy.inexact)
+
+
+def _float0_like(x: Any) -> Any:
+  return np.zeros(np.shape(x), dtype=jax.dtypes.float0)
 
 
 class CustomVjp:

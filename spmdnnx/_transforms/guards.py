@@ -17,7 +17,7 @@
 >>> try:
 ...   nnx.jit(M().f)
 ... except nnx.errors.TransformError as e:
-...   print(str(e).split(";")[0])
+...   print(str(e).split(" (")[0])
 nnx.jit does not support bound methods
 """
 

@@ -37,7 +37,7 @@ class StateSharding(PrefixMap):
   >>> from jax.sharding import PartitionSpec as P
   >>> s = nnx.StateSharding({nnx.PathContains("kernel"): P("a"), ...: P()})
   >>> s.shardings
-  (PartitionSpec('a',), PartitionSpec())
+  (P('a',), P())
   """
 
   def __init__(self, filter_sharding: Mapping | Any, /):
