@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import inspect
 import weakref
 from typing import Any, Callable, Sequence
 
@@ -151,8 +152,8 @@ class JitWrapped:
     self.max_in_flight = (None if max_in_flight is None
                           else inflight._parse(max_in_flight, "max_in_flight"))
     self.jit_kwargs = jit_kwargs
-    self._static_raw = _as_tuple(static_argnums)
-    self._donate_raw = _as_tuple(donate_argnums)
+    self._static_raw = _as_tuple(static_argnums) + _positions_of(fun, self.static_argnames)
+    self._donate_raw = _as_tuple(donate_argnums) + _positions_of(fun, self.donate_argnames)
     self._plan: plan_lib.Plan | None = None      # the last plan used
     self._plans = _PlanMap(self)                   # anchor -> plan
     self._inner: dict = {}                         # layout key -> (jitted, cell)
@@ -589,6 +590,18 @@ def _plain_ok(value: Any) -> bool:
   if any(isinstance(x, _NODE_TYPES) for x in leaves):
     return False
   return not (_MULTI_DEVICE[0] and any(map(plan_lib.is_deleted, leaves)))
+
+
+def _positions_of(fun: Callable, names: tuple) -> tuple:
+  """Positions of the parameters `names` that can be passed positionally (as jax.jit)."""
+  if not names:
+    return ()
+  try:
+    params = list(inspect.signature(fun).parameters.values())
+  except (TypeError, ValueError):
+    return ()
+  kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+  return tuple(i for i, p in enumerate(params) if p.name in names and p.kind in kinds)
 
 
 def _check_passed_once(kinds: list, details: list, roots: list) -> None:

@@ -199,3 +199,16 @@ def test_bound_methods_are_refused(make):
   with pytest.raises(errors.TransformError, match=r"does not support bound methods \(M.f"):
     make(M())
   assert isinstance(errors.TransformError("x"), ValueError)
+
+
+def test_static_argnames_cover_positional_arguments_as_in_jax():
+  traces = []
+
+  @nnx.jit(static_argnames=("relu",))
+  def f(x, relu):
+    traces.append(relu)
+    return jnp.maximum(x, 0) if relu else x   # a traced `relu` would raise here
+
+  assert float(f(jnp.array(-1.0), True)) == 0.0
+  assert float(f(jnp.array(-1.0), False)) == -1.0
+  assert traces == [True, False]
