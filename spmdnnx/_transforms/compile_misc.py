@@ -20,7 +20,9 @@ from spmdnnx import errors
 from spmdnnx import _graph as graphlib
 from spmdnnx._transforms import guards
 from spmdnnx._transforms import lift
-from spmdnnx._transforms.axes import node_arg_index
+from spmdnnx._state import State
+from spmdnnx._transforms import prefixes
+from spmdnnx._transforms.axes import UNMATCHED, StateAxes, axis_for, node_arg_index
 
 
 def _run_lifted(f: Callable, args: tuple, kwargs: dict, who: str, updates: bool,
@@ -114,12 +116,24 @@ def make_jaxpr(f: Callable, *, graph: bool | None = None, graph_updates: bool | 
   return run
 
 
-def _axis_of(spec: Any, what: str) -> Any:
+def _leaf_axis(spec: Any, path: tuple, leaf: Any) -> Any:
+  """The pmap axis of one state leaf: an int/None for the whole object, or per
+  Variable from a `StateAxes` or an `nnx.prefix` State."""
+  if isinstance(spec, StateAxes):
+    axis = axis_for(spec, path, leaf)
+    if axis is UNMATCHED:
+      raise errors.TransformError(
+          f"pmap: the StateAxes for {errors.path_str(path[1:])} matches no filter; "
+          "add a catch-all entry `...: None`.", paths=[path[1:]])
+    spec = axis
+  elif isinstance(spec, State):
+    spec = prefixes.leaf_value(spec, path[1:], leaf, "pmap")
   if spec is None or isinstance(spec, int):
     return spec
   raise errors.TransformError(
-      f"pmap: {what} must be an int or None for an argument holding graph objects, "
-      f"got {spec!r}.")
+      f"pmap: in_axes for an argument holding graph objects must be an int, None, a "
+      f"StateAxes or an nnx.prefix State; got {spec!r} for {errors.path_str(path[1:])}.",
+      paths=[path[1:]])
 
 
 def pmap(f: Callable | None = None, *, axis_name: Any = None, in_axes: Any = 0,
@@ -158,11 +172,14 @@ def pmap(f: Callable | None = None, *, axis_name: Any = None, in_axes: Any = 0,
           f"pmap({name}): in_axes has {len(specs)} entries for {len(args)} arguments.")
     ex = lift.extract(tuple(args), aliasing=updates, who="pmap")
     node_arg = node_arg_index(args)
-    leaf_axes = [_axis_of(specs[node_arg[p[0]]], "in_axes") for p in ex.paths]
+    leaf_axes = [_leaf_axis(specs[node_arg[p[0]]], p, leaf)
+                 for p, leaf in zip(ex.paths, ex.leaves)]
     plain_axes = []
     for arg, spec in zip(args, specs):
       leaves = jax.tree_util.tree_leaves(arg, is_leaf=graphlib.is_graph_node)
       plain = [x for x in leaves if not graphlib.is_graph_node(x)]
+      if not plain:
+        continue
       if isinstance(spec, (int, type(None))):
         plain_axes.extend([spec] * len(plain))
       else:

@@ -126,8 +126,22 @@ def test_pmap_broadcast_state_updates_flow_back():
   y = nnx.pmap(loss, in_axes=(None, 0), axis_size=1)(m, jnp.ones((1, 2)))
   np.testing.assert_allclose(y, [3.0])
   assert int(m.count[...]) == 1
-  with pytest.raises(errors.TransformError, match="in_axes must be an int or None"):
+  with pytest.raises(errors.TransformError, match="must be an int, None, a StateAxes"):
     nnx.pmap(loss, in_axes=({"w": 0}, 0), axis_size=1)(m, jnp.ones((1, 2)))
+
+
+def test_pmap_per_variable_axes_from_state_axes_and_prefix():
+  class Ens(nnx.Module):
+    def __init__(self):
+      self.w = nnx.Param(jnp.ones((1, 2)))
+      self.b = nnx.Param(jnp.array([10.0]))
+
+  m = Ens()
+  for axes in (nnx.StateAxes({nnx.PathContains("w"): 0, ...: None}),
+               nnx.prefix(m, {nnx.PathContains("w"): 0, ...: None})):
+    y = nnx.pmap(lambda m, x: m.w[...] @ x + m.b[...], in_axes=(axes, None),
+                 axis_size=1)(m, jnp.ones(2))
+    np.testing.assert_allclose(y, [[12.0]])
 
 
 @pytest.mark.parametrize("graph", [True, False])
