@@ -217,7 +217,7 @@ class JitWrapped:
     except (ValueError, TypeError) as e:
       _reraise_deleted(e, plan, positions, self.fun)
       _reraise_static(e, self.fun)
-      if plan.cell.restructure is None or plan.sharded_ctx is None:
+      if plan.cell.restructure is None or plan.compile_key[6] is None:
         raise
       # The function changed the structure: the state's out_shardings do not
       # fit the new leaves. Compile the variant that pins them in the trace.

@@ -212,3 +212,15 @@ def test_static_argnames_cover_positional_arguments_as_in_jax():
   assert float(f(jnp.array(-1.0), True)) == 0.0
   assert float(f(jnp.array(-1.0), False)) == -1.0
   assert traces == [True, False]
+
+
+def test_in_shardings_for_a_module_with_a_structure_change_inside(mesh):
+  rep = NamedSharding(mesh, P())
+
+  @nnx.jit(in_shardings=(rep,))
+  def grow(c):
+    c.extra = nnx.Param(jnp.zeros(3))
+
+  c = Counter()
+  grow(c)
+  assert c.extra[...].shape == (3,) and c.w[...].sharding.is_equivalent_to(rep, 2)
