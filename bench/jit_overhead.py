@@ -9,6 +9,10 @@ timed too (column "no counter"): on CPU that one extra scalar op costs a few
 microseconds per step in XLA's runtime, whoever writes it. Timings are
 interleaved and the median over rounds is reported.
 
+The depth table also times the same step under ``nnx.jit(graph=False,
+graph_updates=False)`` (tree mode) and prints its ratio to jax.jit and to
+the graph-mode nnx.jit.
+
 Two more tables:
 
 - alternating instances: a train step written as a jitted *method* of a
@@ -80,7 +84,7 @@ class MLP(nnx.Module):
     return x
 
 
-def make_nnx_step(depth: int):
+def make_nnx_step(depth: int, graph: bool = True):
   model = MLP(depth, rngs=nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, optax.sgd(1e-2), wrt=nnx.Param)
 
@@ -92,10 +96,23 @@ def make_nnx_step(depth: int):
     optimizer.update(model, grads)
     return loss
 
+  # Tree mode refuses aliasing: our Optimizer holds its model, so the tree-mode
+  # step takes the optimizer alone and reaches the model through it.
+  @nnx.jit(graph=False, graph_updates=False)
+  def tree_step(optimizer, x, y):
+    def loss_fn(model):
+      return jnp.mean((model(x) - y) ** 2)
+    loss, grads = nnx.value_and_grad(loss_fn)(optimizer.model)
+    optimizer.update(optimizer.model, grads)
+    return loss
+
   def run(x, y):
     return train_step(model, optimizer, x, y)
 
-  return run
+  def run_tree(x, y):
+    return tree_step(optimizer, x, y)
+
+  return run if graph else run_tree
 
 
 def make_jax_step(depth: int, counter: bool = True):
@@ -269,14 +286,18 @@ def main():
         f"devices {jax.device_count()}, steps/round {args.steps}, rounds {args.rounds}")
   depths = [int(d) for d in args.depths.split(",")]
   if "depth" in tables:
+    print("(nnx.jit: graph mode, the default; tree: nnx.jit(graph=False, graph_updates=False))")
     print(f"{'depth':>5} {'jax.jit us':>11} {'nnx.jit us':>11} {'ratio':>7}"
-          f" {'no counter us':>14}")
+          f" {'no counter us':>14} {'tree us':>9} {'tree/jax':>9} {'tree/graph':>11}")
     for depth in depths:
       t = measure({"jax": make_jax_step(depth), "nnx": make_nnx_step(depth),
-                   "jax_nc": make_jax_step(depth, counter=False)}, x, y, args.steps,
+                   "jax_nc": make_jax_step(depth, counter=False),
+                   "tree": make_nnx_step(depth, graph=False)}, x, y, args.steps,
                   args.rounds)
       print(f"{depth:>5} {t['jax'] * 1e6:>11.1f} {t['nnx'] * 1e6:>11.1f} "
-            f"{t['nnx'] / t['jax']:>7.3f} {t['jax_nc'] * 1e6:>14.1f}")
+            f"{t['nnx'] / t['jax']:>7.3f} {t['jax_nc'] * 1e6:>14.1f} "
+            f"{t['tree'] * 1e6:>9.1f} {t['tree'] / t['jax']:>9.3f} "
+            f"{t['tree'] / t['nnx']:>11.3f}")
   if "alternate" in tables:
     print("\nalternating two instances of a jitted method (per step)")
     print(f"{'depth':>5} {'jax.jit alt us':>15} {'nnx one us':>11} {'nnx alt us':>11}"

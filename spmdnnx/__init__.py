@@ -177,6 +177,15 @@ from spmdnnx._modes import set_graph_updates as set_graph_updates
 # (end of graph block)
 
 # Flax NNX parity (transforms): names added by that part; keep each block separate
+from spmdnnx._transforms import cached_partial as cached_partial
+from spmdnnx._transforms import checkify as checkify
+from spmdnnx._transforms import custom_vjp as custom_vjp
+from spmdnnx._transforms import jvp as jvp
+from spmdnnx._transforms import make_jaxpr as make_jaxpr
+from spmdnnx._transforms import pmap as pmap
+from spmdnnx._transforms import vjp as vjp
+from spmdnnx._transforms import jit_partial as jit_partial
+from spmdnnx._transforms import prefix as prefix
 # (end of transforms block)
 
 # Flax NNX parity (loops): names added by that part; keep each block separate

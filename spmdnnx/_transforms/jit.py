@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import inspect
 import weakref
 from typing import Any, Callable, Sequence
 
@@ -43,11 +44,15 @@ import jax
 from jax.sharding import Mesh
 
 from spmdnnx import errors
+from spmdnnx import _graph as graph
 from spmdnnx._object import Dict, List, Object
+from spmdnnx._state import State
 from spmdnnx.spmd import _context as context_lib
+from spmdnnx._transforms import guards
 from spmdnnx._transforms import jit_inflight as inflight
 from spmdnnx._transforms import jit_plan as plan_lib
 from spmdnnx._transforms import lift
+from spmdnnx._transforms import prefixes
 from spmdnnx._variables import EPOCH, Variable, watch_variable
 
 _RAW_SET = Variable.raw_value.__set__
@@ -129,9 +134,16 @@ class JitWrapped:
                out_shardings: Any = _UNSPECIFIED, static_argnums=None,
                static_argnames=None, donate_argnums=None, donate_argnames=None,
                donate_state: bool | None = None, max_in_flight: int | None = None,
-               **jit_kwargs: Any):
+               graph: bool = True, graph_updates: bool = True, **jit_kwargs: Any):
     functools.update_wrapper(self, fun)
     self.fun = fun
+    self.graph = graph
+    self.graph_updates = graph and graph_updates
+    self._trace_fun = fun
+    if out_shardings is not _UNSPECIFIED and prefixes.has_state_prefix(out_shardings):
+      # Prefixes of graph objects returned: pinned inside the trace instead.
+      self._trace_fun = _constrain_outputs(fun, out_shardings)
+      out_shardings = _UNSPECIFIED
     self.in_shardings = in_shardings
     self.out_shardings = out_shardings
     self.static_argnames = _names(static_argnames)
@@ -140,8 +152,8 @@ class JitWrapped:
     self.max_in_flight = (None if max_in_flight is None
                           else inflight._parse(max_in_flight, "max_in_flight"))
     self.jit_kwargs = jit_kwargs
-    self._static_raw = _as_tuple(static_argnums)
-    self._donate_raw = _as_tuple(donate_argnums)
+    self._static_raw = _as_tuple(static_argnums) + _positions_of(fun, self.static_argnames)
+    self._donate_raw = _as_tuple(donate_argnums) + _positions_of(fun, self.donate_argnames)
     self._plan: plan_lib.Plan | None = None      # the last plan used
     self._plans = _PlanMap(self)                   # anchor -> plan
     self._inner: dict = {}                         # layout key -> (jitted, cell)
@@ -181,7 +193,13 @@ class JitWrapped:
     positions = _positions(plan, args, kwargs, fresh=True)
     return plan, positions
 
-  def _run(self, plan: plan_lib.Plan, positions):
+  def _run(self, plan: plan_lib.Plan, positions, exe: Any = None):
+    if exe is not None:   # a Compiled from `lower`: no donation, static positions dropped
+      raw = plan.raw or [None] * len(plan.live)
+      vals = [r.get() if v is None else v.raw_value for v, r in zip(plan.live, raw)]
+      dyn = [p for p, k in zip(positions, plan.kinds) if k != STATIC]
+      new_vals, out = exe((), vals, *dyn)
+      return self._finish(plan, new_vals, out)
     if plan.raw is None:
       vals_d = list(map(_RAW_GET, plan.live_d)) if plan.live_d else ()
       vals_k = list(map(_RAW_GET, plan.live_k))
@@ -199,7 +217,7 @@ class JitWrapped:
     except (ValueError, TypeError) as e:
       _reraise_deleted(e, plan, positions, self.fun)
       _reraise_static(e, self.fun)
-      if plan.cell.restructure is None or plan.sharded_ctx is None:
+      if plan.cell.restructure is None or plan.compile_key[6] is None:
         raise
       # The function changed the structure: the state's out_shardings do not
       # fit the new leaves. Compile the variant that pins them in the trace.
@@ -208,7 +226,13 @@ class JitWrapped:
     except RuntimeError as e:
       _reraise_deleted(e, plan, positions, self.fun)
       raise
+    return self._finish(plan, new_vals, out)
+
+  def _finish(self, plan: plan_lib.Plan, new_vals: list, out: Any) -> Any:
+    """Writes the new state back and turns output markers into objects."""
     cell = plan.cell
+    if plan.ex_check and (cell.restructure is not None or cell.has_nodes):
+      self._check_functional(cell, out)
     if cell.restructure is not None or not plan.reusable:
       ex = plan.ex if not plan.reusable else lift.extract(_roots(plan))
       lift.apply_updates(ex, new_vals, cell.restructure)
@@ -249,7 +273,9 @@ class JitWrapped:
     values, kinds, details, roots = plan_lib.classify(args, kwargs, static,
                                                       self.static_argnames)
     kw_names = tuple(kwargs)
-    ex = lift.extract(roots)
+    if not self.graph:
+      _check_passed_once(kinds, details, roots)
+    ex = lift.extract(roots, aliasing=self.graph, who="jit")
     names = plan_lib.root_names(values, kinds, details, nargs, kw_names)
     plan_lib.check_not_deleted(lift.fun_name(self.fun), ex, values, kinds, names, nargs,
                                kw_names)
@@ -264,6 +290,16 @@ class JitWrapped:
     sharded = (ctx is not None and isinstance(ctx.mesh, Mesh)
                and not plan_lib.is_nested(ex, values, kinds))
     shardings = plan_lib.state_shardings(ex, raw, ctx) if sharded else None
+    user_leaf = self._node_in_shardings(ex, kinds, details, nargs, static)
+    if user_leaf is not None:
+      if shardings is not None:
+        raise errors.TransformError(
+            f"jit({lift.fun_name(self.fun)}): in_shardings gives a sharding for argument(s) "
+            f"{user_leaf[1]}, which hold graph objects, inside a use_sharding context that "
+            "already lays out their state from the Variables' logical axes. Use one or "
+            "the other: pass None at those positions, or call outside `nnx.use_sharding`.",
+            positions=user_leaf[1])
+      shardings = user_leaf[0]
     donated = [j for j in range(len(values))
                if (j < nargs and j in donate)
                or (j >= nargs and kw_names[j - nargs] in self.donate_argnames)]
@@ -297,6 +333,7 @@ class JitWrapped:
     jitted, cell = self._compiled(*compile_key, free=False)
 
     plan = plan_lib.Plan()
+    plan.ex_check = not self.graph_updates
     plan.ctx = ctx
     plan.nargs = nargs
     plan.kw_names = kw_names
@@ -341,7 +378,7 @@ class JitWrapped:
     if hit is not None:
       return hit
     cell = plan_lib.Cell()
-    inner = plan_lib.make_inner(self.fun, graphdef, layout, kw_names, mask, n_roots,
+    inner = plan_lib.make_inner(self._trace_fun, graphdef, layout, kw_names, mask, n_roots,
                                 shardings, ctx, cell, constrain_state=free)
     donate_inner = ((0,) if any(mask) else ()) + plain_donated
     jitted = jax.jit(
@@ -357,21 +394,16 @@ class JitWrapped:
     out: dict = {}
     user_in = self.in_shardings
     if user_in is not _UNSPECIFIED or shardings is not None:
-      if isinstance(user_in, (tuple, list)):
-        per_arg = dict(enumerate(user_in))
-      elif user_in is _UNSPECIFIED:
-        per_arg = {}
-      else:
-        per_arg = {i: user_in for i in range(nargs)}
+      per_arg = self._per_position(user_in, nargs, [k for k, _ in layout])
       given = [j for j, (kind, _) in enumerate(layout)
-               if kind in (NODE, TREE) and isinstance(user_in, (tuple, list))
-               and per_arg.get(j) is not None]
+               if kind == TREE and per_arg.get(j) is not None]
       if given:
         raise errors.TransformError(
             f"jit({lift.fun_name(self.fun)}): in_shardings gives a sharding for argument(s) "
-            f"{given}, which hold graph objects. Their state is sharded from the "
-            "Variables' logical axes: annotate them and call inside "
-            "`with nnx.use_sharding(mesh, rules)`, and pass None at those positions.",
+            f"{given}, which hold graph objects inside containers. Pass each graph "
+            "object as its own argument (its in_shardings entry then applies to all "
+            "of its state, or use nnx.StateSharding / nnx.prefix per Variable), or "
+            "annotate logical axes and call inside `with nnx.use_sharding(mesh, rules)`.",
             positions=given)
       dyn = [None if kind in (NODE, TREE) or j >= nargs else per_arg.get(j)
              for j, (kind, _) in enumerate(layout) if kind != STATIC]
@@ -384,6 +416,69 @@ class JitWrapped:
       user_out = None if self.out_shardings is _UNSPECIFIED else self.out_shardings
       out["out_shardings"] = (None if shardings is None or free else list(shardings), user_out)
     return out
+
+  def _check_functional(self, cell: plan_lib.Cell, out: Any) -> None:
+    """graph_updates=False / tree mode: no structure changes, no input returned."""
+    name = lift.fun_name(self.fun)
+    if cell.restructure is not None:
+      raise errors.TransformError(
+          f"jit({name}) with graph_updates=False changed the structure of its graph "
+          f"arguments (added, removed or replaced attributes; state paths now "
+          f"{errors.format_paths(map(errors.path_str, cell.restructure.paths))}). Only "
+          "Variable values flow back in this mode: update values with "
+          "`v[...] = x` / `v.set_value(x)`, or use nnx.jit(..., graph=True, "
+          "graph_updates=True).", paths=list(cell.restructure.paths))
+    if not self.graph:
+      refs = [m for m in jax.tree_util.tree_leaves(out, is_leaf=_is_marker)
+              if isinstance(m, lift.InputRef)]
+      if refs:
+        raise errors.TransformError(
+            f"jit({name}) with graph=False returned an input object (argument node "
+            f"#{refs[0].index}{'/' + errors.path_str(refs[0].path) if refs[0].path else ''}"
+            "): tree mode does not support Variable aliasing (an input returned as "
+            "an output). Return its values or a copy (nnx.clone), or use "
+            "nnx.jit(..., graph=True).", paths=[refs[0].path])
+
+  def _per_position(self, user_in: Any, nargs: int, kinds: Sequence) -> dict:
+    """Position -> user in_shardings entry (entries skip static positions, as in jax.jit)."""
+    if user_in is _UNSPECIFIED:
+      return {}
+    dyn = [j for j in range(nargs) if kinds[j] != STATIC]
+    if isinstance(user_in, (tuple, list)):
+      return dict(zip(dyn, user_in))
+    return {j: user_in for j in dyn}
+
+  def _node_in_shardings(self, ex, kinds, details, nargs, static) -> tuple | None:
+    """Per state leaf shardings from in_shardings entries at graph-object positions.
+
+    Returns ``(leaf_shardings, positions)`` or None when no such entry is given.
+
+    Raises:
+      TransformError: one object gets two different entries ("Inconsistent aliasing").
+    """
+    per_arg = self._per_position(self.in_shardings, nargs, kinds)
+    by_root: dict = {}
+    where: dict = {}
+    for j, value in per_arg.items():
+      if kinds[j] != NODE or value is None:
+        continue
+      root = details[j].index
+      if root in by_root and by_root[root] is not value and by_root[root] != value:
+        raise errors.TransformError(
+            f"jit({lift.fun_name(self.fun)}): Inconsistent aliasing: arguments "
+            f"{where[root]} and {j} are the same {type(ex.nodes[root]).__name__} but "
+            f"in_shardings gives them different shardings ({by_root[root]!r} and "
+            f"{value!r}). Give both positions the same entry, or None at one of them.",
+            positions=[where[root], j])
+      by_root[root] = value
+      where.setdefault(root, j)
+    if not by_root:
+      return None
+    who = f"jit({lift.fun_name(self.fun)})"
+    leaf = tuple(
+        prefixes.leaf_value(by_root[p[0]], p[1:], x, who) if p[0] in by_root else None
+        for p, x in zip(ex.paths, ex.leaves))
+    return leaf, sorted(where.values())
 
   # --- introspection -----------------------------------------------------------
   def lower(self, *args, **kwargs):
@@ -399,7 +494,46 @@ class JitWrapped:
     jitted, _ = self._compiled(*key, free=False)
     raw = plan.raw or [None] * len(plan.live)
     vals = [r.get() if v is None else v.raw_value for v, r in zip(plan.live, raw)]
-    return jitted.lower((), vals, *positions)
+    return Lowered(self, jitted.lower((), vals, *positions), args, kwargs)
+
+
+class Lowered:
+  """`JitWrapped.lower`'s result: a `jax.stages.Lowered` whose `compile` is callable
+  with the original arguments (graph objects included; their updates flow back).
+
+  Other attributes (``as_text``, ``cost_analysis``, ...) are the jax object's.
+  """
+
+  def __init__(self, wrapped: JitWrapped, lowered: Any, args: tuple, kwargs: dict):
+    self._wrapped, self._lowered = wrapped, lowered
+
+  def compile(self, *a, **k) -> "Compiled":
+    return Compiled(self._wrapped, self._lowered.compile(*a, **k))
+
+  def __getattr__(self, name):
+    return getattr(self._lowered, name)
+
+
+class Compiled:
+  """A compiled `jit` step called like the function (no donation).
+
+  >>> import jax.numpy as jnp
+  >>> import spmdnnx as nnx
+  >>> m = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+  >>> f = nnx.jit(lambda m, x: m(x))
+  >>> f.lower(m, jnp.ones((1, 2))).compile()(m, jnp.ones((1, 2))).shape
+  (1, 2)
+  """
+
+  def __init__(self, wrapped: JitWrapped, compiled: Any):
+    self._wrapped, self._compiled = wrapped, compiled
+
+  def __call__(self, *args, **kwargs):
+    plan, positions = self._wrapped._find_plan(args, kwargs)
+    return self._wrapped._run(plan, positions, exe=self._compiled)
+
+  def __getattr__(self, name):
+    return getattr(self._compiled, name)
 
 
 def _positions(plan: plan_lib.Plan, args: tuple, kwargs: dict, fresh: bool = False):
@@ -456,6 +590,69 @@ def _plain_ok(value: Any) -> bool:
   if any(isinstance(x, _NODE_TYPES) for x in leaves):
     return False
   return not (_MULTI_DEVICE[0] and any(map(plan_lib.is_deleted, leaves)))
+
+
+def _positions_of(fun: Callable, names: tuple) -> tuple:
+  """Positions of the parameters `names` that can be passed positionally (as jax.jit)."""
+  if not names:
+    return ()
+  try:
+    params = list(inspect.signature(fun).parameters.values())
+  except (TypeError, ValueError):
+    return ()
+  kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+  return tuple(i for i, p in enumerate(params) if p.name in names and p.kind in kinds)
+
+
+def _check_passed_once(kinds: list, details: list, roots: list) -> None:
+  """Tree mode: an object at two argument positions is aliasing (jit dedups them)."""
+  seen: dict = {}
+  for j, (kind, detail) in enumerate(zip(kinds, details)):
+    slots = [detail] if kind == NODE else (
+        [x for x in detail[1] if isinstance(x, lift.NodeSlot)] if kind == TREE else [])
+    for slot in slots:
+      if slot.index in seen:
+        lift.raise_alias("jit", f"argument {seen[slot.index]}", f"argument {j}",
+                         roots[slot.index])
+      seen[slot.index] = j
+
+
+def _is_marker(x: Any) -> bool:
+  return isinstance(x, (lift.InputRef, lift.NodeOut))
+
+
+def _constrain_outputs(fun: Callable, out_prefix: Any) -> Callable:
+  """`fun` with its outputs pinned to a prefix holding `State` / `StateSharding` entries."""
+
+  def pin(value, sharding, path=()):
+    if sharding is None:
+      return value
+    if isinstance(value, Variable):
+      value.raw_value = jax.lax.with_sharding_constraint(value.raw_value, sharding)
+      return value
+    return jax.lax.with_sharding_constraint(value, sharding)
+
+  def apply(spec, value):
+    if spec is None:
+      return value
+    if isinstance(spec, (State, prefixes.StateSharding)) or \
+        graph.is_graph_node(value):
+      _, w = graph.flatten(value)
+      for (path, leaf), var in zip(w.pairs, w.variables):
+        if var is not None:
+          pin(var, prefixes.leaf_value(spec, path, leaf, f"jit({lift.fun_name(fun)})"))
+      return value
+    return jax.tree_util.tree_map(pin, value, spec)
+
+  @functools.wraps(fun)
+  def wrapped(*args, **kwargs):
+    out = fun(*args, **kwargs)
+    return jax.tree_util.tree_map(
+        apply, out_prefix, out,
+        is_leaf=lambda x: x is None or isinstance(x, (State, prefixes.StateSharding))
+        or not isinstance(x, (tuple, list, dict)))
+
+  return wrapped
 
 
 def _is_node(x: Any) -> bool:
@@ -551,7 +748,8 @@ def _raise_deleted(e: Exception | None, plan: plan_lib.Plan, positions, fun) -> 
 def jit(fun: Callable | None = None, *, in_shardings: Any = _UNSPECIFIED,
         out_shardings: Any = _UNSPECIFIED, static_argnums=None, static_argnames=None,
         donate_argnums=None, donate_argnames=None, donate_state: bool | None = None,
-        max_in_flight: int | None = None, **jit_kwargs: Any):
+        max_in_flight: int | None = None, graph: bool | None = None,
+        graph_updates: bool | None = None, **jit_kwargs: Any):
   """Compiles `fun`; graph objects anywhere in its arguments are lifted (module doc).
 
   Works as ``@jit``, ``@jit(static_argnums=...)`` and on methods (a plan is
@@ -570,17 +768,35 @@ def jit(fun: Callable | None = None, *, in_shardings: Any = _UNSPECIFIED,
     max_in_flight: on the CPU backend with more than one device, the most
       executions pending before a call waits for the oldest (default: the
       global bound, see `set_max_in_flight`); 0 for no bound.
+    graph: graph mode (True: shared references and structure changes are
+      supported) or tree mode (False: an object or Variable reachable twice,
+      or an input returned, is an error). None: `set_graph_mode`'s setting.
+    graph_updates: in graph mode, whether structure changes made inside
+      (new attributes, swapped sub-modules) are written back (True) or are an
+      error (False: only Variable values flow back). None: the setting.
     **jit_kwargs: passed to `jax.jit` (e.g. ``keep_unused``, ``compiler_options``).
 
   Raises:
-    TransformError: a static argument is not hashable, or in_shardings names
-      a position that holds graph objects.
+    TransformError: `fun` is a bound method; a prefix is invalid for the mode;
+      a static argument is not hashable; in_shardings gives a sharding to a
+      container of graph objects, or two shardings to one object; the function
+      broke the mode's rules (see `graph`, `graph_updates`).
     DonatedArrayError: an input array was deleted by an earlier donating step.
   """
+  graph, graph_updates = guards.resolve_modes(graph, graph_updates)
   kw = dict(in_shardings=in_shardings, out_shardings=out_shardings,
             static_argnums=static_argnums, static_argnames=static_argnames,
             donate_argnums=donate_argnums, donate_argnames=donate_argnames,
-            donate_state=donate_state, max_in_flight=max_in_flight, **jit_kwargs)
+            donate_state=donate_state, max_in_flight=max_in_flight, graph=graph,
+            graph_updates=graph_updates, **jit_kwargs)
+  for value, name in ((in_shardings, "in_shardings"), (out_shardings, "out_shardings")):
+    if value is not _UNSPECIFIED:
+      guards.check_prefix(value, name, "jit", graph, graph_updates)
   if fun is None:
-    return lambda f: JitWrapped(f, **kw)
+    return lambda f: _make(f, kw)
+  return _make(fun, kw)
+
+
+def _make(fun: Callable, kw: dict) -> JitWrapped:
+  guards.check_unbound(fun, "jit")
   return JitWrapped(fun, **kw)

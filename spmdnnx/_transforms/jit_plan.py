@@ -230,7 +230,7 @@ class Plan:
     root_names: per root, where it was passed (for messages).
   """
 
-  __slots__ = ("epoch", "ctx", "nargs", "kw_names", "node_checks", "plain_pos", "tree_pos",
+  __slots__ = ("ex_check", "epoch", "ctx", "nargs", "kw_names", "node_checks", "plain_pos", "tree_pos",
                "kinds", "roots", "live", "live_d", "live_k", "raw", "mask", "paths",
                "reusable", "ex", "simple", "prefix", "nones", "jitted", "cell",
                "compile_key", "sharded_ctx", "root_names")

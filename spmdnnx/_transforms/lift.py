@@ -124,10 +124,11 @@ def check_no_aliases(graphdef: graph.GraphDef, w: Any, who: str) -> None:
 def raise_alias(who: str, first: str, second: str, obj: Any) -> None:
   kind = type(obj).__name__ if obj is not None else "object"
   raise errors.TransformError(
-      f"nnx.{who} with graph=False or graph_updates=False does not support aliasing: the "
-      f"same {kind} is reachable at\n  - {first}\n  - {second}\n"
-      f"Fix: pass each object once (make a copy with nnx.clone), or use graph mode with "
-      f"updates: nnx.{who}(..., graph=True, graph_updates=True).",
+      f"Duplicate {kind} found at paths:\n  - {first}\n  - {second}\n"
+      f"nnx.{who} with graph=False or graph_updates=False does not support Variable "
+      f"aliasing (an object or Variable passed twice, or an input returned as an "
+      f"output). Fix: pass each object once (make a copy with nnx.clone), or use graph "
+      f"mode with updates: nnx.{who}(..., graph=True, graph_updates=True).",
       paths=[first, second])
 
 

@@ -22,9 +22,12 @@ from jax.sharding import PartitionSpec
 
 from spmdnnx import errors
 from spmdnnx import _filters as filterlib
-from spmdnnx import _graph as graph
+from spmdnnx import _graph as graphlib
+from spmdnnx._transforms import guards
 from spmdnnx._transforms import lift
 from spmdnnx._transforms.axes import node_arg_index
+from spmdnnx._transforms import prefixes
+from spmdnnx._transforms.prefixes import StateSharding  # noqa: F401 (re-exported name)
 
 #: Remat policies by name (see `jax.checkpoint_policies`).
 POLICIES = {
@@ -61,12 +64,17 @@ def checkpoint_name(x: Any, name: str) -> Any:
   return _jax_checkpoint_name(x, name)
 
 
-def _lifted(f: Callable, what: str, transform: Callable, *, update: bool = True) -> Callable:
-  """Lifts `f` through `transform(inner)(state_vals, plain_leaves)`."""
+def _lifted(f: Callable, what: str, transform: Callable, *, update: bool = True,
+            who: str = "transform", updates: bool = True) -> Callable:
+  """Lifts `f` through `transform(inner)(state_vals, plain_leaves)`.
+
+  With ``updates=False`` (tree mode or graph_updates=False) an object or
+  Variable reachable twice, a structure change or a returned input is an error.
+  """
 
   @functools.wraps(f)
   def wrapper(*args):
-    ex = lift.extract(tuple(args))
+    ex = lift.extract(tuple(args), aliasing=updates, who=who)
     plain = lift.plain_leaves(ex)
     cell: dict = {}
 
@@ -78,6 +86,10 @@ def _lifted(f: Callable, what: str, transform: Callable, *, update: bool = True)
       return new_leaves, out
 
     new_leaves, out = transform(inner)(list(ex.leaves), plain)
+    if not updates:
+      guards.check_kept_structure(cell["restructure"], who, lift.fun_name(f))
+      if cell["has_nodes"]:
+        guards.check_no_returned_inputs(out, who, lift.fun_name(f))
     if update:
       lift.apply_updates(ex, new_leaves, cell["restructure"])
     if cell["has_nodes"]:
@@ -88,7 +100,8 @@ def _lifted(f: Callable, what: str, transform: Callable, *, update: bool = True)
 
 
 def remat(f: Callable | None = None, *, prevent_cse: bool = True, policy: Any = None,
-          static_argnums: tuple = (), names: tuple[str, ...] = ()) -> Callable:
+          static_argnums: tuple = (), names: tuple[str, ...] = (),
+          graph: bool | None = None, graph_updates: bool | None = None) -> Callable:
   """Rematerialisation (`jax.checkpoint`) that accepts graph objects.
 
   Args:
@@ -101,9 +114,12 @@ def remat(f: Callable | None = None, *, prevent_cse: bool = True, policy: Any = 
     TransformError: an unknown policy name, or ``"save_only_named"`` without
       ``names`` (which would silently save nothing).
   """
+  graph, graph_updates = guards.resolve_modes(graph, graph_updates)
   if f is None:
     return functools.partial(remat, prevent_cse=prevent_cse, policy=policy,
-                             static_argnums=static_argnums, names=names)
+                             static_argnums=static_argnums, names=names, graph=graph,
+                             graph_updates=graph_updates)
+  guards.check_unbound(f, "remat")
   if policy == "save_only_named" and not names:
     raise errors.TransformError(
         "remat: policy='save_only_named' needs names=(...) listing the "
@@ -114,46 +130,45 @@ def remat(f: Callable | None = None, *, prevent_cse: bool = True, policy: Any = 
         "remat: static_argnums is not supported for lifted remat; close over the "
         "static values with functools.partial instead.")
   return _lifted(f, f"remat({lift.fun_name(f)})",
-                 lambda inner: jax.checkpoint(inner, prevent_cse=prevent_cse, policy=pol))
+                 lambda inner: jax.checkpoint(inner, prevent_cse=prevent_cse, policy=pol),
+                 who="remat", updates=graph and graph_updates)
 
 
-def eval_shape(f: Callable, *args: Any) -> Any:
+def eval_shape(f: Callable, *args: Any, graph: bool | None = None,
+               graph_updates: bool | None = None, **kwargs: Any) -> Any:
   """Runs `f` abstractly; Modules it returns hold ShapeDtypeStructs, metadata kept.
 
-  The arguments are not modified.
+  The arguments are not modified. With ``graph=False`` or
+  ``graph_updates=False`` a Variable passed twice or returned is an error.
+
+  Raises:
+    TransformError: `f` is a bound method, or the mode's rules are broken.
   """
-  return _lifted(f, f"eval_shape({lift.fun_name(f)})",
-                 lambda inner: functools.partial(jax.eval_shape, inner), update=False)(*args)
-
-
-class StateSharding:
-  """Per-filter PartitionSpecs for the state of a graph-node argument of shard_map."""
-
-  def __init__(self, specs: dict):
-    self.filters = tuple(specs)
-    self.specs = tuple(specs.values())
-    self.predicates = filterlib.filters_to_predicates(self.filters)
-
-  def spec_for(self, path, leaf) -> PartitionSpec:
-    for pred, spec in zip(self.predicates, self.specs):
-      if pred(path, leaf):
-        return spec
-    raise errors.TransformError(
-        f"shard_map: StateSharding filters do not match {errors.path_str(path)}; "
-        "add a catch-all entry such as `...: PartitionSpec()`.")
+  graph, graph_updates = guards.resolve_modes(graph, graph_updates)
+  guards.check_unbound(f, "eval_shape")
+  call = (lambda *a: f(*a[:-1], **a[-1])) if kwargs else f
+  call_args = args + (kwargs,) if kwargs else args
+  return _lifted(call, f"eval_shape({lift.fun_name(f)})",
+                 lambda inner: functools.partial(jax.eval_shape, inner), update=False,
+                 who="eval_shape", updates=graph and graph_updates)(*call_args)
 
 
 def shard_map(f: Callable | None = None, *, mesh: Any = None, in_specs: Any,
-              out_specs: Any, check_vma: bool = True, axis_names: Any = None) -> Callable:
+              out_specs: Any, check_vma: bool = True, axis_names: Any = None,
+              graph: bool | None = None, graph_updates: bool | None = None) -> Callable:
   """`jax.shard_map` whose arguments may be graph objects.
 
   For a graph-node argument the in_spec is one PartitionSpec for all of its
   state or a `StateSharding({filter: spec})`; its state comes out with the
   same specs.
   """
+  graph, graph_updates = guards.resolve_modes(graph, graph_updates)
   if f is None:
     return functools.partial(shard_map, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                             check_vma=check_vma, axis_names=axis_names)
+                             check_vma=check_vma, axis_names=axis_names, graph=graph,
+                             graph_updates=graph_updates)
+  guards.check_unbound(f, "shard_map")
+  updates = graph and graph_updates
   what = f"shard_map({lift.fun_name(f)})"
 
   @functools.wraps(f)
@@ -162,17 +177,16 @@ def shard_map(f: Callable | None = None, *, mesh: Any = None, in_specs: Any,
     if len(specs) != len(args):
       raise errors.TransformError(
           f"{what}: in_specs has {len(specs)} entries for {len(args)} arguments.")
-    ex = lift.extract(tuple(args))
+    ex = lift.extract(tuple(args), aliasing=updates, who="shard_map")
     node_arg = node_arg_index(args)
     leaf_specs = []
     for path, leaf in zip(ex.paths, ex.leaves):
       spec = specs[node_arg[path[0]]]
-      leaf_specs.append(spec.spec_for(path[1:], leaf) if isinstance(spec, StateSharding)
-                        else spec)
+      leaf_specs.append(prefixes.leaf_value(spec, path[1:], leaf, "shard_map"))
     plain_specs = []
     for arg, spec in zip(args, specs):
-      for leaf in jax.tree_util.tree_leaves(arg, is_leaf=graph.is_graph_node):
-        if not graph.is_graph_node(leaf):
+      for leaf in jax.tree_util.tree_leaves(arg, is_leaf=graphlib.is_graph_node):
+        if not graphlib.is_graph_node(leaf):
           plain_specs.append(spec)
     plain = lift.plain_leaves(ex)
     vals = [lift._raw(x) for x in ex.leaves]

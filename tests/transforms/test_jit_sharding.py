@@ -115,17 +115,32 @@ def test_unknown_logical_name_fails_naming_the_path(mesh):
       f(Odd())
 
 
-def test_in_shardings_for_a_module_argument_is_an_error(mesh):
+def test_in_shardings_for_a_module_argument_lays_out_its_state(mesh):
+  from jax.sharding import NamedSharding
+  replicated = NamedSharding(mesh, P())
+
+  @nnx.jit(in_shardings=(replicated, None))
+  def f(model, x):
+    return model(x)
+
+  model = MLP(nnx.Rngs(0))
+  f(model, jnp.ones((8, 16)))
+  for _, v in nnx.state(model).flat_state():
+    assert v.value.sharding.is_equivalent_to(replicated, v.value.ndim)
+
+
+def test_in_shardings_for_a_module_argument_under_use_sharding_is_an_error(mesh):
   from jax.sharding import NamedSharding
 
   @nnx.jit(in_shardings=(NamedSharding(mesh, P()), None))
   def f(model, x):
     return model(x)
 
-  with pytest.raises(nnx.errors.TransformError,
-                     match=r"in_shardings gives a sharding for argument\(s\) \[0\], which "
-                     r"hold graph objects.*use_sharding"):
-    f(MLP(nnx.Rngs(0)), jnp.ones((8, 16)))
+  with nnx.use_sharding(mesh, "fsdp_tp"):
+    with pytest.raises(nnx.errors.TransformError,
+                       match=r"in_shardings gives a sharding for argument\(s\) \[0\], which "
+                       r"hold graph objects, inside a use_sharding context"):
+      f(MLP(nnx.Rngs(0)), jnp.ones((8, 16)))
 
 
 def test_in_shardings_for_plain_arguments_are_applied(mesh):
