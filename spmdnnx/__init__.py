@@ -183,6 +183,9 @@ from spmdnnx._modes import set_graph_updates as set_graph_updates
 # (end of loops block)
 
 # Flax NNX parity (rngs-variables): names added by that part; keep each block separate
+from spmdnnx._variables import A as A
+from spmdnnx._variables import var_defaults as var_defaults
+from spmdnnx.nn.initializers import Initializer as Initializer
 # (end of rngs-variables block)
 
 # Flax NNX parity (nn-layers): names added by that part; keep each block separate

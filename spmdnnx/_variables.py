@@ -18,8 +18,9 @@ so a State of Variables maps with ``jax.tree.map`` and keeps its metadata.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
-from typing import Any, Callable
+from typing import Any, Callable, Generic, Mapping, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,10 @@ import numpy as np
 
 from spmdnnx import errors
 from spmdnnx import _tracectx as tracectx
+from spmdnnx import _modes
+
+#: The type variable of ``Variable[A]`` (Flax exports it as ``nnx.A``).
+A = TypeVar("A")
 
 #: Flax metadata names accepted as aliases of `logical_axes`.
 AXES_ALIASES = ("sharding", "out_sharding", "sharding_names")
@@ -38,6 +43,88 @@ EPOCH = [0]
 
 def bump_epoch() -> None:
   EPOCH[0] += 1
+
+
+class _HijaxDefault(_modes.ScopedSetting):
+  """Default of the ``hijax`` metadata of new Variables (see `var_defaults`)."""
+
+  default = False
+
+
+class _RefDefault(_modes.ScopedSetting):
+  """Default of the ``ref`` metadata of new Variables (see `var_defaults`)."""
+
+  default = False
+
+
+@dataclasses.dataclass(frozen=True)
+class VarDefaults(Mapping):
+  """The Variable defaults in force, as `var_defaults()` returns them."""
+
+  hijax: bool
+  ref: bool
+
+  def __getitem__(self, key: str) -> bool:
+    return getattr(self, key)
+
+  def __iter__(self):
+    return iter(("hijax", "ref"))
+
+  def __len__(self) -> int:
+    return 2
+
+
+class _VarDefaultsScope:
+  """What `var_defaults(...)` returns: already set; a context or a decorator."""
+
+  def __init__(self, settings: list):
+    self._settings = settings
+
+  def __enter__(self):
+    for s in self._settings:
+      s.__enter__()
+    return self
+
+  def __exit__(self, *exc):
+    for s in reversed(self._settings):
+      s.__exit__(*exc)
+    return False
+
+  def __call__(self, f: Callable) -> Callable:
+    for s in reversed(self._settings):
+      f = s(f)
+    return f
+
+
+def var_defaults(*, hijax: bool | None = None, ref: bool | None = None) -> Any:
+  """Reads or sets the defaults of new Variables' ``hijax`` / ``ref`` metadata.
+
+  With no argument, returns the defaults in force (a `VarDefaults` mapping).
+  With arguments, sets them now, and the returned object works as a context
+  manager (restoring the previous defaults on exit) or a decorator (applying
+  them during each call only), like `set_graph_mode`.
+
+  spmdnnx records ``hijax`` on each Variable for Flax compatibility; its
+  Variables behave the same either way (graph-mode transforms already carry
+  updates out). ``ref=True`` (jax.Ref-backed Variables) is not supported:
+  creating a Variable under it raises MetadataError.
+
+  >>> var_defaults().hijax
+  False
+  >>> with var_defaults(hijax=True):
+  ...   var_defaults().hijax
+  True
+  >>> var_defaults().hijax
+  False
+  """
+  if hijax is None and ref is None:
+    return VarDefaults(hijax=_HijaxDefault.current_value(), ref=_RefDefault.current_value())
+  settings = []
+  if hijax is not None:
+    settings.append(_HijaxDefault(hijax))
+  if ref is not None:
+    settings.append(_RefDefault(ref))
+  return _VarDefaultsScope(settings)
 
 
 class _Unhashable:
@@ -155,7 +242,7 @@ def _normalize_metadata(metadata: dict, value: Any, cls_name: str) -> dict:
   return metadata
 
 
-class Variable:
+class Variable(Generic[A]):
   """A mutable box around one value, carrying metadata.
 
   Args:
@@ -169,7 +256,7 @@ class Variable:
     MetadataError: if logical_axes does not match the value's rank.
   """
 
-  __slots__ = ("raw_value", "_meta", "_frozen", "_trace", "_watched")
+  __slots__ = ("raw_value", "_meta", "_frozen", "_trace", "_watched", "__weakref__")
 
   def __init__(self, value: Any, *, logical_axes: Any = None, **metadata: Any):
     if isinstance(value, Variable):
@@ -272,7 +359,7 @@ class Variable:
 
   def __setattr__(self, name: str, value: Any) -> None:
     cls_attr = getattr(type(self), name, None)
-    if isinstance(cls_attr, property) or name in Variable.__slots__:
+    if isinstance(cls_attr, property) or name in Variable.__slots__ or name.startswith("__"):
       object.__setattr__(self, name, value)
     elif hasattr(self, "__dict__") and name in getattr(self, "__dict__", {}):
       object.__setattr__(self, name, value)
@@ -546,47 +633,47 @@ for _name, _op in [("neg", operator.neg), ("pos", operator.pos),
 Variable.__hash__ = object.__hash__
 
 
-class Param(Variable):
+class Param(Variable[A]):
   """A trainable parameter (what `grad` and `Optimizer` differentiate by default)."""
 
 
-class BatchStat(Variable):
+class BatchStat(Variable[A]):
   """Running statistics (BatchNorm mean/var); updated in training, not by grad."""
 
 
-class Cache(Variable):
+class Cache(Variable[A]):
   """Autoregressive decoding caches (attention keys/values, indices)."""
 
 
-class Intermediate(Variable):
+class Intermediate(Variable[A]):
   """Values recorded with `Module.sow`."""
 
 
-class Perturbation(Intermediate):
+class Perturbation(Intermediate[A]):
   """Zero-valued taps added by `Module.perturb` to read activation gradients."""
 
 
-class RngState(Variable):
+class RngState(Variable[A]):
   """Base of the Variables that hold random-stream state."""
 
 
-class RngKey(RngState):
+class RngKey(RngState[A]):
   """The base key of an Rngs stream."""
 
 
-class RngCount(RngState):
+class RngCount(RngState[A]):
   """How many keys an Rngs stream has produced."""
 
 
-class OptState(Variable):
+class OptState(Variable[A]):
   """Optimizer state (moments, counters) held by `spmdnnx.Optimizer`."""
 
 
-class OptArrayState(OptState):
+class OptArrayState(OptState[A]):
   """An array leaf of an optax state."""
 
 
-class OptVariable(OptState):
+class OptVariable(OptState[A]):
   """An optimizer-state leaf that mirrors a parameter (same logical axes)."""
 
 
