@@ -212,16 +212,17 @@ class RngStream(_Sampling, Object):
 
 
 def _key_repr(key: Any) -> str:
-  if isinstance(key, jax.core.Tracer):
-    return f"<traced key {tuple(key.shape)}>"
+  if isinstance(key, jax.core.Tracer) or not isinstance(key, jax.Array):
+    return f"<key shape {tuple(getattr(key, 'shape', ()))}>"
   if key.shape == ():
     return f"key({jax.random.key_data(key).tolist()})"
   return f"keys(shape={tuple(key.shape)})"
 
 
 def _count_repr(count: Any) -> str:
-  if isinstance(count, jax.core.Tracer) or getattr(count, "size", 1) != 1:
-    return f"<shape {tuple(count.shape)}>"
+  if isinstance(count, jax.core.Tracer) or not isinstance(count, jax.Array) \
+      or count.size != 1:
+    return f"<shape {tuple(getattr(count, 'shape', ()))}>"
   return str(int(count))
 
 

@@ -247,3 +247,11 @@ def test_a_stream_created_and_drawn_inside_jax_jit_works():
     return nnx.Rngs(seed).normal(())
 
   np.testing.assert_allclose(h(3), jax.random.normal(nth(3, 0), ()))
+
+
+def test_repr_of_abstract_and_batched_streams():
+  drop = nnx.eval_shape(lambda: nnx.Dropout(0.5, rngs=nnx.Rngs(dropout=1)))
+  assert repr(drop.rngs) == "RngStream(tag='dropout', key=<key shape ()>, count=<shape ()>)"
+  split = nnx.Rngs(0).split(3)
+  assert repr(split.default) == ("RngStream(tag='default', key=keys(shape=(3,)), "
+                                 "count=<shape (3,)>)")
