@@ -192,6 +192,13 @@ from spmdnnx._transforms import prefix as prefix
 # (end of loops block)
 
 # Flax NNX parity (rngs-variables): names added by that part; keep each block separate
+from spmdnnx._variables import A as A
+from spmdnnx._variables import var_defaults as var_defaults
+from spmdnnx.nn.initializers import Initializer as Initializer
+from spmdnnx._transforms.rngs import fork_rngs as fork_rngs
+from spmdnnx._transforms.rngs import restore_rngs as restore_rngs
+from spmdnnx._transforms.rngs import SplitBackups as SplitBackups
+from spmdnnx._transforms.rngs import with_rngs as with_rngs
 # (end of rngs-variables block)
 
 # Flax NNX parity (nn-layers): names added by that part; keep each block separate

@@ -74,10 +74,22 @@ class _NamedType:
 
 @dataclasses.dataclass(frozen=True)
 class PathContains:
-  """Matches when `key` is one of the path's parts (compared as given or as str)."""
+  """Matches when `key` is one of the path's parts (compared as given or as str).
+
+  With ``exact=False``, matches when ``str(key)`` is a substring of a part.
+
+  >>> PathContains("att", exact=False)(("layers", "attn", "w"), None)
+  True
+  >>> PathContains("att")(("layers", "attn", "w"), None)
+  False
+  """
   key: object
+  exact: bool = True
 
   def __call__(self, path, value):
+    if not self.exact:
+      key = str(self.key)
+      return any(key in str(p) for p in path)
     return self.key in path or str(self.key) in (str(p) for p in path)
 
 
@@ -197,9 +209,14 @@ def is_everything(filter: Filter) -> bool:
 
 
 def filters_to_predicates(filters: tuple) -> tuple[Predicate, ...]:
-  """Converts many filters; a `...` anywhere but last would swallow the rest."""
+  """Converts many filters; a `...` anywhere but last would swallow the rest.
+
+  Raises:
+    FilterError: (a TypeError and a ValueError) a ``...`` is followed by a
+      filter other than ``...``.
+  """
   for i, f in enumerate(filters[:-1]):
-    if is_everything(f):
+    if is_everything(f) and not all(is_everything(g) for g in filters[i + 1:]):
       raise errors.FilterError(
           f"Filter '...' (Everything) appears at position {i} of {len(filters)}; "
           "it matches all remaining state, so the filters after it would get "

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterator
 
+import jax
 import jax.numpy as jnp
 
 from spmdnnx import errors
 from spmdnnx import _filters as filterlib
 from spmdnnx import _graph as graph
 from spmdnnx._object import Object
-from spmdnnx._rngs import RngStream, as_key
+from spmdnnx._graph import iter_graph as _iter_graph
+from spmdnnx._rngs import RngStream
 from spmdnnx._typing import PathParts
 from spmdnnx._variables import Intermediate, Perturbation, Variable
 
@@ -138,18 +140,56 @@ def _repr_node(node: Any, depth: int, seen: set) -> str:
   return "\n".join(lines) if len(lines) > 2 else f"{type(node).__name__}()"
 
 
-def reseed(node: Any, **seeds: Any) -> None:
-  """Resets the named Rngs streams everywhere in a graph to new seeds.
+def reseed(node: Any, /, *, graph: bool | None = None, policy: Any = "scalars_only",
+           **seeds: Any) -> None:
+  """Reseeds the named Rngs streams everywhere in a graph (in place), as Flax does.
+
+  Each matching stream's key becomes the next key of a fresh stream seeded
+  with the given seed (``fold_in(key(seed), 0)``, so a layer that forked its
+  stream at construction replays the same keys) and its counter restarts at
+  0. ``graph`` is accepted for Flax compatibility.
+
+  Args:
+    policy: for streams holding a batch of keys: ``"scalars_only"`` (an
+      error), ``"match_shape"`` (split the new key to the batch shape) or a
+      callable ``(path, key, shape) -> key``.
+
+  Raises:
+    ConfigError: an unknown policy, or a batched stream under "scalars_only".
 
   >>> from spmdnnx._rngs import Rngs
   >>> r = Rngs(params=0); _ = r.params(); reseed(r, params=1)
   >>> int(r.params.count.value)
   0
   """
-  for _, value in graph.iter_graph(node):
-    if isinstance(value, RngStream) and value.tag in seeds:
-      value.key.value = as_key(seeds[value.tag], value.tag)
-      value.count.value = jnp.zeros_like(value.count.value)
+  del graph
+  if policy == "scalars_only":
+    policy = _scalars_only
+  elif policy == "match_shape":
+    policy = _match_shape
+  elif not callable(policy):
+    raise errors.ConfigError(
+        f"reseed: policy must be 'scalars_only', 'match_shape' or a callable "
+        f"(path, key, shape) -> key, got {policy!r}.", argument="policy")
+  fresh = {tag: RngStream(seed, tag) for tag, seed in seeds.items()}
+  for path, value in _iter_graph(node):
+    if isinstance(value, RngStream) and value.tag in fresh:
+      key = policy(path, fresh[value.tag](), tuple(value.key.value.shape))
+      value.key.value = key
+      value.count.value = jnp.zeros(key.shape, dtype=jnp.uint32)
+
+
+def _scalars_only(path: PathParts, key: Any, shape: tuple) -> Any:
+  if shape != ():
+    raise errors.ConfigError(
+        f"reseed: the stream at {errors.path_str(path)} holds a batch of keys of "
+        f"shape {shape}; pass policy='match_shape' to split the new key to that "
+        "shape, or a callable policy.", paths=[path], shapes=[shape])
+  return key
+
+
+def _match_shape(path: PathParts, key: Any, shape: tuple) -> Any:
+  return key if shape == () else jax.random.split(key, shape)
 
 
 def data(value: Any) -> Any:

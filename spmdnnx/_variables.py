@@ -18,8 +18,9 @@ so a State of Variables maps with ``jax.tree.map`` and keeps its metadata.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
-from typing import Any, Callable
+from typing import Any, Callable, Generic, Mapping, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,10 @@ import numpy as np
 from spmdnnx import errors
 from spmdnnx import _eager
 from spmdnnx import _tracectx as tracectx
+from spmdnnx import _modes
+
+#: The type variable of ``Variable[A]`` (Flax exports it as ``nnx.A``).
+A = TypeVar("A")
 
 #: Flax metadata names accepted as aliases of `logical_axes`.
 AXES_ALIASES = ("sharding", "out_sharding", "sharding_names")
@@ -39,6 +44,88 @@ EPOCH = [0]
 
 def bump_epoch() -> None:
   EPOCH[0] += 1
+
+
+class _HijaxDefault(_modes.ScopedSetting):
+  """Default of the ``hijax`` metadata of new Variables (see `var_defaults`)."""
+
+  default = False
+
+
+class _RefDefault(_modes.ScopedSetting):
+  """Default of the ``ref`` metadata of new Variables (see `var_defaults`)."""
+
+  default = False
+
+
+@dataclasses.dataclass(frozen=True)
+class VarDefaults(Mapping):
+  """The Variable defaults in force, as `var_defaults()` returns them."""
+
+  hijax: bool
+  ref: bool
+
+  def __getitem__(self, key: str) -> bool:
+    return getattr(self, key)
+
+  def __iter__(self):
+    return iter(("hijax", "ref"))
+
+  def __len__(self) -> int:
+    return 2
+
+
+class _VarDefaultsScope:
+  """What `var_defaults(...)` returns: already set; a context or a decorator."""
+
+  def __init__(self, settings: list):
+    self._settings = settings
+
+  def __enter__(self):
+    for s in self._settings:
+      s.__enter__()
+    return self
+
+  def __exit__(self, *exc):
+    for s in reversed(self._settings):
+      s.__exit__(*exc)
+    return False
+
+  def __call__(self, f: Callable) -> Callable:
+    for s in reversed(self._settings):
+      f = s(f)
+    return f
+
+
+def var_defaults(*, hijax: bool | None = None, ref: bool | None = None) -> Any:
+  """Reads or sets the defaults of new Variables' ``hijax`` / ``ref`` metadata.
+
+  With no argument, returns the defaults in force (a `VarDefaults` mapping).
+  With arguments, sets them now, and the returned object works as a context
+  manager (restoring the previous defaults on exit) or a decorator (applying
+  them during each call only), like `set_graph_mode`.
+
+  spmdnnx records ``hijax`` on each Variable for Flax compatibility; its
+  Variables behave the same either way (graph-mode transforms already carry
+  updates out). ``ref=True`` (jax.Ref-backed Variables) is not supported:
+  creating a Variable under it raises MetadataError.
+
+  >>> var_defaults().hijax
+  False
+  >>> with var_defaults(hijax=True):
+  ...   var_defaults().hijax
+  True
+  >>> var_defaults().hijax
+  False
+  """
+  if hijax is None and ref is None:
+    return VarDefaults(hijax=_HijaxDefault.current_value(), ref=_RefDefault.current_value())
+  settings = []
+  if hijax is not None:
+    settings.append(_HijaxDefault(hijax))
+  if ref is not None:
+    settings.append(_RefDefault(ref))
+  return _VarDefaultsScope(settings)
 
 
 class _Unhashable:
@@ -179,7 +266,71 @@ def _drop_axes(meta: dict, new: dict) -> None:
     meta.pop("out_sharding", None)
 
 
-class Variable:
+#: "argument not given" (``None`` and ``...`` are meaningful values).
+MISSING = type("_Missing", (), {"__repr__": lambda self: "MISSING"})()
+
+#: The entries Flax guarantees in every Variable's metadata, with their
+#: defaults. They are stored only when they differ from these (so the
+#: metadata of ordinary Variables, and the treedefs built from it, stay as
+#: small as before) and `Variable.get_metadata` fills them in.
+REQUIRED_METADATA = {"hijax": False, "ref": False, "eager_sharding": True}
+
+#: Flax's (deprecated) Variable hooks: metadata entries or class methods.
+HOOK_NAMES = ("on_get_value", "on_set_value", "on_create_value", "on_add_axis",
+              "on_remove_axis")
+
+#: Whether any Variable type or metadata ever used a hook (skips hook lookups).
+_HOOKS = [False]
+
+
+def _take_required(metadata: dict, cls_name: str) -> dict:
+  """Canonicalises the required entries: keeps only non-default ones.
+
+  Raises:
+    MetadataError: for ``ref=True`` (jax.Ref-backed Variables).
+  """
+  hijax = metadata.pop("hijax", None)
+  if hijax is None:
+    hijax = _HijaxDefault.current_value()
+  if hijax:
+    metadata["hijax"] = True
+  ref = metadata.pop("ref", None)
+  if ref is None:
+    ref = _RefDefault.current_value()
+  if ref:
+    raise errors.MetadataError(
+        f"{cls_name}: ref=True (a Variable backed by a jax.Ref) is not supported "
+        "by spmdnnx; drop ref=True (or leave nnx.var_defaults(ref=True)): "
+        "spmdnnx's graph-mode transforms already carry in-place updates out.",
+        argument="ref")
+  if metadata.get("eager_sharding", False) is True:
+    del metadata["eager_sharding"]
+  if not _HOOKS[0] and any(k in metadata for k in HOOK_NAMES):
+    _HOOKS[0] = True
+  return metadata
+
+
+def _run_hooks(var: "Variable", hook: str, *args: Any, value_hook: bool = True) -> Any:
+  """Applies `var`'s ``hook`` (from its metadata, else its class) to ``args``."""
+  fns = var._metadata().get(hook)
+  if fns is None:
+    method = getattr(type(var), hook, None)
+    if method is None:
+      return args[0] if value_hook else None
+    fns = (method,)
+  elif not isinstance(fns, tuple):
+    fns = (fns,)
+  if not value_hook:
+    for fn in fns:
+      fn(var, *args)
+    return None
+  value = args[0]
+  for fn in fns:
+    value = fn(var, value)
+  return value
+
+
+class Variable(Generic[A]):
   """A mutable box around one value, carrying metadata.
 
   Args:
@@ -193,40 +344,91 @@ class Variable:
     MetadataError: if logical_axes does not match the value's rank.
   """
 
-  __slots__ = ("raw_value", "_meta", "_frozen", "_trace", "_watched")
+  __slots__ = ("raw_value", "_meta", "_frozen", "_trace", "_watched", "__weakref__")
 
   def __init__(self, value: Any, *, logical_axes: Any = None, **metadata: Any):
     if isinstance(value, Variable):
-      metadata = {**value.get_metadata(), **metadata}
+      metadata = {**value._metadata(), **metadata}
       value = value.raw_value
     if logical_axes is not None:
       metadata["logical_axes"] = logical_axes
-    eager = metadata.pop("eager_sharding", None)
-    metadata = _normalize_metadata(metadata, value, type(self).__name__)
-    value = _eager.shard_at_creation(value, metadata, eager)
-    if eager is not None:
-      metadata["eager_sharding"] = bool(eager)
+    name = type(self).__name__
+    eager = metadata.get("eager_sharding")
+    metadata = _normalize_metadata(_take_required(metadata, name), value, name)
     _fill(self, value, metadata, None, tracectx.current_frame())
+    if _HOOKS[0]:
+      value = _run_hooks(self, "on_create_value", value)
+      _RAW_SET(self, value)
+    if type(self).create_value is not Variable.create_value:
+      _RAW_SET(self, self.create_value(value))
+    _RAW_SET(self, _eager.shard_at_creation(self.raw_value, metadata, eager))
 
   def __init_subclass__(cls, **kwargs):
     super().__init_subclass__(**kwargs)
+    if any(hasattr(cls, h) for h in HOOK_NAMES):
+      _HOOKS[0] = True
     _register(cls)
 
   # --- value -----------------------------------------------------------------
   @property
   def value(self) -> Any:
-    return self.raw_value
+    if _HOOKS[0] or type(self).get_value is not Variable.get_value:
+      return self.get_value()
+    return self.raw_value  # the common case, without the call
 
   @value.setter
   def value(self, new: Any) -> None:
-    self._check_trace(new)
-    _RAW_SET(self, new)
+    self.set_value(new)
 
-  def get_value(self) -> Any:
+  def get_raw_value(self) -> Any:
+    """The stored value, bypassing `get_value` overrides and hooks."""
     return self.raw_value
 
-  def set_value(self, new: Any) -> None:
-    self.value = new
+  def set_raw_value(self, value: Any) -> None:
+    """Stores `value` as is, bypassing `set_value` overrides and hooks."""
+    self._check_trace(value)
+    _RAW_SET(self, value)
+
+  def create_value(self, value: Any) -> Any:
+    """Override to transform the value once, when the Variable is created."""
+    return value
+
+  def get_value(self, *, index: Any = MISSING) -> Any:
+    """The value (``v.value``, ``v[...]`` and operators read through this).
+
+    Subclasses may override it (e.g. to decode a stored form); ``v[index]``
+    calls ``get_value(index=index)``.
+    """
+    value = self.raw_value
+    if index is not MISSING and not (index is ... and (isinstance(value, jax.Array)
+                                                      or not hasattr(value, "shape"))):
+      value = value[index]  # (``...`` on an array or a scalar: the value itself)
+    if _HOOKS[0]:
+      value = _run_hooks(self, "on_get_value", value)
+    return value
+
+  def set_value(self, value: Any, *, index: Any = MISSING) -> None:
+    """Stores a value (``v.value = x`` and ``v[index] = x`` write through this).
+
+    With ``index`` on an array value, the update is ``value.at[index].set(x)``
+    (so the array keeps its shape and dtype, as in Flax), except that a
+    same-shape, same-dtype array given for ``...`` is stored as is.
+    """
+    if _HOOKS[0]:
+      value = _run_hooks(self, "on_set_value", value)
+    current = self.raw_value
+    if index is not MISSING:
+      if isinstance(current, jax.Array):
+        if not (index is ... and isinstance(value, jax.Array)
+                and value.shape == current.shape and value.dtype == current.dtype):
+          value = current.at[index].set(value)
+      elif index is ... and not hasattr(current, "shape"):
+        pass  # a Python scalar / object: `v[...] = x` replaces it
+      else:
+        current[index] = value
+        value = current
+    self._check_trace(value)
+    _RAW_SET(self, value)
 
   def _check_trace(self, new: Any) -> None:
     frame = tracectx.current_frame()
@@ -261,20 +463,127 @@ class Variable:
       object.__setattr__(self, "_meta", meta)
     return meta
 
-  def get_metadata(self) -> dict:
-    """A copy of this Variable's metadata (``logical_axes`` included)."""
-    return dict(self._metadata())
+  def get_metadata(self, name: str | None = None, default: Any = MISSING, *,
+                   exclude_required: bool | None = None) -> Any:
+    """This Variable's metadata: one entry, or a copy of all of it.
 
-  def set_metadata(self, **metadata: Any) -> None:
-    """Updates metadata in place; ``logical_axes`` (or an alias) is validated."""
-    meta = self.get_metadata()
+    Args:
+      name: the entry to return; None returns a dict of every entry,
+        including Flax's required ``hijax``, ``ref`` and ``eager_sharding``
+        (unless ``exclude_required``) and ``logical_axes`` when set.
+      default: returned when ``name`` is missing.
+      exclude_required: drop the required entries from the dict.
+
+    Raises:
+      MissingMetadataError: (a KeyError) ``name`` is missing and no default.
+      MetadataError: ``default`` or ``exclude_required`` with the wrong form.
+
+    >>> import jax.numpy as jnp
+    >>> w = Param(jnp.zeros(2), logical_axes=("embed",), note="x")
+    >>> w.get_metadata("note"), w.get_metadata("missing", 0)
+    ('x', 0)
+    >>> sorted(w.get_metadata(exclude_required=True))
+    ['logical_axes', 'note']
+    """
+    meta = self._metadata()
+    if name is not None:
+      if exclude_required is not None:
+        raise errors.MetadataError(
+            "get_metadata: pass either a name or exclude_required, not both.",
+            argument="exclude_required")
+      if name in meta:
+        return meta[name]
+      if name in REQUIRED_METADATA:
+        return REQUIRED_METADATA[name]
+      if default is not MISSING:
+        return default
+      raise errors.MissingMetadataError(
+          f"{type(self).__name__} has no metadata {name!r}; it has "
+          f"{sorted(self.get_metadata())}. Pass a default, "
+          f"get_metadata({name!r}, None), or check has_metadata({name!r}) first.",
+          argument=name)
+    if default is not MISSING:
+      raise errors.MetadataError(
+          f"get_metadata: default={default!r} needs a name to look up.",
+          argument="default")
+    if exclude_required:
+      return {k: v for k, v in meta.items() if k not in REQUIRED_METADATA}
+    return {**REQUIRED_METADATA, **meta}
+
+  def set_metadata(self, *args: Any, **metadata: Any) -> None:
+    """Updates metadata in place; ``logical_axes`` (or an alias) is validated.
+
+    Three forms, as in Flax: ``set_metadata(name=value, ...)`` updates
+    entries, ``set_metadata("name", value)`` sets one, and
+    ``set_metadata({...})`` replaces all of it (the required entries are
+    kept unless given).
+
+    Raises:
+      MetadataError: bad arguments, ``ref=True``, or logical axes that do
+        not fit the value.
+    """
+    name = type(self).__name__
+    if args and metadata:
+      raise errors.MetadataError(
+          f"{name}.set_metadata: pass a dict, a (name, value) pair or keywords, "
+          "not positional and keyword arguments together.")
+    if len(args) == 1:
+      if not isinstance(args[0], Mapping):
+        raise errors.MetadataError(
+            f"{name}.set_metadata: one positional argument must be a dict of "
+            f"metadata, got {type(args[0]).__name__}.")
+      meta = dict(args[0])
+    elif len(args) == 2:
+      if not isinstance(args[0], str):
+        raise errors.MetadataError(
+            f"{name}.set_metadata(name, value): name must be a str, got {args[0]!r}.")
+      meta = self.get_metadata(exclude_required=True)
+      metadata = {args[0]: args[1]}
+    elif args:
+      raise errors.MetadataError(
+          f"{name}.set_metadata takes a dict, a (name, value) pair or keywords; "
+          f"got {len(args)} positional arguments.")
+    else:
+      meta = self.get_metadata(exclude_required=True)
     _drop_axes(meta, metadata)
     meta.update(metadata)
-    meta = _normalize_metadata(meta, self.raw_value, type(self).__name__)
+    for key in REQUIRED_METADATA:  # kept unless given
+      meta.setdefault(key, self.get_metadata(key))
+    meta = _normalize_metadata(_take_required(meta, name), self.raw_value, name)
+    self._set_meta(meta)
+
+  def _set_meta(self, meta: dict) -> None:
     object.__setattr__(self, "_meta", meta)
     object.__setattr__(self, "_frozen", None)
+    if any(k in meta for k in HOOK_NAMES):
+      _HOOKS[0] = True
     if self._watched:
       bump_epoch()
+
+  def has_metadata(self, name: str) -> bool:
+    """Whether the metadata has ``name`` (the required entries always do)."""
+    return name in self._metadata() or name in REQUIRED_METADATA
+
+  def del_metadata(self, name: str) -> None:
+    """Removes one metadata entry.
+
+    Raises:
+      MetadataError: for ``hijax`` / ``ref``, which every Variable has.
+      MissingMetadataError: for a name the Variable does not have.
+    """
+    if name in ("hijax", "ref"):
+      raise errors.MetadataError(
+          f"{type(self).__name__}: cannot delete the required {name!r} metadata.",
+          argument=name)
+    meta = self.get_metadata(exclude_required=True)
+    if name not in meta:
+      if name == "eager_sharding":
+        return
+      raise errors.MissingMetadataError(
+          f"{type(self).__name__} has no metadata {name!r} to delete; it has "
+          f"{sorted(meta)}.", argument=name)
+    del meta[name]
+    self._set_meta(meta)
 
   def frozen_metadata(self) -> tuple:
     """Metadata as a hashable, sorted tuple (used in GraphDefs and treedefs)."""
@@ -291,6 +600,8 @@ class Variable:
     meta = self._metadata()
     if name in meta:
       return meta[name]
+    if name in REQUIRED_METADATA:
+      return REQUIRED_METADATA[name]
     try:
       return getattr(self.raw_value, name)
     except AttributeError:
@@ -300,7 +611,7 @@ class Variable:
 
   def __setattr__(self, name: str, value: Any) -> None:
     cls_attr = getattr(type(self), name, None)
-    if isinstance(cls_attr, property) or name in Variable.__slots__:
+    if isinstance(cls_attr, property) or name in Variable.__slots__ or name.startswith("__"):
       object.__setattr__(self, name, value)
     elif hasattr(self, "__dict__") and name in getattr(self, "__dict__", {}):
       object.__setattr__(self, name, value)
@@ -308,20 +619,62 @@ class Variable:
       self.set_metadata(**{name: value})
 
   def replace(self, value: Any = ..., **metadata: Any) -> "Variable":
-    """A new Variable of the same type, with value and/or metadata replaced."""
-    meta = self.get_metadata()
+    """A new Variable of the same type, with value and/or metadata replaced.
+
+    Flax's ``copy`` is the same method; the value may also be given as
+    ``value=``.
+
+    >>> import jax.numpy as jnp
+    >>> w = Param(jnp.zeros(2), note="a")
+    >>> w2 = w.replace(jnp.ones(2), note="b")
+    >>> float(w2[0]), w2.note, w.note
+    (1.0, 'b', 'a')
+    """
+    name = type(self).__name__
+    meta = dict(self._metadata())
     _drop_axes(meta, metadata)
     meta.update(metadata)
-    value = self.raw_value if value is ... else value
-    return new_variable(type(self), value,
-                        meta=_normalize_metadata(meta, value, type(self).__name__))
+    value = self.raw_value if value is ... or value is MISSING else value
+    meta = _normalize_metadata(_take_required(meta, name), value, name)
+    return new_variable(type(self), value, meta=meta)
 
-  def copy(self) -> "Variable":
-    return self.replace()
+  copy = replace
 
   def to_state(self) -> "Variable":
     """Flax compatibility: a State leaf for this Variable (a detached copy)."""
-    return self.copy()
+    return self.replace()
+
+  @classmethod
+  def from_metadata(cls, value: Any, metadata: Mapping) -> "Variable":
+    """A Variable of this type from a value and a metadata dict (validated)."""
+    return cls(value, **dict(metadata))
+
+  def copy_from(self, other: "Variable") -> None:
+    """Makes this Variable hold `other`'s value and metadata (in place).
+
+    Raises:
+      MetadataError: `other` is of a different Variable type.
+    """
+    if type(other) is not type(self):
+      raise errors.MetadataError(
+          f"copy_from: cannot copy a {type(other).__name__} into a "
+          f"{type(self).__name__}; both must be the same Variable type.")
+    if other is self:
+      return
+    self.set_raw_value(other.raw_value)
+    self._set_meta(dict(other._metadata()))
+
+  def update_from_state(self, state: "Variable") -> None:
+    """Writes a State leaf's value (and changed metadata) into this Variable."""
+    write_back(self, state)
+
+  def add_axis(self, axis_index: int, axis_name: str | None) -> None:
+    """Runs ``on_add_axis`` hooks (a transform added a batch axis)."""
+    _run_hooks(self, "on_add_axis", axis_index, axis_name, value_hook=False)
+
+  def remove_axis(self, axis_index: int, axis_name: str | None) -> None:
+    """Runs ``on_remove_axis`` hooks (a transform removed a batch axis)."""
+    _run_hooks(self, "on_remove_axis", axis_index, axis_name, value_hook=False)
 
   @property
   def type(self) -> type:
@@ -334,42 +687,50 @@ class Variable:
   size = property(lambda self: self.raw_value.size)
 
   def __jax_array__(self):
-    return self.raw_value
+    return self.get_value()
 
   def __array__(self, dtype=None, copy=None):
-    return np.asarray(self.raw_value, dtype=dtype)
+    return np.asarray(self.get_value(), dtype=dtype)
 
   def __len__(self) -> int:
-    return len(self.raw_value)
+    return len(self.get_value())
 
   def __iter__(self):
-    return iter(self.raw_value)
+    return iter(self.get_value())
+
+  def __contains__(self, item) -> bool:
+    return item in self.get_value()
+
+  def __call__(self, *args, **kwargs):
+    return self.get_value()(*args, **kwargs)
 
   def __bool__(self) -> bool:
-    return bool(self.raw_value)
+    return bool(self.get_value())
 
   def __float__(self) -> float:
-    return float(self.raw_value)
+    return float(self.get_value())
 
   def __int__(self) -> int:
-    return int(self.raw_value)
+    return int(self.get_value())
+
+  def __complex__(self) -> complex:
+    return complex(self.get_value())
 
   def __index__(self) -> int:
-    return operator.index(self.raw_value)
+    return operator.index(self.get_value())
 
   def __getitem__(self, index):
-    return self.raw_value[index]
+    return self.get_value(index=index)
 
   def __setitem__(self, index, new):
-    if index is ... or (isinstance(index, tuple) and index == (...,)):
-      current = self.raw_value
-      if hasattr(current, "shape") and hasattr(new, "shape") and current.shape != new.shape:
-        new = jnp.broadcast_to(new, current.shape)
-      self.value = new
-    elif isinstance(self.raw_value, jax.Array):
-      self.value = self.raw_value.at[index].set(new)
-    else:
-      self.raw_value[index] = new
+    if isinstance(index, tuple) and index == (...,):
+      index = ...
+    self.set_value(new, index=index)
+
+  def __delitem__(self, index) -> None:
+    value = self.get_value()
+    del value[index]
+    self.set_value(value)
 
   __hash__ = object.__hash__
 
@@ -438,7 +799,7 @@ def with_logical_axes(var: Variable, axes: tuple) -> Variable:
   Transforms use it where the value's rank changes later (a stacked axis
   removed from the metadata before vmap slices the value).
   """
-  meta = var.get_metadata()
+  meta = dict(var._metadata())
   meta["logical_axes"] = tuple(axes)
   return new_variable(type(var), var.raw_value, meta=meta)
 
@@ -453,7 +814,7 @@ def write_back(var: Variable, leaf: Any) -> None:
     _RAW_SET(var, leaf.raw_value)
     if (leaf._meta is not var._meta or leaf._frozen is not var._frozen) and \
         leaf.frozen_metadata() != var.frozen_metadata():
-      var.set_metadata(**leaf.get_metadata())
+      var.set_metadata(**leaf.get_metadata(exclude_required=True))
   else:
     _RAW_SET(var, leaf)
 
@@ -508,7 +869,7 @@ def _unary(op: Callable):
 
   def method(self):
     try:
-      return op(self.raw_value)
+      return op(self.get_value())
     except RuntimeError as e:
       raise _deleted(e, op, self) from e
 
@@ -519,7 +880,7 @@ def _binary(op: Callable):
 
   def method(self, other):
     try:
-      return op(self.raw_value, _raw(other))
+      return op(self.get_value(), _raw(other))
     except RuntimeError as e:
       raise _deleted(e, op, self) from e
 
@@ -530,7 +891,7 @@ def _rbinary(op: Callable):
 
   def method(self, other):
     try:
-      return op(_raw(other), self.raw_value)
+      return op(_raw(other), self.get_value())
     except RuntimeError as e:
       raise _deleted(e, op, self) from e
 
@@ -541,7 +902,7 @@ def _inplace(op: Callable):
 
   def method(self, other):
     try:
-      self.value = op(self.raw_value, _raw(other))
+      self.value = op(self.get_value(), _raw(other))
     except RuntimeError as e:
       raise _deleted(e, op, self) from e
     return self
@@ -550,7 +911,7 @@ def _inplace(op: Callable):
 
 
 def _raw(x: Any) -> Any:
-  return x.raw_value if isinstance(x, Variable) else x
+  return x.get_value() if isinstance(x, Variable) else x
 
 
 for _name, _op in [("add", operator.add), ("sub", operator.sub),
@@ -573,47 +934,47 @@ for _name, _op in [("neg", operator.neg), ("pos", operator.pos),
 Variable.__hash__ = object.__hash__
 
 
-class Param(Variable):
+class Param(Variable[A]):
   """A trainable parameter (what `grad` and `Optimizer` differentiate by default)."""
 
 
-class BatchStat(Variable):
+class BatchStat(Variable[A]):
   """Running statistics (BatchNorm mean/var); updated in training, not by grad."""
 
 
-class Cache(Variable):
+class Cache(Variable[A]):
   """Autoregressive decoding caches (attention keys/values, indices)."""
 
 
-class Intermediate(Variable):
+class Intermediate(Variable[A]):
   """Values recorded with `Module.sow`."""
 
 
-class Perturbation(Intermediate):
+class Perturbation(Intermediate[A]):
   """Zero-valued taps added by `Module.perturb` to read activation gradients."""
 
 
-class RngState(Variable):
+class RngState(Variable[A]):
   """Base of the Variables that hold random-stream state."""
 
 
-class RngKey(RngState):
+class RngKey(RngState[A]):
   """The base key of an Rngs stream."""
 
 
-class RngCount(RngState):
+class RngCount(RngState[A]):
   """How many keys an Rngs stream has produced."""
 
 
-class OptState(Variable):
+class OptState(Variable[A]):
   """Optimizer state (moments, counters) held by `spmdnnx.Optimizer`."""
 
 
-class OptArrayState(OptState):
+class OptArrayState(OptState[A]):
   """An array leaf of an optax state."""
 
 
-class OptVariable(OptState):
+class OptVariable(OptState[A]):
   """An optimizer-state leaf that mirrors a parameter (same logical axes)."""
 
 

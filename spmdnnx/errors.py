@@ -59,8 +59,11 @@ def _rebuild_error(cls, message, fields):
   return cls(message, **fields)
 
 
-class FilterError(SpmdnnxError, TypeError):
-  """A filter is not understood, or filters do not cover every state leaf."""
+class FilterError(SpmdnnxError, TypeError, ValueError):
+  """A filter is not understood, or filters do not cover every state leaf.
+
+  Both a TypeError and a ValueError: Flax raises either, depending on the case.
+  """
 
 
 class MetadataError(SpmdnnxError, ValueError):
@@ -136,3 +139,18 @@ class LaunchError(SpmdnnxError, RuntimeError):
 
 class ArgumentError(SpmdnnxError, TypeError):
   """A call is missing a required argument or got one of the wrong type."""
+
+class MissingStreamError(ConfigError, AttributeError, KeyError):
+  """An Rngs has no stream of the asked name and no ``default`` stream.
+
+  It is an AttributeError (``rngs.name``) and a KeyError (``rngs["name"]``),
+  as Flax programs expect.
+  """
+
+  __str__ = Exception.__str__
+
+
+class MissingMetadataError(MetadataError, KeyError):
+  """``Variable.get_metadata(name)`` for a name the Variable does not have."""
+
+  __str__ = Exception.__str__

@@ -190,3 +190,20 @@ def test_ellipsis_last_ok():
   preds = filters_to_predicates((nnx.Param, ...))
   assert len(preds) == 2
   assert preds[1] is nnx.Everything()
+
+
+def test_path_contains_exact_false_matches_substrings():
+  P = nnx.Param(0.0)
+  assert matches(nnx.PathContains("att", exact=False), ("layers", "attn", "w"), P)
+  assert not matches(nnx.PathContains("att"), ("layers", "attn", "w"), P)
+  assert matches(nnx.PathContains(1, exact=False), ("layers", 12, "w"), P)
+
+
+def test_trailing_everything_filters_may_repeat():
+  preds = filters_to_predicates((nnx.Param, ..., True))
+  assert len(preds) == 3
+
+
+def test_filter_error_is_also_a_value_error():
+  with pytest.raises(ValueError, match="is not a filter"):
+    to_predicate(7)

@@ -57,12 +57,17 @@ def test_missing_stream_falls_back_to_default():
 def test_missing_stream_without_default_error():
   rngs = nnx.Rngs(params=0, dropout=1)
   with pytest.raises(errors.ConfigError,
-                     match=r"Rngs has no stream 'noise' and no 'default' stream; streams are "
+                     match=r"No RngStream named 'noise' found in Rngs \(and no 'default' stream\); streams are "
                      r"\['dropout', 'params'\]\. Create it, e\.g\. nnx\.Rngs\(noise=0\), or "
                      r"give a default seed: nnx\.Rngs\(0\)"):
     rngs.noise()
-  with pytest.raises(errors.ConfigError, match=r"Rngs has no 'default' stream; .*nnx\.Rngs\(0\)"):
+  with pytest.raises(errors.ConfigError, match=r"No RngStream named 'default' found in Rngs; .*nnx\.Rngs\(0\)"):
     rngs()  # rngs() draws from the default stream, which is absent
+  # Flax programs catch it as AttributeError (rngs.name) or KeyError (rngs["name"])
+  with pytest.raises(AttributeError, match="No RngStream named 'noise'"):
+    rngs.noise  # noqa: B018
+  with pytest.raises(KeyError, match="No RngStream named 'noise'"):
+    rngs["noise"]  # noqa: B018
 
 
 def test_bad_seed_error():
@@ -181,11 +186,13 @@ def test_reseed():
   rngs.params(), rngs.params(), rngs.dropout()
   nnx.reseed(rngs, params=7)
   assert int(rngs.params.count.value) == 0
-  assert same(rngs.params(), nnx.Rngs(params=7).params())
+  # Flax's rule: the new key is the first key of a stream seeded with 7
+  assert same(rngs.params.key.value, jax.random.fold_in(jax.random.key(7), 0))
+  assert same(rngs.params(), nnx.Rngs(params=7).params.fork()())
   assert int(rngs.dropout.count.value) == 1  # untouched
 
 
-def test_reseed_inside_module_graph():
+def test_reseed_inside_module_graph_gives_each_stream_its_own_key():
 
   class M(nnx.Module):
 
@@ -197,7 +204,31 @@ def test_reseed_inside_module_graph():
   m = M()
   m.a.dropout(), m.sub.r.dropout()
   nnx.reseed(m, dropout=3)
-  assert same(m.a.dropout(), m.sub.r.dropout())
+  base = jax.random.key(3)
+  keys = {tuple(jax.random.key_data(s.key.value).tolist()) for s in (m.a.dropout, m.sub.r.dropout)}
+  assert keys == {tuple(jax.random.key_data(jax.random.fold_in(base, i)).tolist()) for i in (0, 1)}
+
+
+def test_reseed_replays_dropout_of_a_layer_that_forked_its_stream():
+  model = nnx.Sequential(nnx.Linear(2, 8, rngs=nnx.Rngs(0)),
+                         nnx.Dropout(0.5, rngs=nnx.Rngs(dropout=42)))
+  x = jnp.ones((1, 2))
+  y1 = model(x)
+  assert not np.allclose(y1, model(x))  # the stream moved on
+  nnx.reseed(model, dropout=42)
+  np.testing.assert_allclose(model(x), y1)
+
+
+def test_reseed_batched_streams_policies():
+  rngs = nnx.Rngs(params=0)
+  split = nnx.split_rngs(rngs, splits=3, graph_updates=False)
+  with pytest.raises(errors.ConfigError, match=r"reseed: the stream at params holds a batch "
+                     r"of keys of shape \(3,\); pass policy='match_shape'"):
+    nnx.reseed(split, params=1)
+  nnx.reseed(split, params=1, policy="match_shape")
+  assert split.params.key.value.shape == (3,) and split.params.count.value.shape == (3,)
+  with pytest.raises(errors.ConfigError, match="policy must be 'scalars_only', 'match_shape'"):
+    nnx.reseed(split, params=1, policy="nope")
 
 
 # --- an Rngs captured from outside a transform (issue 9, item 4) ------------------
