@@ -44,7 +44,7 @@ def test_lora_dtypes_and_errors():
   assert lora.lora_a.dtype == jnp.bfloat16
   assert lora(jnp.ones((1, 3))).dtype == jnp.float32
   with pytest.raises(errors.ConfigError, match="LoRA: base_module must be callable"):
-    LoRA(3, 2, 4, base_module=nnx.Param(jnp.ones(2)), rngs=nnx.Rngs(0))
+    LoRA(3, 2, 4, base_module=jnp.ones(2), rngs=nnx.Rngs(0))
   with pytest.raises(errors.ConfigError, match="LoRA: lora_rank must be a positive int"):
     LoRA(3, 0, 4, rngs=nnx.Rngs(0))
   with pytest.raises(errors.ShapeError, match="LoRA: expected an input whose axis -1 has 3"):
