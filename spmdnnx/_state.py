@@ -277,3 +277,59 @@ def _repr_state(state: State, indent: int) -> str:
     lines.append(f"{pad}{key!r}: {text},")
   lines.append("  " * indent + "})")
   return "\n".join(lines)
+
+
+class GraphState(MutableMapping):
+  """A State bundled with its GraphDef (what `nnx.unpack` returns).
+
+  Reads like its State (``gs["linear"]``, ``gs.linear``); `nnx.merge` accepts
+  GraphStates alone. It is a pytree: the State's leaves are its leaves, the
+  GraphDef travels in the treedef.
+
+  >>> import spmdnnx as nnx
+  >>> gs = nnx.unpack(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))
+  >>> gs.kernel.shape, type(nnx.merge(gs)).__name__
+  ((2, 3), 'Linear')
+  """
+
+  __slots__ = ("graphdef", "state")
+
+  def __init__(self, graphdef: Any, state: Any):
+    if not isinstance(state, State):
+      raise errors.GraphError(
+          f"GraphState holds a State, got {type(state).__name__}.")
+    object.__setattr__(self, "graphdef", graphdef)
+    object.__setattr__(self, "state", state)
+
+  def __getattr__(self, name):
+    if name.startswith("__"):
+      raise AttributeError(name)
+    return getattr(self.state, name)
+
+  def __setattr__(self, name, value):
+    self.state[name] = value
+
+  def __getitem__(self, key):
+    return self.state[key]
+
+  def __setitem__(self, key, value):
+    self.state[key] = value
+
+  def __delitem__(self, key):
+    del self.state[key]
+
+  def __iter__(self):
+    return iter(self.state)
+
+  def __len__(self):
+    return len(self.state)
+
+  def __repr__(self):
+    return f"GraphState({self.state!r})"
+
+
+jax.tree_util.register_pytree_with_keys(
+    GraphState,
+    lambda g: ((((jax.tree_util.GetAttrKey("state")), g.state),), g.graphdef),
+    lambda gd, children: GraphState(gd, *children),
+    lambda g: ((g.state,), g.graphdef))
