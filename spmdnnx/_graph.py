@@ -202,12 +202,13 @@ class Walk:
       idx = self.index[id(value)] = len(self.nodes)
       self.nodes.append(value)
       visit = self.visit
+      # Attributes in name order, as Flax NNX (iteration order = State order).
+      items = sorted(value.__dict__.items(), key=_by_key)
       if value._object__explicit is None and not typ._object__markers:
-        children = tuple([(name, visit(sub, path + (name,)))
-                          for name, sub in value.__dict__.items()])
+        children = tuple([(name, visit(sub, path + (name,))) for name, sub in items])
       else:
         children = tuple([(name, self._marked(value, name, sub, path + (name,)))
-                          for name, sub in value.__dict__.items()])
+                          for name, sub in items])
       self.trail.append((path, value))
       return _new(NodeSpec, ("NodeSpec", typ, idx, children))
     if typ in _MUTABLE_CONTAINERS:
@@ -259,6 +260,10 @@ class Walk:
       self.trail.append((path, value))
       return _new(ArraySpec, ("ArraySpec",))
     return spec
+
+
+def _by_key(item: tuple) -> Any:
+  return item[0]
 
 
 # Spec records are built with tuple.__new__ directly in the walker (the hot
@@ -361,6 +366,8 @@ def flat_pairs(node: Any, graph: bool | None = None, who: str = "split") -> tupl
   """``(graphdef, [(path, live leaf), ...])`` of a graph in either mode."""
   if resolve_graph(graph):
     gd, w = flatten(node, detach_variables=False)
+    if type(gd.spec) is StaticSpec and not isinstance(node, (list, tuple, dict)):
+      return GraphDef(_new(ArraySpec, ("ArraySpec",))), [((), node)]  # a bare leaf
     return gd, w.pairs
   spec, pairs = tree.tree_flatten(node, who)
   return GraphDef(spec), pairs
@@ -496,17 +503,23 @@ def merge(graphdef: GraphDef | GraphState, /, *states: Any, copy: bool = False) 
   if isinstance(graphdef, GraphState):
     first = graphdef
     for s in states:
-      if not isinstance(s, GraphState) or s.graphdef != first.graphdef:
+      if not isinstance(s, GraphState):
         raise errors.GraphError(
-            "merge: every argument after a GraphState must be a GraphState of "
-            "the same GraphDef (from one nnx.unpack call).")
+            f"merge: Expected GraphState object after a GraphState, got "
+            f"{type(s).__name__}; pass only the GraphStates of one nnx.unpack call.")
+      if s.graphdef != first.graphdef:
+        raise errors.GraphError(
+            "merge: GraphDef must be the same for all GraphState objects; pass the "
+            "GraphStates of one nnx.unpack call.")
     graphdef, states = first.graphdef, (first, *states)
   if not isinstance(graphdef, GraphDef):
     raise errors.GraphError(
         f"merge expects a GraphDef as first argument, got {type(graphdef).__name__}; "
         "call it as merge(graphdef, state, ...).")
   if not states:
-    raise errors.GraphError("merge needs at least one State after the GraphDef.")
+    raise errors.ArgumentError(
+        "merge() missing 1 required positional argument: 'state'; pass the State(s) "
+        "from split() after the GraphDef.")
   leaves = _collect_leaves(graphdef, states)
   missing: list = []
   if type(graphdef.spec) is TreeSpec:
@@ -700,23 +713,27 @@ def iter_graph(node: Any, *, graph: bool | None = None) -> Iterator[tuple[PathPa
 def iter_children(node: Any, *, graph: bool | None = None) -> Iterator[tuple[Any, Any]]:
   """Yields ``(key, child)`` for the direct Object children of a node.
 
-  Children are the Objects (Modules, Rngs...) and tracked List/Dict
-  containers directly under `node` (an attribute, list item or dict entry),
-  each once. Tree mode (``graph=False``) also checks the node is a pytree.
+  Children are the Objects (Modules, Rngs...) directly under `node` (an
+  attribute in name order, a list item or a dict entry), each once. Tree
+  mode (``graph=False``) also checks the node is a pytree.
 
   Raises:
     GraphError: in tree mode, a ``pytree=False`` Object or a child reachable twice.
 
   >>> import spmdnnx as nnx
-  >>> seq = nnx.Sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
-  >>> [k for k, _ in nnx.iter_children(seq)]
-  ['layers']
+  >>> class Pair(nnx.Module):
+  ...   def __init__(self):
+  ...     self.b = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+  ...     self.a = nnx.Linear(2, 2, rngs=nnx.Rngs(1))
+  ...     self.n = 3
+  >>> [k for k, _ in nnx.iter_children(Pair())]
+  ['a', 'b']
   """
   graph = resolve_graph(graph)
   if not graph:
     tree.check_pytree_object(node, (), "iter_children")
   if isinstance(node, Object):
-    items = node.__dict__.items()
+    items = sorted(node.__dict__.items(), key=_by_key)
   elif isinstance(node, dict):
     items = node.items()
   elif isinstance(node, (list, tuple)):
@@ -725,7 +742,7 @@ def iter_children(node: Any, *, graph: bool | None = None) -> Iterator[tuple[Any
     items = _pytree_children(node)[0] if has_data(node) else ()
   seen: set = set()
   for key, value in items:
-    if isinstance(value, Object) or (type(value) in (List, Dict) and has_data(value)):
+    if isinstance(value, Object):
       if id(value) in seen:
         if not graph:
           raise errors.GraphError(

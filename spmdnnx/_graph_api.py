@@ -27,8 +27,11 @@ from spmdnnx._state import FlatState, GraphState, State
 from spmdnnx._typing import PathParts
 from spmdnnx._variables import Variable
 
-#: A ``(GraphDef, State)`` pair, as `split` returns it (Flax's ``nnx.PureState``).
-PureState = tuple[GraphDef, State]
+class PureState(tuple):
+  """A ``(GraphDef, State)`` pair, as `split` returns it (``PureState[Model]`` in hints)."""
+
+  def __class_getitem__(cls, item):
+    return tuple[GraphDef, State]
 
 
 def unpack(node: Any, *filters, graph: bool | None = None) -> Any:
@@ -49,19 +52,33 @@ def unpack(node: Any, *filters, graph: bool | None = None) -> Any:
 
 
 def map(f: Callable[[PathParts, Any], Any], node: Any, /, *,  # noqa: A001 (Flax's name)
-        graph: bool | None = None) -> Any:
+        graph: bool | None = None, recreate_variables: bool = True) -> Any:
   """A new graph whose leaves are ``f(path, leaf)`` of `node`'s leaves.
 
   Leaves are Variables (and raw arrays); `f` returns the new leaf (e.g.
   ``v.replace(new_value)``). `node` itself is not changed unless `f`
-  mutates the Variables it is given.
+  mutates the Variables it is given. With ``recreate_variables=False``, a
+  raw value `f` returns goes into the new graph as it is (not boxed into a
+  Variable).
   """
   graphdef, state = split(node, graph=graph)
   if isinstance(state, State):
     new = State.from_flat_path([(p, f(p, v)) for p, v in state.flat_state()])
   else:
     new = f((), state)
+  if not recreate_variables:
+    return _merge_unboxed(graphdef, new)
   return merge(graphdef, new)
+
+
+def _merge_unboxed(graphdef: GraphDef, state: Any) -> Any:
+  """`merge` that puts raw leaves where Variables were, unboxed."""
+  flat = dict(state.flat_state()) if isinstance(state, State) else {(): state}
+  if type(graphdef.spec).__name__ == "TreeSpec":
+    spec = graphdef.spec
+    values = [flat[p] for p in spec.paths]
+    return jax.tree_util.tree_unflatten(spec.treedef, values)
+  return graphlib.Builder(lambda path, spec: flat[path]).build(graphdef.spec, ())
 
 
 def call(graphdef_state: tuple, /) -> Any:
@@ -179,14 +196,13 @@ def recursive_map(f: Callable[[PathParts, Any], Any], node: Any, /, *,
 
 def _recursive_map_tree(f: Callable, node: Any) -> Any:
   seen: dict[int, PathParts] = {}
-  active: set[int] = set()
+  active: dict[int, PathParts] = {}
 
   def visit(path: PathParts, x: Any) -> Any:
     if isinstance(x, Variable):
       if id(x) in seen:
         raise errors.GraphError(
-            f"recursive_map: the Variable at {errors.path_str(path)} is also "
-            f"reachable at {errors.path_str(seen[id(x)])}. {tree.TREE_MODE_HINT}",
+            tree.duplicate_message("recursive_map", x, seen[id(x)], path),
             paths=[seen[id(x)], path])
       seen[id(x)] = path
       return f(path, x)
@@ -196,11 +212,10 @@ def _recursive_map_tree(f: Callable, node: Any) -> Any:
       return f(path, x)
     if id(x) in active:
       raise errors.GraphError(
-          f"recursive_map: cycle at {errors.path_str(path)}. {tree.TREE_MODE_HINT}",
-          paths=[path])
-    active.add(id(x))
+          tree.cycle_message("recursive_map", x, active[id(x)], path), paths=[path])
+    active[id(x)] = path
     children = [visit(path + (tree.key_name(jp[0]),), sub) for jp, sub in keyed]
-    active.discard(id(x))
+    del active[id(x)]
     return f(path, jax.tree_util.tree_unflatten(treedef, children))
 
   return visit((), node)

@@ -36,6 +36,19 @@ TREE_MODE_HINT = (
     "give each position its own object.")
 
 
+def duplicate_message(who: str, x: Any, first: PathParts, second: PathParts) -> str:
+  """The tree-mode error for an object reachable twice."""
+  return (f"{who}: the same {type(x).__name__} found at paths "
+          f"{errors.path_str(first)} and {errors.path_str(second)}. {TREE_MODE_HINT}")
+
+
+def cycle_message(who: str, x: Any, first: PathParts, second: PathParts) -> str:
+  """The tree-mode error for a node that contains itself."""
+  return (f"{who}: Cycle detected: the {type(x).__name__} found at paths "
+          f"{errors.path_str(first)} and {errors.path_str(second)} contains itself. "
+          f"{TREE_MODE_HINT}")
+
+
 def key_name(k: Any) -> Any:
   """The spmdnnx path key of a JAX key entry (attribute, dict key, index)."""
   for attr in ("name", "key", "idx"):
@@ -79,10 +92,8 @@ def leaves_with_paths(node: Any, who: str, *, stop: Callable | None = None) -> t
       path = to_path(jpath)
       key = id(x)
       if key in seen and (isinstance(x, Variable) or has_data(x)):
-        raise errors.GraphError(
-            f"{who}: the {type(x).__name__} at {errors.path_str(path)} is also "
-            f"reachable at {errors.path_str(seen[key])}. {TREE_MODE_HINT}",
-            paths=[seen[key], path])
+        raise errors.GraphError(duplicate_message(who, x, seen[key], path),
+                                paths=[seen[key], path])
       seen[key] = path
       if isinstance(x, Variable):
         return True
@@ -147,10 +158,8 @@ def iter_tree(node: Any, who: str = "iter_graph"):
   def visit(path: PathParts, x: Any) -> None:
     if isinstance(x, Variable):
       if id(x) in seen:
-        raise errors.GraphError(
-            f"{who}: the Variable at {errors.path_str(path)} is also reachable at "
-            f"{errors.path_str(seen[id(x)])}. {TREE_MODE_HINT}",
-            paths=[seen[id(x)], path])
+        raise errors.GraphError(duplicate_message(who, x, seen[id(x)], path),
+                                paths=[seen[id(x)], path])
       seen[id(x)] = path
       out.append((path, x))
       return
@@ -160,10 +169,8 @@ def iter_tree(node: Any, who: str = "iter_graph"):
       out.append((path, x))
       return
     if id(x) in active:
-      raise errors.GraphError(
-          f"{who}: cycle: the {type(x).__name__} at {errors.path_str(path)} "
-          f"contains itself (first at {errors.path_str(active[id(x)])}). "
-          f"{TREE_MODE_HINT}", paths=[active[id(x)], path])
+      raise errors.GraphError(cycle_message(who, x, active[id(x)], path),
+                              paths=[active[id(x)], path])
     active[id(x)] = path
     for jpath, sub in keyed:
       visit(path + (key_name(jpath[0]),), sub)

@@ -46,8 +46,12 @@ def _record(name: str, fields: str, doc: str) -> type:
   def __repr__(self):
     return f"{name}({', '.join(repr(v) for v in self[1:])})"
 
+  def __getnewargs__(self):  # copy/deepcopy/pickle pass the fields, not the tag
+    return tuple(self[1:])
+
   return type(name, (base,), {"__slots__": (), "__new__": __new__, "__doc__": doc,
-                              "__repr__": __repr__, "__module__": __name__})
+                              "__repr__": __repr__, "__module__": __name__,
+                              "__getnewargs__": __getnewargs__})
 
 
 NodeSpec = _record(

@@ -13,6 +13,7 @@ Array([0., 1., 2.], dtype=float32)
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 from typing import Any, Callable, Iterator
@@ -137,7 +138,8 @@ class Module(Object):
     if missing and raise_if_not_found:
       raise errors.GraphError(
           f"set_attributes: no Module in {type(self).__name__} has attribute(s) "
-          f"{missing}; check the spelling or pass raise_if_not_found=False.")
+          f"{missing}; check the spelling or pass raise_if_not_found=False. (Could "
+          f"not find at least one instance of the following attributes: {missing})")
 
   def train(self, **attributes: Any) -> None:
     """Training mode: ``deterministic=False``, ``use_running_average=False``."""
@@ -150,7 +152,9 @@ class Module(Object):
                         **attributes, raise_if_not_found=False)
 
   def __deepcopy__(self, memo):
-    return graph.clone(self, graph=True)
+    # Static attributes are deep-copied too (a list stays a separate list).
+    graphdef, state = graph.split(self, graph=True)
+    return graph.merge(copy.deepcopy(graphdef, memo), state, copy=True)
 
   def __repr__(self) -> str:
     return _repr_node(self, 0, set())
@@ -271,8 +275,9 @@ def view(node: Any, /, *, only: Any = ..., raise_if_not_found: bool = True,
 
   Every selected Module that defines ``set_view(self, **options)`` gets the
   options its signature accepts (e.g. ``deterministic=``,
-  ``use_running_average=``). `node` is not modified; the copy shares its
-  Variables.
+  ``use_running_average=``); a Module without ``set_view`` gets each option
+  that names one of its static attributes set directly. `node` is not
+  modified; the copy shares its Variables.
 
   Raises:
     GraphError: an option no selected Module accepts (unless
@@ -293,15 +298,22 @@ def view(node: Any, /, *, only: Any = ..., raise_if_not_found: bool = True,
   remaining = set(kwargs)
 
   def set_on(path, x):
+    if not isinstance(x, Module) or not pred(path, x):
+      return x
     method = getattr(x, "set_view", None)
-    if isinstance(x, Module) and method is not None and pred(path, x):
-      named, var_kw = _view_params(method)
-      if var_kw:
-        method(**kwargs)
-        remaining.clear()
-      else:
-        method(**{k: v for k, v in kwargs.items() if k in named})
-        remaining.difference_update(named)
+    if method is None:  # no set_view: options naming an attribute set it
+      for k, v in kwargs.items():
+        if k in x.__dict__ and not graph_api.graphlib.has_data(x.__dict__[k]):
+          setattr(x, k, v)
+          remaining.discard(k)
+      return x
+    named, var_kw = _view_params(method)
+    if var_kw:
+      method(**kwargs)
+      remaining.clear()
+    else:
+      method(**{k: v for k, v in kwargs.items() if k in named})
+      remaining.difference_update(named)
     return x
 
   out = graph_api.recursive_map(set_on, node, graph=graph)

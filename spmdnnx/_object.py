@@ -195,9 +195,14 @@ class _Aux:
     return f"Aux(data={[n for n, m in zip(self.names, self.mask) if m]})"
 
 
+def _by_name(item: tuple) -> str:
+  return item[0]
+
+
 def _flatten_parts(obj: Object):
+  """Children (data attributes, in name order, as Flax) and the aux data."""
   names, mask, children, statics = [], [], [], []
-  for name, value in obj.__dict__.items():
+  for name, value in sorted(obj.__dict__.items(), key=_by_name):
     names.append(name)
     if obj.is_data_attribute(name):
       mask.append(True)
@@ -313,6 +318,18 @@ class Dict(dict):
   def __getattr__(self, name):
     try:
       return self[name]
+    except KeyError:
+      raise AttributeError(name) from None
+
+  def __setattr__(self, name, value):
+    if name == "_object__watched":
+      object.__setattr__(self, name, value)
+    else:
+      self[name] = value
+
+  def __delattr__(self, name):
+    try:
+      del self[name]
     except KeyError:
       raise AttributeError(name) from None
 

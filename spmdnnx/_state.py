@@ -294,6 +294,9 @@ class GraphState(MutableMapping):
 
   __slots__ = ("graphdef", "state")
 
+  _graphdef = property(lambda self: self.graphdef)  # Flax's field names
+  _state = property(lambda self: self.state)
+
   def __init__(self, graphdef: Any, state: Any):
     if not isinstance(state, State):
       raise errors.GraphError(
@@ -328,8 +331,17 @@ class GraphState(MutableMapping):
     return f"GraphState({self.state!r})"
 
 
+def _graph_state_flatten_with_keys(g: GraphState):
+  keyed, keys = g.state._tree_flatten_with_keys()
+  return keyed, (g.graphdef, keys)
+
+
+def _graph_state_unflatten(aux, children):
+  graphdef, keys = aux
+  return GraphState(graphdef, State._tree_unflatten(keys, children))
+
+
+# Flattens like its State (same key paths); the GraphDef rides in the aux data.
 jax.tree_util.register_pytree_with_keys(
-    GraphState,
-    lambda g: ((((jax.tree_util.GetAttrKey("state")), g.state),), g.graphdef),
-    lambda gd, children: GraphState(gd, *children),
-    lambda g: ((g.state,), g.graphdef))
+    GraphState, _graph_state_flatten_with_keys, _graph_state_unflatten,
+    lambda g: (lambda c, k: (c, (g.graphdef, k)))(*g.state._tree_flatten()))

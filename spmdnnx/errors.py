@@ -132,3 +132,7 @@ class TrainingError(SpmdnnxError, RuntimeError):
 
 class LaunchError(SpmdnnxError, RuntimeError):
   """A (multi-process) job cannot be started or was stopped by a fault."""
+
+
+class ArgumentError(SpmdnnxError, TypeError):
+  """A function got the wrong kind or number of arguments (a TypeError, as Python's)."""

@@ -298,7 +298,8 @@ class Shared(nnx.Module):
 def test_shared_variables_appear_once_and_come_back_shared():
   m = Shared()
   graphdef, state = nnx.split(m)
-  assert paths(state) == [("lin", "bias"), ("lin", "kernel"), ("w",)]
+  # Attributes are walked in name order (as Flax): "alias" comes before "w".
+  assert paths(state) == [("alias",), ("items", 0, "bias"), ("items", 0, "kernel")]
   m2 = nnx.merge(graphdef, state)
   assert m2.alias is m2.w
   assert m2.items[1] is m2.w
@@ -543,11 +544,12 @@ def test_iter_graph_post_order_root_last():
   items = list(nnx.iter_graph(m))
   assert items[-1] == ((), m)
   got = [p for p, _ in items]
+  # Attributes in name order (as Flax NNX), children before parents.
   assert got == [
-      ("l1", "kernel"), ("l1", "bias"), ("l1",),
-      ("bn", "mean"), ("bn", "var"), ("bn", "scale"), ("bn",),
-      ("l2", "kernel"), ("l2", "bias"), ("l2",),
-      ("count",), ()]
+      ("bn", "mean"), ("bn", "scale"), ("bn", "var"), ("bn",),
+      ("count",),
+      ("l1", "bias"), ("l1", "kernel"), ("l1",),
+      ("l2", "bias"), ("l2", "kernel"), ("l2",), ()]
   nodes = dict(items)
   assert nodes[("l1",)] is m.l1 and nodes[("bn", "mean")] is m.bn.mean
 
@@ -566,8 +568,9 @@ def test_iter_graph_shared_nodes_once():
   ids = [id(n) for _, n in items]
   assert ids.count(id(m.w)) == 1 and ids.count(id(m.lin)) == 1
   got = [p for p, _ in items]
-  assert ("alias",) not in got and ("lin_alias",) not in got
-  assert ("w",) in got and ("lin",) in got
+  # Each shared node at its first path in name order.
+  assert ("w",) not in got and ("lin",) not in got and ("lin_alias",) not in got
+  assert ("alias",) in got and ("items", 0) in got
   assert ("items",) in got  # the list itself is a node
 
 
@@ -589,7 +592,7 @@ def test_is_graph_node_and_iter_children():
   m = mlp()
   assert nnx.is_graph_node(m) and nnx.is_graph_node(m.count)
   assert not nnx.is_graph_node(jnp.ones(1))
-  assert [n for n, _ in nnx.iter_children(m)] == ["l1", "bn", "l2"]
+  assert [n for n, _ in nnx.iter_children(m)] == ["bn", "l1", "l2"]  # name order
 
 
 # --- the functional API round trip --------------------------------------------------

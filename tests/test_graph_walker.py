@@ -185,7 +185,7 @@ def test_jit_updates_reach_modules_inside_pytrees():
 
 def test_graphdef_specs_are_typed_records():
   m = Outer()
-  m.alias = m.top
+  m.z_alias = m.top  # after "top" in name order: the second reference
   gd = nnx.graphdef(m)
   root = gd.spec
   assert isinstance(root, _graphdef.NodeSpec) and root.type is Outer and root.index == 0
@@ -194,7 +194,7 @@ def test_graphdef_specs_are_typed_records():
   assert children["holder"].keys == ("inner",)
   top = dict(children["top"].children)["w"]
   assert isinstance(top, _graphdef.VariableSpec) and top.type is nnx.Param
-  assert children["alias"] == _graphdef.RefSpec(children["top"].index)
+  assert children["z_alias"] == _graphdef.RefSpec(children["top"].index)
   assert isinstance(children["pair"], _graphdef.PytreeSpec)
   assert children["pair"].keys == ("first", "second")
 

@@ -208,9 +208,9 @@ def test_perturb_reads_activation_gradients():
 def test_iter_modules():
   m = Block(rngs=nnx.Rngs(0))
   got = [(p, type(n).__name__) for p, n in m.iter_modules()]
-  assert got == [(("drop",), "Dropout"), (("norm",), "Norm"),
-                 (("children_list", 0), "Norm"), (("children_list", 1), "Dropout"),
-                 ((), "Block")]
+  # Attributes in name order (as Flax NNX), children first.
+  assert got == [(("children_list", 0), "Norm"), (("children_list", 1), "Dropout"),
+                 (("drop",), "Dropout"), (("norm",), "Norm"), ((), "Block")]
   assert [n for n, _ in m.iter_children()] == ["drop", "norm"]
 
 

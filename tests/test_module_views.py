@@ -77,7 +77,7 @@ def test_with_attributes_copies_and_checks_names(graph):
 def test_compat_defaults_to_graph_mode():
   p = nnx.Param(jnp.ones(1))
   with nnx.set_graph_mode(False):
-    with pytest.raises(errors.GraphError, match="reachable"):
+    with pytest.raises(errors.GraphError, match="found at paths 0 and 1"):
       nnx.split([p, p])
     gd, state = nnx.compat.split([p, p])
     out = nnx.merge(gd, state)
