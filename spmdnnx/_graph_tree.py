@@ -14,7 +14,7 @@ values (e.g. from ``to_pure_dict``) are boxed back into Variables on merge.
 >>> import jax.numpy as jnp
 >>> from spmdnnx._variables import Param
 >>> spec, pairs = tree_flatten({"w": Param(jnp.ones(2)), "n": 3})
->>> [p for p, _ in pairs]
+>>> sorted(p for p, _ in pairs)
 [('n',), ('w',)]
 """
 
@@ -49,8 +49,15 @@ def cycle_message(who: str, x: Any, first: PathParts, second: PathParts) -> str:
           f"{TREE_MODE_HINT}")
 
 
+_KEY_ATTR = {jax.tree_util.GetAttrKey: "name", jax.tree_util.DictKey: "key",
+             jax.tree_util.SequenceKey: "idx", jax.tree_util.FlattenedIndexKey: "key"}
+
+
 def key_name(k: Any) -> Any:
   """The spmdnnx path key of a JAX key entry (attribute, dict key, index)."""
+  attr = _KEY_ATTR.get(type(k))
+  if attr is not None:
+    return getattr(k, attr)
   for attr in ("name", "key", "idx"):
     if hasattr(k, attr):
       return getattr(k, attr)
@@ -85,19 +92,24 @@ def leaves_with_paths(node: Any, who: str, *, stop: Callable | None = None) -> t
   Raises:
     GraphError: a shared reference or a non-pytree Object.
   """
-  seen: dict[int, PathParts] = {}
+  seen: dict[int, tuple] = {}
 
   def is_leaf(jpath, x):
-    if isinstance(x, (Variable, Object)):
-      path = to_path(jpath)
+    if isinstance(x, Variable):
       key = id(x)
-      if key in seen and (isinstance(x, Variable) or has_data(x)):
-        raise errors.GraphError(duplicate_message(who, x, seen[key], path),
-                                paths=[seen[key], path])
-      seen[key] = path
-      if isinstance(x, Variable):
-        return True
-      check_pytree_object(x, path, who)
+      if key in seen:
+        first, path = to_path(seen[key]), to_path(jpath)
+        raise errors.GraphError(duplicate_message(who, x, first, path), paths=[first, path])
+      seen[key] = jpath
+      return True
+    if isinstance(x, Object):
+      key = id(x)
+      if key in seen and has_data(x):
+        first, path = to_path(seen[key]), to_path(jpath)
+        raise errors.GraphError(duplicate_message(who, x, first, path), paths=[first, path])
+      seen[key] = jpath
+      if not type(x)._object__is_pytree:
+        check_pytree_object(x, to_path(jpath), who)
     return stop is not None and stop(x)
 
   keyed, treedef = jax.tree_util.tree_flatten_with_path(
@@ -106,7 +118,7 @@ def leaves_with_paths(node: Any, who: str, *, stop: Callable | None = None) -> t
 
 
 def tree_flatten(node: Any, who: str = "split") -> tuple[TreeSpec, list]:
-  """The `TreeSpec` of a tree and its ``(path, leaf)`` pairs sorted by path.
+  """The `TreeSpec` of a tree and its ``(path, leaf)`` pairs (treedef order).
 
   Leaves are the live Variables (and raw leaves) of the tree.
   """
@@ -115,11 +127,7 @@ def tree_flatten(node: Any, who: str = "split") -> tuple[TreeSpec, list]:
       (type(v), v.frozen_metadata()) if isinstance(v, Variable) else None
       for _, v in pairs)
   spec = TreeSpec(type(node), treedef, tuple(p for p, _ in pairs), kinds)
-  return spec, sorted(pairs, key=lambda pv: _path_key(pv[0]))
-
-
-def _path_key(path: PathParts) -> tuple:
-  return tuple((0, k, "") if isinstance(k, int) else (1, 0, str(k)) for k in path)
+  return spec, pairs
 
 
 def tree_unflatten(spec: TreeSpec, leaves: dict, copy: bool = False) -> tuple[Any, list]:

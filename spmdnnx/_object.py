@@ -195,6 +195,9 @@ class _Aux:
     return f"Aux(data={[n for n, m in zip(self.names, self.mask) if m]})"
 
 
+_EMPTY: dict = {}
+
+
 def _by_name(item: tuple) -> str:
   return item[0]
 
@@ -202,9 +205,16 @@ def _by_name(item: tuple) -> str:
 def _flatten_parts(obj: Object):
   """Children (data attributes, in name order, as Flax) and the aux data."""
   names, mask, children, statics = [], [], [], []
+  explicit = obj._object__explicit or _EMPTY
+  markers = type(obj)._object__markers
   for name, value in sorted(obj.__dict__.items(), key=_by_name):
     names.append(name)
-    if obj.is_data_attribute(name):
+    flag = explicit.get(name)
+    if flag is None:
+      flag = markers.get(name) if markers else None
+      if flag is None:
+        flag = isinstance(value, _NODE_TYPES) or has_data(value)
+    if flag:
       mask.append(True)
       children.append((name, value))
     else:
@@ -245,6 +255,7 @@ def _register_pytree(cls: type) -> None:
 
 
 _register_pytree(Object)
+_NODE_TYPES = (Object, Variable, jax.Array)
 
 
 def is_pytree_type(cls: type) -> bool:
