@@ -200,6 +200,13 @@ from spmdnnx._module import view as view
 from spmdnnx._module import view_info as view_info
 from spmdnnx._module import with_attributes as with_attributes
 from spmdnnx import _compat as compat
+from spmdnnx._graph_context import current_update_context as current_update_context
+from spmdnnx._graph_context import merge_context as merge_context
+from spmdnnx._graph_context import MergeContext as MergeContext
+from spmdnnx._graph_context import split_context as split_context
+from spmdnnx._graph_context import SplitContext as SplitContext
+from spmdnnx._graph_context import update_context as update_context
+from spmdnnx._graph_context import UpdateContext as UpdateContext
 # (end of graph block)
 
 # Flax NNX parity (transforms): names added by that part; keep each block separate

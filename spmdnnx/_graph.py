@@ -52,23 +52,27 @@ class GraphDef:
 
   Attributes:
     spec: the root's spec record (see `spmdnnx._graphdef`).
+    outer: for a split inside an update context, ``(node index, outer node
+      index)`` pairs (see `spmdnnx._graph_context`); else None.
   """
 
-  __slots__ = ("spec", "_hash")
+  __slots__ = ("spec", "outer", "_hash")
 
-  def __init__(self, spec: Any):
+  def __init__(self, spec: Any, outer: tuple | None = None):
     self.spec = spec
+    self.outer = outer
     self._hash = None  # computed on first use, then cached
 
   def __hash__(self):
     h = self._hash
     if h is None:
-      h = self._hash = hash(self.spec)
+      h = self._hash = hash(self.spec) if self.outer is None else hash((self.spec, self.outer))
     return h
 
   def __eq__(self, other):
     return isinstance(other, GraphDef) and (
-        self is other or (hash(self) == hash(other) and self.spec == other.spec))
+        self is other or (hash(self) == hash(other) and self.spec == other.spec
+                          and self.outer == other.outer))
 
   def __repr__(self):
     return f"GraphDef(\n{repr_spec(self.spec, 1)}\n)"

@@ -386,3 +386,59 @@ def test_view_sets_attributes_of_modules_without_set_view():
   d = nnx.Dropout(0.5, deterministic=False)
   out = nnx.view(d, deterministic=True)
   assert out.deterministic is True and d.deterministic is False
+
+
+# --- split / merge / update contexts -------------------------------------------------
+
+
+def test_split_context_shares_one_walk_and_merge_context_one_build():
+  lin = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+  seq = nnx.Sequential(lin)
+  with nnx.split_context() as ctx:
+    gd1, st1 = ctx.split(seq)
+    gd2, st2 = ctx.split(lin)
+  assert len(st1.flat_state()) == 2 and len(st2.flat_state()) == 0
+  with nnx.merge_context() as ctx:
+    a = ctx.merge(gd1, st1)
+    b = ctx.merge(gd2, st2)
+  assert b is a.layers[0]
+
+
+def test_update_context_writes_inner_changes_into_the_originals():
+
+  class Bar(nnx.Module):
+
+    def __init__(self):
+      self.x = 1
+
+  class Foo(nnx.Module):
+
+    def __init__(self):
+      self.a = Bar()
+      self.b = self.a
+      self.w = nnx.Param(jnp.ones(2))
+
+  m = Foo()
+  w = m.w
+  with nnx.update_context("t"):
+    with nnx.split_context("t") as ctx:
+      gd, st = ctx.split(m)
+
+    @jax.jit
+    def inner(gd, st):
+      with nnx.merge_context("t", True) as ctx:
+        m2 = ctx.merge(gd, st)
+      m2.a.x = 2
+      m2.c = Bar()
+      m2.w.value = m2.w.value * 3
+      with nnx.split_context("t") as ctx:
+        return ctx.split(m2)
+
+    gd, st = inner(gd, st)
+    with nnx.merge_context("t", False) as ctx:
+      out = ctx.merge(gd, st)
+    assert nnx.current_update_context("t").tag == "t"
+  assert out is m and m.w is w and m.w.value.tolist() == [3.0, 3.0]
+  assert m.a.x == 2 and m.b is m.a and isinstance(m.c, Bar)
+  with pytest.raises(errors.GraphError, match="No update context for tag 't' is open"):
+    nnx.current_update_context("t")

@@ -18,7 +18,7 @@ LAYERS = [
     ("base", ["errors", "_typing", "_tracectx", "_modes"]),
     ("values", ["_filters", "_variables", "_stacked"]),
     ("objects", ["_pytree", "_object", "_state", "_rngs"]),
-    ("graph", ["_graphdef", "_graph_tree", "_graph", "_graph_api", "_restructure", "_module", "_display"]),
+    ("graph", ["_graphdef", "_graph_tree", "_graph", "_graph_api", "_restructure", "_graph_context", "_module", "_display"]),
     ("spmd", ["spmd"]),
     ("transforms", ["_transforms"]),
     ("library", ["nn", "_optim", "_stack", "_stack_convert", "_compat"]),
