@@ -80,8 +80,8 @@ def test_stale_state_restored_into_the_model(mesh):
   with nnx.use_sharding(mesh, "fsdp_tp"):
     step(model, optimizer, X)
     nnx.update(model, snapshot)          # puts the donated arrays back
-    with pytest.raises(errors.DonatedArrayError, match=r"jit\(make_step.<locals>.step\): up/kernel \(in argument 0\), "
-                       r"up/bias \(in argument 0\) " + MESSAGE):
+    with pytest.raises(errors.DonatedArrayError, match=r"jit\(make_step.<locals>.step\): up/bias \(in argument 0\), "
+                       r"up/kernel \(in argument 0\) " + MESSAGE):
       step(model, optimizer, X)
 
 
