@@ -216,7 +216,7 @@ class Walk:
       self.trail.append((path, value))
       return _new(NodeSpec, ("NodeSpec", typ, idx, children))
     if typ in _MUTABLE_CONTAINERS:
-      if not has_data(value):
+      if not has_data(value) and not _holds_itself(value):
         if typ in (List, Dict):
           self.static_containers.append(value)
         return _new(StaticSpec, ("StaticSpec", Static(value)))
@@ -264,6 +264,11 @@ class Walk:
       self.trail.append((path, value))
       return _new(ArraySpec, ("ArraySpec",))
     return spec
+
+
+def _holds_itself(container: Any) -> bool:
+  items = container.values() if isinstance(container, dict) else container
+  return any(v is container for v in items)
 
 
 def _by_key(item: tuple) -> Any:

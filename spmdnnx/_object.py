@@ -46,16 +46,20 @@ def _stop_at_nodes(x: Any) -> bool:
   return isinstance(x, (Object, Variable)) or is_array(x)
 
 
-def has_data(value: Any) -> bool:
+def has_data(value: Any, _active: set | None = None) -> bool:
   """Whether value holds anything that belongs in a State (array, Variable, Object)."""
   if isinstance(value, (Object, Variable)) or is_array(value):
     return True
   if isinstance(value, (str, bytes, int, float, bool, complex, type(None), type)):
     return False
-  if isinstance(value, (list, tuple)):
-    return any(has_data(v) for v in value)
-  if isinstance(value, dict):
-    return any(has_data(v) for v in value.values())
+  if isinstance(value, (list, tuple, dict)):
+    # A container may hold itself (``d["self"] = d``): visit each one once.
+    active = set() if _active is None else _active
+    if id(value) in active:
+      return False
+    active.add(id(value))
+    items = value.values() if isinstance(value, dict) else value
+    return any(has_data(v, active) for v in items)
   if callable(value) and not hasattr(value, "__dict__"):
     return False
   try:
@@ -132,6 +136,7 @@ class Object:
   def _set_status(self, name: str, value: Any, is_data: bool | None) -> None:
     """Records an explicit data/static marker and checks static holds no data."""
     explicit = self._object__explicit
+    marked_now = is_data is not None
     if is_data is None:
       is_data = explicit.get(name) if explicit and name in explicit else \
           self._object__markers[name]
@@ -142,11 +147,14 @@ class Object:
       if self._object__watched:
         bump_epoch()
     if not is_data and has_data(value):
+      # (The phrases match Flax's for code that checks them.)
+      how = ("Found data in value" if marked_now else "Found data on value"
+             if explicit and name in explicit else "Found unexpected data on value")
       raise errors.GraphError(
-          f"Found data in value of type {type(value).__name__!r} assigned to the "
-          f"static attribute {type(self).__name__}.{name} (marked nnx.static): "
-          "static attributes hold no arrays, Variables or Objects. Assign it "
-          f"with nnx.data(...) to make {name!r} data.", paths=[(name,)])
+          f"{how} of type {type(value).__name__!r} assigned to the static attribute "
+          f"{type(self).__name__}.{name} (marked nnx.static): static attributes hold "
+          f"no arrays, Variables or Objects. Assign it with nnx.data(...) to make "
+          f"{name!r} data.", paths=[(name,)])
 
   def __delattr__(self, name: str) -> None:
     object.__delattr__(self, name)

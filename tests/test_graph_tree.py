@@ -107,7 +107,7 @@ def test_static_marker_refuses_data():
       self.b = nnx.static(2)
 
   foo = Foo()
-  with pytest.raises(errors.GraphError, match="Found data in value of type 'list'.*Foo.b"):
+  with pytest.raises(errors.GraphError, match="Found data on value of type 'list'.*Foo.b"):
     foo.b = [jnp.ones(2)]
   with pytest.raises(errors.GraphError, match="Found data in value of type"):
     Foo().__setattr__("c", nnx.static(jnp.ones(1)))
@@ -442,3 +442,21 @@ def test_update_context_writes_inner_changes_into_the_originals():
   assert m.a.x == 2 and m.b is m.a and isinstance(m.c, Bar)
   with pytest.raises(errors.GraphError, match="No update context for tag 't' is open"):
     nnx.current_update_context("t")
+
+
+def test_container_holding_itself_splits_and_merges():
+  d = nnx.Dict(a=1)
+  d.me = d
+  gd, state = nnx.split(d)
+  out = nnx.merge(gd, state)
+  assert out["me"] is out and out["a"] == 1
+
+
+def test_static_marker_messages_say_how_the_attribute_became_static():
+
+  @nnx.dataclass
+  class Foo(nnx.Pytree):
+    s: int = nnx.static(default=0)
+
+  with pytest.raises(errors.GraphError, match="Found unexpected data on value of type"):
+    Foo(s=jnp.ones(1))
