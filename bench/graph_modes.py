@@ -5,8 +5,9 @@ BatchNorm; both modes split it into the same State and merge it back. Graph
 mode walks Objects with identity tracking (`Walk`); tree mode flattens the
 model as a JAX pytree (Objects are pytrees). The plain-JAX reference is
 `jax.tree_util.tree_flatten` / `tree_unflatten` of the same model (what tree
-mode builds on), timed in the same process. Timings are interleaved, the
-median over rounds is reported, in microseconds per call.
+mode builds on), timed in the same process. Timings are interleaved; the
+best round is reported (microseconds per call): on a shared, loaded machine
+the minimum is the least noisy estimate of the cost itself.
 
 Run: python bench/graph_modes.py [--depths 4,32,128] [--calls 50] [--rounds 9]
 """
@@ -14,7 +15,6 @@ Run: python bench/graph_modes.py [--depths 4,32,128] [--calls 50] [--rounds 9]
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import jax
@@ -54,7 +54,7 @@ def measure(depth: int, calls: int, rounds: int) -> dict:
   for _ in range(rounds):
     for name, fn in cases.items():
       samples[name].append(_per_call(fn, calls))
-  return {k: statistics.median(v) for k, v in samples.items()}
+  return {k: min(v) for k, v in samples.items()}
 
 
 def main():
