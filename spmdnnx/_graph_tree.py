@@ -30,6 +30,8 @@ from spmdnnx._object import Object, has_data
 from spmdnnx._typing import PathParts
 from spmdnnx._variables import Variable, detach, new_variable
 
+_REF = getattr(jax, "Ref", Variable)  # mutable array references (jax.new_ref)
+
 TREE_MODE_HINT = (
     "Tree mode (graph=False) does not support shared references; pass "
     "graph=True (or use nnx.set_graph_mode(True)) to keep them shared, or "
@@ -95,13 +97,13 @@ def leaves_with_paths(node: Any, who: str, *, stop: Callable | None = None) -> t
   seen: dict[int, tuple] = {}
 
   def is_leaf(jpath, x):
-    if isinstance(x, Variable):
+    if isinstance(x, (Variable, _REF)):
       key = id(x)
       if key in seen:
         first, path = to_path(seen[key]), to_path(jpath)
         raise errors.GraphError(duplicate_message(who, x, first, path), paths=[first, path])
       seen[key] = jpath
-      return True
+      return isinstance(x, Variable)
     if isinstance(x, Object):
       key = id(x)
       if key in seen and has_data(x):

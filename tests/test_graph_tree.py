@@ -460,3 +460,9 @@ def test_static_marker_messages_say_how_the_attribute_became_static():
 
   with pytest.raises(errors.GraphError, match="Found unexpected data on value of type"):
     Foo(s=jnp.ones(1))
+
+
+def test_tree_mode_refuses_a_shared_array_ref():
+  ref = jax.new_ref(jnp.ones(1))
+  with pytest.raises(errors.GraphError, match="same Ref found at paths 0 and 1"):
+    nnx.split([ref, ref], graph=False)
