@@ -6,12 +6,14 @@ cycles. One walker, `Walk`, traverses it depth-first for every graph function
 here and for the lifted transforms; `split` returns what it records:
 
 - a hashable `GraphDef` (types, static attributes, Variable metadata, sharing);
-- `State`s holding detached copies of the Variables (and raw arrays), one
-  State per filter.
+- `State`s holding the graph's live Variables (and raw arrays), one State
+  per filter, as Flax NNX 0.12 does.
 
-`merge` rebuilds fresh objects from a GraphDef and States; `update` writes a
-State back into live objects. A Variable reachable by several paths appears
-once in the State (at its first path) and comes back shared after `merge`.
+`merge` builds new objects around the States' Variables (``copy=True`` copies
+them); `update` writes a State back into live objects. A Variable reachable
+by several paths appears once in the State (at its first path in attribute
+name order) and comes back shared after `merge`. ``graph=False`` (tree mode,
+`_graph_tree`) flattens the graph as a JAX pytree instead.
 
 >>> import jax.numpy as jnp
 >>> from spmdnnx._variables import Param

@@ -1,7 +1,7 @@
 """State: the nested-mapping pytree that holds a graph's Variables.
 
-`split` returns States; their leaves are detached Variable copies (value plus
-metadata) or, for arrays stored directly on a Module, the raw arrays. A State
+`split` returns States; their leaves are the graph's Variables themselves
+(Flax NNX 0.12) or, for arrays stored directly on a Module, the raw arrays. A State
 reads like nested dicts and like attributes (``state["linear"]["kernel"]`` or
 ``state.linear.kernel``) and flattens as a JAX pytree with dict-style keys.
 
