@@ -62,7 +62,6 @@ from spmdnnx._graph import state as state
 from spmdnnx._graph import update as update
 from spmdnnx._graph import variables as variables
 from spmdnnx._module import Module as Module
-from spmdnnx._module import data as data
 from spmdnnx._module import reseed as reseed
 
 # Lifted transforms
@@ -174,6 +173,40 @@ from spmdnnx._modes import set_graph_updates as set_graph_updates
 # (end of modes block)
 
 # Flax NNX parity (graph): names added by that part; keep each block separate
+from spmdnnx._pytree import data as data
+from spmdnnx._pytree import Data as Data
+from spmdnnx._pytree import dataclass as dataclass
+from spmdnnx._pytree import static as static
+from spmdnnx._pytree import Static as Static
+from spmdnnx._state import GraphState as GraphState
+from spmdnnx._graph_api import call as call
+from spmdnnx._graph_api import find_duplicates as find_duplicates
+from spmdnnx._graph_api import map as map  # noqa: A004 (Flax's name)
+from spmdnnx._graph_api import PureState as PureState
+from spmdnnx._graph_api import recursive_map as recursive_map
+from spmdnnx._graph_api import set_metadata as set_metadata
+from spmdnnx._graph_api import to_flat_state as to_flat_state
+from spmdnnx._graph_api import to_pure_dict as to_pure_dict
+from spmdnnx._graph_api import unpack as unpack
+from spmdnnx._graph_api import filter_state as filter_state
+from spmdnnx._graph_api import from_flat_state as from_flat_state
+from spmdnnx._graph_api import map_state as map_state
+from spmdnnx._graph_api import merge_state as merge_state
+from spmdnnx._graph_api import replace_by_pure_dict as replace_by_pure_dict
+from spmdnnx._graph_api import split_state as split_state
+from spmdnnx._module import iter_modules as iter_modules
+from spmdnnx._module import capture as capture
+from spmdnnx._module import view as view
+from spmdnnx._module import view_info as view_info
+from spmdnnx._module import with_attributes as with_attributes
+from spmdnnx import _compat as compat
+from spmdnnx._graph_context import current_update_context as current_update_context
+from spmdnnx._graph_context import merge_context as merge_context
+from spmdnnx._graph_context import MergeContext as MergeContext
+from spmdnnx._graph_context import split_context as split_context
+from spmdnnx._graph_context import SplitContext as SplitContext
+from spmdnnx._graph_context import update_context as update_context
+from spmdnnx._graph_context import UpdateContext as UpdateContext
 # (end of graph block)
 
 # Flax NNX parity (transforms): names added by that part; keep each block separate

@@ -6,12 +6,14 @@ cycles. One walker, `Walk`, traverses it depth-first for every graph function
 here and for the lifted transforms; `split` returns what it records:
 
 - a hashable `GraphDef` (types, static attributes, Variable metadata, sharing);
-- `State`s holding detached copies of the Variables (and raw arrays), one
-  State per filter.
+- `State`s holding the graph's live Variables (and raw arrays), one State
+  per filter, as Flax NNX 0.12 does.
 
-`merge` rebuilds fresh objects from a GraphDef and States; `update` writes a
-State back into live objects. A Variable reachable by several paths appears
-once in the State (at its first path) and comes back shared after `merge`.
+`merge` builds new objects around the States' Variables (``copy=True`` copies
+them); `update` writes a State back into live objects. A Variable reachable
+by several paths appears once in the State (at its first path in attribute
+name order) and comes back shared after `merge`. ``graph=False`` (tree mode,
+`_graph_tree`) flattens the graph as a JAX pytree instead.
 
 >>> import jax.numpy as jnp
 >>> from spmdnnx._variables import Param
@@ -30,16 +32,19 @@ True
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Callable, Iterator
 
 import jax
-import numpy as np
 
 from spmdnnx import errors
+from spmdnnx import _graph_tree as tree
 from spmdnnx._graphdef import ArraySpec, NodeSpec, PytreeSpec, RefSpec, Static, StaticSpec
-from spmdnnx._graphdef import VariableSpec, repr_spec
-from spmdnnx._object import Dict, List, Object, init_object_slots
-from spmdnnx._state import State, split_pairs
+from spmdnnx._graphdef import TreeSpec, VariableSpec, repr_spec
+from spmdnnx._modes import resolve_graph
+from spmdnnx._object import Dict, List, Object, has_data, init_object_slots, is_array
+from spmdnnx._object import set_explicit
+from spmdnnx._state import GraphState, State, split_pairs
 from spmdnnx._typing import PathParts
 from spmdnnx._variables import Variable, detach, new_variable, write_back
 
@@ -49,31 +54,39 @@ class GraphDef:
 
   Attributes:
     spec: the root's spec record (see `spmdnnx._graphdef`).
+    outer: for a split inside an update context, ``(node index, outer node
+      index)`` pairs (see `spmdnnx._graph_context`); else None.
   """
 
-  __slots__ = ("spec", "_hash")
+  __slots__ = ("spec", "outer", "_hash")
 
-  def __init__(self, spec: Any):
+  def __init__(self, spec: Any, outer: tuple | None = None):
     self.spec = spec
+    self.outer = outer
     self._hash = None  # computed on first use, then cached
 
   def __hash__(self):
     h = self._hash
     if h is None:
-      h = self._hash = hash(self.spec)
+      h = self._hash = hash(self.spec) if self.outer is None else hash((self.spec, self.outer))
     return h
 
   def __eq__(self, other):
     return isinstance(other, GraphDef) and (
-        self is other or (hash(self) == hash(other) and self.spec == other.spec))
+        self is other or (hash(self) == hash(other) and self.spec == other.spec
+                          and self.outer == other.outer))
 
   def __repr__(self):
     return f"GraphDef(\n{repr_spec(self.spec, 1)}\n)"
 
+  def __class_getitem__(cls, item):
+    # ``GraphDef[Module]`` in annotations (Flax's GraphDef is generic).
+    return cls
+
   @property
   def root_type(self) -> type:
     spec = self.spec
-    return spec.type if isinstance(spec, (NodeSpec, VariableSpec)) else type(None)
+    return spec.type if isinstance(spec, (NodeSpec, VariableSpec, TreeSpec)) else type(None)
 
   def apply(self, state: State, *states: State) -> "_ApplyCaller":
     """Functional call: ``(out, (graphdef, state)) = gd.apply(state)(*args)``."""
@@ -100,7 +113,7 @@ class _ApplyCaller:
     for name in self._path:
       fn = getattr(fn, name)
     out = fn(*args, **kwargs)
-    return out, split(node)
+    return out, split(node, graph=type(self._graphdef.spec) is not TreeSpec)
 
 
 # --------------------------------------------------------------------------------
@@ -113,32 +126,7 @@ def is_graph_node(x: Any) -> bool:
   return isinstance(x, (Object, Variable))
 
 
-def _is_array(x: Any) -> bool:
-  return isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)) or \
-      isinstance(x, jax.core.Tracer)
-
-
-def _stop_at_nodes(x: Any) -> bool:
-  return isinstance(x, (Object, Variable)) or _is_array(x)
-
-
-def has_data(value: Any) -> bool:
-  """Whether value holds anything that belongs in a State."""
-  if isinstance(value, (Object, Variable)) or _is_array(value):
-    return True
-  if isinstance(value, (str, bytes, int, float, bool, complex, type(None), type)):
-    return False
-  if isinstance(value, (list, tuple)):
-    return any(has_data(v) for v in value)
-  if isinstance(value, dict):
-    return any(has_data(v) for v in value.values())
-  if callable(value) and not hasattr(value, "__dict__"):
-    return False
-  try:
-    leaves = jax.tree.leaves(value, is_leaf=_stop_at_nodes)
-  except Exception:  # noqa: BLE001  (unknown objects are static)
-    return False
-  return len(leaves) != 1 or leaves[0] is not value and has_data(leaves[0])
+_is_array = is_array
 
 
 def _pytree_children(value: Any) -> tuple[list, Any]:
@@ -220,12 +208,17 @@ class Walk:
       idx = self.index[id(value)] = len(self.nodes)
       self.nodes.append(value)
       visit = self.visit
-      children = tuple([(name, visit(sub, path + (name,)))
-                        for name, sub in value.__dict__.items()])
+      # Attributes in name order, as Flax NNX (iteration order = State order).
+      items = sorted(value.__dict__.items(), key=_by_key)
+      if value._object__explicit is None and not typ._object__markers:
+        children = tuple([(name, visit(sub, path + (name,))) for name, sub in items])
+      else:
+        children = tuple([(name, self._marked(value, name, sub, path + (name,)))
+                          for name, sub in items])
       self.trail.append((path, value))
       return _new(NodeSpec, ("NodeSpec", typ, idx, children))
     if typ in _MUTABLE_CONTAINERS:
-      if not has_data(value):
+      if not has_data(value) and not _holds_itself(value):
         if typ in (List, Dict):
           self.static_containers.append(value)
         return _new(StaticSpec, ("StaticSpec", Static(value)))
@@ -259,6 +252,29 @@ class Walk:
       self.trail.append((path, value))
       return _new(PytreeSpec, ("PytreeSpec", treedef, keys, children))
     return _new(StaticSpec, ("StaticSpec", Static(value)))
+
+  def _marked(self, owner: Object, name: str, value: Any, path: PathParts) -> Any:
+    """The spec of an attribute that may be marked `nnx.data` / `nnx.static`."""
+    is_data = owner.is_data_attribute(name)
+    if not is_data:
+      return _new(StaticSpec, ("StaticSpec", Static(value)))
+    spec = self.visit(value, path)
+    if type(spec) is StaticSpec:  # nnx.data(...) on a plain value: a State leaf
+      self.has_raw = True
+      self.variables.append(None)
+      self.pairs.append((path, value))
+      self.trail.append((path, value))
+      return _new(ArraySpec, ("ArraySpec",))
+    return spec
+
+
+def _holds_itself(container: Any) -> bool:
+  items = container.values() if isinstance(container, dict) else container
+  return any(v is container for v in items)
+
+
+def _by_key(item: tuple) -> Any:
+  return item[0]
 
 
 # Spec records are built with tuple.__new__ directly in the walker (the hot
@@ -319,7 +335,9 @@ class Builder:
       self.nodes[idx] = obj
       d = obj.__dict__
       for k, sub in children:
-        d[k] = self.build(sub, path + (k,))
+        v = d[k] = self.build(sub, path + (k,))
+        if type(sub) is ArraySpec and not is_array(v):
+          set_explicit(obj, k, True)  # it was nnx.data(...)
       return obj
     if kind is RefSpec:
       return self.nodes[spec.index]
@@ -342,40 +360,104 @@ def variable_from(spec: VariableSpec, leaf: Any) -> Variable:
   return new_variable(spec.type, leaf, frozen=spec.metadata)
 
 
+
 # --------------------------------------------------------------------------------
 # Public graph functions
 # --------------------------------------------------------------------------------
+#
+# Every function with a ``graph=`` argument walks in graph mode (`Walk`:
+# sharing and cycles kept) or in tree mode (`_graph_tree`: Objects as JAX
+# pytrees, a shared Variable is an error); ``None`` means the mode in force
+# (`spmdnnx.set_graph_mode`). As in Flax NNX 0.12, States hold the graph's
+# live Variables: ``nnx.state(model)["w"] is model.w``, and `merge` reuses the
+# Variables it is given (``copy=True`` copies them; `clone` always does).
 
 
-def split(node: Any, *filters) -> tuple:
+def flat_pairs(node: Any, graph: bool | None = None, who: str = "split") -> tuple:
+  """``(graphdef, [(path, live leaf), ...])`` of a graph in either mode."""
+  if resolve_graph(graph):
+    gd, w = flatten(node, detach_variables=False)
+    if type(gd.spec) is StaticSpec and not isinstance(node, (list, tuple, dict)):
+      return GraphDef(_new(ArraySpec, ("ArraySpec",))), [((), node)]  # a bare leaf
+    return gd, w.pairs
+  spec, pairs = tree.tree_flatten(node, who)
+  return GraphDef(spec), pairs
+
+
+def split(node: Any, *filters, graph: bool | None = None) -> tuple:
   """Splits a graph into its GraphDef and one State per filter.
 
-  The filters must cover every leaf (end with `...` to collect the rest).
+  The filters must cover every leaf (end with `...` to collect the rest). The
+  States hold the graph's own Variables (not copies).
+
+  Args:
+    node: the graph (Module, list of Modules, pytree, Variable, array...).
+    *filters: one State per filter; none gives one State of everything.
+    graph: graph mode (True: sharing kept), tree mode (False: Objects as
+      pytrees, a shared Variable is an error), None: the mode in force.
 
   Returns:
     ``(graphdef, state)`` without filters, else ``(graphdef, state_1, ..., state_n)``.
 
   Raises:
     FilterError: if the filters are not exhaustive or not filters.
+    GraphError: in tree mode, a Variable reachable twice.
+
+  >>> import jax.numpy as jnp, spmdnnx as nnx
+  >>> m = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+  >>> gd, params = nnx.split(m, graph=False)
+  >>> params["kernel"] is m.kernel
+  True
   """
-  graphdef, f = flatten(node)
+  graphdef, pairs = flat_pairs(node, graph, "split")
   if not filters:
-    return graphdef, _as_state(f.pairs)
-  parts = split_pairs(f.pairs, filters, exhaustive=True)
+    return graphdef, _as_state(pairs)
+  parts = split_pairs(pairs, filters, exhaustive=True)
   return (graphdef, *(_as_state(p) for p in parts))
 
 
-def graphdef(node: Any) -> GraphDef:
-  """The GraphDef of a graph."""
-  return flatten(node, detach_variables=False)[0]
+def graphdef(node: Any, *, graph: bool | None = None) -> GraphDef:
+  """The GraphDef of a graph (``graph=`` as in `split`)."""
+  if resolve_graph(graph):
+    return flatten(node, detach_variables=False)[0]
+  return GraphDef(tree.tree_flatten(node, "graphdef")[0])
 
 
-def state(node: Any, *filters) -> State | tuple[State, ...]:
-  """The State of a graph (all of it, or the leaves matching each filter)."""
-  _, f = flatten(node)
+def state(node: Any, *filters, graph: bool | None = None) -> State | tuple[State, ...]:
+  """The State of a graph (all of it, or the leaves matching each filter).
+
+  Leaves are the graph's live Variables: writing one changes the graph.
+  """
+  _, pairs = flat_pairs(node, graph, "state")
   if not filters:
-    return _as_state(f.pairs)
-  parts = split_pairs(f.pairs, filters, exhaustive=False)[:len(filters)]
+    return _as_state(pairs)
+  parts = split_pairs(pairs, filters, exhaustive=False)[:len(filters)]
+  states = tuple(_as_state(p) for p in parts)
+  return states[0] if len(states) == 1 else states
+
+
+def variables(node: Any, *filters, graph: bool | None = None) -> State | tuple[State, ...]:
+  """The live Variables of a graph as a State (Flax's `nnx.variables`; same as `state`).
+
+  Mutating a returned Variable (``v.value = ...``) changes the graph. With
+  filters, one State per filter (not exhaustive), as `state` does.
+
+  >>> import jax.numpy as jnp
+  >>> from spmdnnx._variables import Param
+  >>> from spmdnnx._object import Object
+  >>> class M(Object):
+  ...   def __init__(self):
+  ...     self.w = Param(jnp.zeros(2))
+  >>> m = M()
+  >>> variables(m, Param)["w"].value = jnp.ones(2)
+  >>> m.w.value.tolist()
+  [1.0, 1.0]
+  """
+  _, pairs = flat_pairs(node, graph, "variables")
+  pairs = [(p, v) for p, v in pairs if isinstance(v, Variable)]
+  if not filters:
+    return _as_state(pairs)
+  parts = split_pairs(pairs, filters, exhaustive=False)[:len(filters)]
   states = tuple(_as_state(p) for p in parts)
   return states[0] if len(states) == 1 else states
 
@@ -387,39 +469,85 @@ def _as_state(pairs: list) -> Any:
   return State.from_flat_path(pairs)
 
 
-def merge(graphdef: GraphDef, state: State | None = None, /, *states: State) -> Any:
-  """Builds a fresh graph from a GraphDef and States.
-
-  Raises:
-    GraphError: when the States miss paths the GraphDef needs, or hold paths
-      it does not have.
-  """
-  if not isinstance(graphdef, GraphDef):
-    raise errors.GraphError(
-        f"merge expects a GraphDef as first argument, got {type(graphdef).__name__}; "
-        "call it as merge(graphdef, state, ...).")
+def _collect_leaves(graphdef: GraphDef, states: tuple) -> dict:
   leaves: dict = {}
-  for s in ((state,) if state is not None else ()) + states:
+  root_leaf = isinstance(graphdef.spec, (VariableSpec, ArraySpec)) or (
+      type(graphdef.spec) is TreeSpec and graphdef.spec.paths == ((),))
+  for s in states:
+    if isinstance(s, GraphState):
+      s = s.state
     if isinstance(s, State):
       leaves.update(s.flat_state())
     elif isinstance(s, dict):
       leaves.update(State(s).flat_state())
-    elif isinstance(graphdef.spec, (VariableSpec, ArraySpec)) and (
-        isinstance(s, Variable) or _is_array(s)):
-      leaves[()] = s  # the graph is a single Variable (or array)
+    elif root_leaf and not isinstance(s, (list, tuple)):
+      leaves[()] = s  # the graph is a single Variable (or leaf)
     else:
       raise errors.GraphError(
           f"merge expects States after the GraphDef, got {type(s).__name__}.")
+  return leaves
+
+
+def merge(graphdef: GraphDef | GraphState, /, *states: Any, copy: bool = False) -> Any:
+  """Builds a graph from a GraphDef and States (or from `GraphState`s).
+
+  The Variables in the States are used as they are (the new graph shares
+  them with whatever else holds them, the split graph included); raw values
+  (e.g. from `to_pure_dict`) are boxed into new Variables.
+
+  Args:
+    graphdef: from `split` / `graphdef`, or a `GraphState` (then every
+      argument is a GraphState of the same GraphDef).
+    *states: the States (all of them, if split by several filters).
+    copy: copy the Variables instead of reusing them.
+
+  Raises:
+    GraphError: when the States miss paths the GraphDef needs, or hold paths
+      it does not have, or the first argument is not a GraphDef.
+
+  >>> import spmdnnx as nnx
+  >>> m = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+  >>> m2 = nnx.merge(*nnx.split(m))
+  >>> m2 is m, m2.kernel is m.kernel
+  (False, True)
+  """
+  if isinstance(graphdef, GraphState):
+    first = graphdef
+    for s in states:
+      if not isinstance(s, GraphState):
+        raise errors.GraphError(
+            f"merge: Expected GraphState object after a GraphState, got "
+            f"{type(s).__name__}; pass only the GraphStates of one nnx.unpack call.")
+      if s.graphdef != first.graphdef:
+        raise errors.GraphError(
+            "merge: GraphDef must be the same for all GraphState objects; pass the "
+            "GraphStates of one nnx.unpack call.")
+    graphdef, states = first.graphdef, (first, *states)
+  if not isinstance(graphdef, GraphDef):
+    raise errors.GraphError(
+        f"merge expects a GraphDef as first argument, got {type(graphdef).__name__}; "
+        "call it as merge(graphdef, state, ...).")
+  if not states:
+    raise errors.ArgumentError(
+        "merge() missing 1 required positional argument: 'state'; pass the State(s) "
+        "from split() after the GraphDef.")
+  leaves = _collect_leaves(graphdef, states)
   missing: list = []
+  if type(graphdef.spec) is TreeSpec:
+    node, missing = tree.tree_unflatten(graphdef.spec, leaves, copy)
+  else:
+    def take(path, spec):
+      if path not in leaves:
+        missing.append(path)
+        return None
+      leaf = leaves.pop(path)
+      if type(spec) is not VariableSpec:
+        return raw(leaf)
+      if isinstance(leaf, Variable):
+        return detach(leaf) if copy else leaf
+      return new_variable(spec.type, leaf, frozen=spec.metadata)
 
-  def take(path, spec):
-    if path not in leaves:
-      missing.append(path)
-      return None
-    leaf = leaves.pop(path)
-    return variable_from(spec, leaf) if type(spec) is VariableSpec else raw(leaf)
-
-  node = Builder(take).build(graphdef.spec, ())
+    node = Builder(take).build(graphdef.spec, ())
   if missing or leaves:
     parts = []
     if missing:
@@ -447,8 +575,18 @@ def update(node: Any, state: State, /, *states: State) -> None:
     GraphError: a path that goes through a node the graph lacks, or into an
       immutable container (tuple, pytree).
   """
+  if isinstance(node, Variable):
+    nonempty = [s for s in (state, *states) if not (isinstance(s, Mapping) and not s)]
+    if len(nonempty) != 1:
+      raise errors.GraphError(
+          f"update: a Variable takes exactly one non-empty state, got {len(nonempty)}.")
+    write_back(node, nonempty[0].state if isinstance(nonempty[0], GraphState)
+               else nonempty[0])
+    return
   live: dict | None = None
   for s in (state,) + states:
+    if isinstance(s, GraphState):
+      s = s.state
     if not isinstance(s, State):
       s = State(s)
     for path, leaf in s.flat_state():
@@ -457,7 +595,8 @@ def update(node: Any, state: State, /, *states: State) -> None:
         live = {p: v for (p, _), v in zip(w.pairs, w.variables) if v is not None}
       target = live.get(path)
       if target is not None:
-        write_back(target, leaf)
+        if target is not leaf:
+          write_back(target, leaf)
       else:
         _set_path(node, path, leaf)
 
@@ -516,7 +655,7 @@ def pop(node: Any, *filters) -> State | tuple[State, ...]:
   """
   if not filters:
     raise errors.FilterError("pop needs at least one filter, e.g. pop(model, nnx.Intermediate).")
-  _, w = flatten(node)
+  _, w = flatten(node, detach_variables=False)
   parts = split_pairs(w.pairs, filters, exhaustive=False)[:len(filters)]
   for part in parts:
     for path, _ in part:
@@ -535,51 +674,93 @@ def pop(node: Any, *filters) -> State | tuple[State, ...]:
   return states[0] if len(states) == 1 else states
 
 
-def variables(node: Any, *filters) -> State | tuple[State, ...]:
-  """The live Variables of a graph as a State (not copies), like Flax's `nnx.variables`.
+def clone(node: Any, *, variables: bool = True, arrays: bool = False,
+          graph: bool | None = None) -> Any:
+  """A deep copy of a graph (shared references stay shared within the copy).
 
-  Mutating a returned Variable (``v.value = ...``) changes the graph. With
-  filters, one State per filter (not exhaustive), as `state` does.
+  Args:
+    node: the graph.
+    variables: new Variables (True) or the same ones, shared with `node`.
+    arrays: also copy the array buffers (needs ``variables=True``), so that
+      donating one copy's buffers cannot delete the other's.
+    graph: graph or tree mode, as in `split`.
 
-  >>> import jax.numpy as jnp
-  >>> from spmdnnx._variables import Param
-  >>> from spmdnnx._object import Object
-  >>> class M(Object):
-  ...   def __init__(self):
-  ...     self.w = Param(jnp.zeros(2))
-  >>> m = M()
-  >>> variables(m, Param)["w"].value = jnp.ones(2)
-  >>> m.w.value.tolist()
-  [1.0, 1.0]
+  Raises:
+    GraphError: ``arrays=True`` with ``variables=False``.
+
+  >>> import spmdnnx as nnx
+  >>> m = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+  >>> c = nnx.clone(m, arrays=True)
+  >>> c.kernel is m.kernel, c.kernel.value is m.kernel.value
+  (False, False)
   """
-  _, w = flatten(node, detach_variables=False)
-  pairs = [(p, v) for p, v in w.pairs if isinstance(v, Variable)]
-  if not filters:
-    return _as_state(pairs)
-  parts = split_pairs(pairs, filters, exhaustive=False)[:len(filters)]
-  states = tuple(_as_state(p) for p in parts)
-  return states[0] if len(states) == 1 else states
+  if arrays and not variables:
+    raise errors.GraphError(
+        "clone(arrays=True) copies the Variables' buffers, so it needs "
+        "variables=True (the default).")
+  graphdef, state_ = split(node, graph=graph)
+  if arrays:
+    state_ = jax.tree.map(lambda x: x.copy() if hasattr(x, "copy") else x, state_)
+    variables = False
+  return merge(graphdef, state_, copy=variables)
 
 
-def clone(node: Any) -> Any:
-  """A deep copy of a graph (shared references stay shared within the copy)."""
-  return merge(*split(node))
-
-
-def iter_graph(node: Any) -> Iterator[tuple[PathParts, Any]]:
+def iter_graph(node: Any, *, graph: bool | None = None) -> Iterator[tuple[PathParts, Any]]:
   """Yields ``(path, value)`` for every node and leaf, children before parents.
 
   Descends into everything `split` does (registered pytrees included). Each
   shared node is yielded once, at its first path. The walk is taken before
   the first item is yielded, so the graph may be modified while iterating
-  (model surgery).
+  (model surgery). In tree mode (``graph=False``) the tree is walked as a
+  pytree: a Variable reachable twice is an error.
   """
-  _, w = flatten(node, detach_variables=False)
-  yield from w.trail
+  if resolve_graph(graph):
+    _, w = flatten(node, detach_variables=False)
+    yield from w.trail
+  else:
+    yield from tree.iter_tree(node)
 
 
-def iter_children(node: Object) -> Iterator[tuple[Any, Object]]:
-  """Yields ``(name, child)`` for the direct Object children of a node."""
-  for name, value in node.__dict__.items():
+def iter_children(node: Any, *, graph: bool | None = None) -> Iterator[tuple[Any, Any]]:
+  """Yields ``(key, child)`` for the direct Object children of a node.
+
+  Children are the Objects (Modules, Rngs...) directly under `node` (an
+  attribute in name order, a list item or a dict entry), each once. Tree
+  mode (``graph=False``) also checks the node is a pytree.
+
+  Raises:
+    GraphError: in tree mode, a ``pytree=False`` Object or a child reachable twice.
+
+  >>> import spmdnnx as nnx
+  >>> class Pair(nnx.Module):
+  ...   def __init__(self):
+  ...     self.b = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+  ...     self.a = nnx.Linear(2, 2, rngs=nnx.Rngs(1))
+  ...     self.n = 3
+  >>> [k for k, _ in nnx.iter_children(Pair())]
+  ['a', 'b']
+  """
+  graph = resolve_graph(graph)
+  if not graph:
+    tree.check_pytree_object(node, (), "iter_children")
+  if isinstance(node, Object):
+    items = sorted(node.__dict__.items(), key=_by_key)
+  elif isinstance(node, dict):
+    items = node.items()
+  elif isinstance(node, (list, tuple)):
+    items = enumerate(node)
+  else:
+    items = _pytree_children(node)[0] if has_data(node) else ()
+  seen: set = set()
+  for key, value in items:
     if isinstance(value, Object):
-      yield name, value
+      if id(value) in seen:
+        if not graph:
+          raise errors.GraphError(
+              f"iter_children: the {type(value).__name__} at {key!r} is reachable "
+              f"twice. {tree.TREE_MODE_HINT}", paths=[(key,)])
+        continue
+      seen.add(id(value))
+      if not graph:
+        tree.check_pytree_object(value, (key,), "iter_children")
+      yield key, value

@@ -10,7 +10,9 @@ kind of position has its own record type with named fields:
 - `ArraySpec`: a raw array stored directly in the graph (a State leaf);
 - `StaticSpec`: a value with no data, kept in the GraphDef (hashable wrapper);
 - `PytreeSpec`: a registered pytree (dataclass, namedtuple...) holding data:
-  its one-level treedef, child keys and child specs.
+  its one-level treedef, child keys and child specs;
+- `TreeSpec`: a whole tree flattened in tree mode (``graph=False``): its root
+  type, JAX treedef, leaf paths and per-leaf Variable kind.
 
 Records are tuples underneath, ``(kind, *fields)`` (cheap to build, hashed and
 compared in C), and the kind tag keeps two different kinds from ever being equal.
@@ -44,8 +46,12 @@ def _record(name: str, fields: str, doc: str) -> type:
   def __repr__(self):
     return f"{name}({', '.join(repr(v) for v in self[1:])})"
 
+  def __getnewargs__(self):  # copy/deepcopy/pickle pass the fields, not the tag
+    return tuple(self[1:])
+
   return type(name, (base,), {"__slots__": (), "__new__": __new__, "__doc__": doc,
-                              "__repr__": __repr__, "__module__": __name__})
+                              "__repr__": __repr__, "__module__": __name__,
+                              "__getnewargs__": __getnewargs__})
 
 
 NodeSpec = _record(
@@ -63,6 +69,12 @@ StaticSpec = _record(
 PytreeSpec = _record(
     "PytreeSpec", "treedef keys children",
     "A registered pytree holding data: its one-level treedef, child keys and specs.")
+
+TreeSpec = _record(
+    "TreeSpec", "type treedef paths kinds",
+    "A tree-mode graph: root type, JAX treedef (Variables as leaves), the leaf "
+    "paths in treedef order and, per leaf, ``(Variable type, frozen metadata)`` "
+    "or None for a raw leaf.")
 
 
 class Static:
@@ -108,6 +120,13 @@ def repr_spec(spec: Any, depth: int) -> str:
     for key, sub in zip(spec.keys, spec.children):
       lines.append(f"{pad}  {key!r}:")
       lines.append(repr_spec(sub, depth + 2))
+    lines.append(f"{pad})")
+    return "\n".join(lines)
+  if kind is TreeSpec:
+    lines = [f"{pad}tree {spec.type.__name__}("]
+    for path, k in zip(spec.paths, spec.kinds):
+      what = "<leaf>" if k is None else f"{k[0].__name__}()"
+      lines.append(f"{pad}  {'/'.join(map(str, path)) or '<root>'}: {what}")
     lines.append(f"{pad})")
     return "\n".join(lines)
   return f"{pad}{spec.value!r}"

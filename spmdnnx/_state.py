@@ -1,7 +1,7 @@
 """State: the nested-mapping pytree that holds a graph's Variables.
 
-`split` returns States; their leaves are detached Variable copies (value plus
-metadata) or, for arrays stored directly on a Module, the raw arrays. A State
+`split` returns States; their leaves are the graph's Variables themselves
+(Flax NNX 0.12) or, for arrays stored directly on a Module, the raw arrays. A State
 reads like nested dicts and like attributes (``state["linear"]["kernel"]`` or
 ``state.linear.kernel``) and flattens as a JAX pytree with dict-style keys.
 
@@ -277,3 +277,71 @@ def _repr_state(state: State, indent: int) -> str:
     lines.append(f"{pad}{key!r}: {text},")
   lines.append("  " * indent + "})")
   return "\n".join(lines)
+
+
+class GraphState(MutableMapping):
+  """A State bundled with its GraphDef (what `nnx.unpack` returns).
+
+  Reads like its State (``gs["linear"]``, ``gs.linear``); `nnx.merge` accepts
+  GraphStates alone. It is a pytree: the State's leaves are its leaves, the
+  GraphDef travels in the treedef.
+
+  >>> import spmdnnx as nnx
+  >>> gs = nnx.unpack(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))
+  >>> gs.kernel.shape, type(nnx.merge(gs)).__name__
+  ((2, 3), 'Linear')
+  """
+
+  __slots__ = ("graphdef", "state")
+
+  _graphdef = property(lambda self: self.graphdef)  # Flax's field names
+  _state = property(lambda self: self.state)
+
+  def __init__(self, graphdef: Any, state: Any):
+    if not isinstance(state, State):
+      raise errors.GraphError(
+          f"GraphState holds a State, got {type(state).__name__}.")
+    object.__setattr__(self, "graphdef", graphdef)
+    object.__setattr__(self, "state", state)
+
+  def __getattr__(self, name):
+    if name.startswith("__"):
+      raise AttributeError(name)
+    return getattr(self.state, name)
+
+  def __setattr__(self, name, value):
+    self.state[name] = value
+
+  def __getitem__(self, key):
+    return self.state[key]
+
+  def __setitem__(self, key, value):
+    self.state[key] = value
+
+  def __delitem__(self, key):
+    del self.state[key]
+
+  def __iter__(self):
+    return iter(self.state)
+
+  def __len__(self):
+    return len(self.state)
+
+  def __repr__(self):
+    return f"GraphState({self.state!r})"
+
+
+def _graph_state_flatten_with_keys(g: GraphState):
+  keyed, keys = g.state._tree_flatten_with_keys()
+  return keyed, (g.graphdef, keys)
+
+
+def _graph_state_unflatten(aux, children):
+  graphdef, keys = aux
+  return GraphState(graphdef, State._tree_unflatten(keys, children))
+
+
+# Flattens like its State (same key paths); the GraphDef rides in the aux data.
+jax.tree_util.register_pytree_with_keys(
+    GraphState, _graph_state_flatten_with_keys, _graph_state_unflatten,
+    lambda g: (lambda c, k: (c, (g.graphdef, k)))(*g.state._tree_flatten()))

@@ -140,6 +140,7 @@ class LaunchError(SpmdnnxError, RuntimeError):
 class ArgumentError(SpmdnnxError, TypeError):
   """A call is missing a required argument or got one of the wrong type."""
 
+
 class MissingStreamError(ConfigError, AttributeError, KeyError):
   """An Rngs has no stream of the asked name and no ``default`` stream.
 

@@ -17,8 +17,9 @@ PACKAGE = ROOT / "spmdnnx"
 LAYERS = [
     ("base", ["errors", "_typing", "_tracectx", "_modes"]),
     ("values", ["_filters", "_eager", "_variables", "_stacked"]),
-    ("objects", ["_object", "_state", "_rngs"]),
-    ("graph", ["_graphdef", "_graph", "_restructure", "_module", "_display"]),
+    ("objects", ["_pytree", "_object", "_state", "_rngs"]),
+    ("graph", ["_graphdef", "_graph_tree", "_graph", "_graph_api", "_restructure",
+               "_graph_context", "_module", "_display"]),
     ("spmd", ["spmd"]),
     ("transforms", ["_transforms"]),
     ("library", [
@@ -26,6 +27,7 @@ LAYERS = [
         "_metrics", "metrics", "_train_state", "_tabulate",
         "_pipeline",
         "_abstract",
+        "_compat",
     ]),
     ("models", ["models"]),
     ("checkpointing", ["checkpointing"]),

@@ -124,9 +124,59 @@ def test_sow_custom_variable_type_and_string():
 def test_sow_name_clash_error():
   m = Block(rngs=nnx.Rngs(0))
   with pytest.raises(errors.GraphError,
-                     match=r"sow: attribute 'w' of Block holds a Param, not a Intermediate; "
-                     r"use another name"):
+                     match=r"sow: expected attribute 'w' of Block to be of type "
+                     r"Intermediate, got Param; sow into another name"):
     m.sow(nnx.Intermediate, "w", jnp.ones(1))
+  m.n = 3
+  with pytest.raises(errors.GraphError, match=r"attribute 'n' of Block to be a Variable, got int"):
+    m.sow(nnx.Intermediate, "n", jnp.ones(1))
+
+
+def test_capture_returns_sown_values_and_leaves_nothing_behind():
+
+  class Inner(nnx.Module):
+
+    def __call__(self, x):
+      x = self.perturb("dx", x)
+      self.sow(nnx.Intermediate, "h", x * 2)
+      return x * 3
+
+  class Outer(nnx.Module):
+
+    def __init__(self):
+      self.inner = Inner()
+
+    def __call__(self, x):
+      return self.inner(x) + 1
+
+  m = Outer()
+  y, inter, pert = nnx.capture(m, nnx.Intermediate, nnx.Perturbation)(jnp.ones(2))
+  np.testing.assert_allclose(y, 4.0)
+  np.testing.assert_allclose(inter["inner"]["h"].value[0], 2.0)
+  assert float(pert["inner"]["dx"].value.sum()) == 0.0
+  assert "__captures__" not in vars(m.inner) and "h" not in vars(m.inner)
+  # init= seeds the perturbation: it is added to the value.
+  seeded = jax.tree.map(lambda v: v + 1, pert)
+  y2, _ = nnx.capture(m, nnx.Intermediate, init=seeded)(jnp.ones(2))
+  np.testing.assert_allclose(y2, 7.0)
+  # Types only: a decorator; sow of an uncaptured type records nothing.
+  assert nnx.capture(nnx.Perturbation)(lambda mod, x: mod(x))(m, jnp.ones(2))[1]["inner"]
+
+
+def test_capture_method_outputs():
+
+  class Foo(nnx.Module):
+
+    def helper(self, x):
+      return x + 1
+
+    def __call__(self, x):
+      return self.helper(x) * 2
+
+  m = Foo()
+  y, inter = nnx.capture(m, nnx.Intermediate, method_outputs=nnx.Intermediate)(jnp.ones(1))
+  assert set(inter) == {"helper", "__call__"}
+  assert Foo.helper.__name__ == "helper" and not hasattr(Foo.helper, "__wrapped__")
 
 
 def test_sowed_values_through_split_merge():
@@ -158,9 +208,9 @@ def test_perturb_reads_activation_gradients():
 def test_iter_modules():
   m = Block(rngs=nnx.Rngs(0))
   got = [(p, type(n).__name__) for p, n in m.iter_modules()]
-  assert got == [(("drop",), "Dropout"), (("norm",), "Norm"),
-                 (("children_list", 0), "Norm"), (("children_list", 1), "Dropout"),
-                 ((), "Block")]
+  # Attributes in name order (as Flax NNX), children first.
+  assert got == [(("children_list", 0), "Norm"), (("children_list", 1), "Dropout"),
+                 (("drop",), "Dropout"), (("norm",), "Norm"), ((), "Block")]
   assert [n for n, _ in m.iter_children()] == ["drop", "norm"]
 
 

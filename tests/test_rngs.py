@@ -137,7 +137,7 @@ def test_rngs_through_split_merge():
   rngs = nnx.Rngs(0, dropout=1)
   rngs.dropout()
   g, s = nnx.split(rngs)
-  r2 = nnx.merge(g, s)
+  r2 = nnx.merge(g, s, copy=True)  # merge shares the Variables unless copy=True
   assert int(r2.dropout.count.value) == 1
   assert same(r2.dropout(), rngs.dropout())
 

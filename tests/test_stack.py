@@ -523,8 +523,9 @@ def test_from_blocks_with_different_structure():
   with pytest.raises(errors.ConfigError, match=r"not Modules: 1 \(ndarray\)"):
     Stack.from_blocks([MLPBlock(nnx.Rngs(0)), np.zeros(3)])
   shared = MLPBlock(nnx.Rngs(0))
-  with pytest.raises(errors.ConfigError, match=r"blocks share Variables: up/kernel "
-                                               r"\(blocks 0 and 1\)"):
+  # Paths in name order (down/... before up/...).
+  with pytest.raises(errors.ConfigError, match=r"blocks share Variables: down/bias "
+                                               r"\(blocks 0 and 1\).*up/kernel"):
     Stack.from_blocks([shared, shared])
 
 

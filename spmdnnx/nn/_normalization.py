@@ -29,7 +29,8 @@ from jax import lax
 from spmdnnx import errors
 from spmdnnx._filters import PathContains, to_predicate
 from spmdnnx._graph import iter_graph
-from spmdnnx._module import Module, data
+from spmdnnx._module import Module
+from spmdnnx._pytree import data
 from spmdnnx.nn import _common
 from spmdnnx.nn import initializers
 from spmdnnx._rngs import Rngs

@@ -244,7 +244,7 @@ def test_error_module_lacks_mapped_axis():
 def test_error_module_state_sizes_disagree():
   lin = Linear(2, 3, rngs=nnx.Rngs(0))  # w (2, 3) and b (3,): not a stack
   with pytest.raises(errors.TransformError,
-                     match=r"different sizes \(size 2: w; size 3: b\)"):
+                     match=r"different sizes \(size 3: b; size 2: w\)"):
     nnx.vmap(lambda m: m.w.value, in_axes=0)(lin)
 
 
