@@ -27,10 +27,11 @@ from typing import Any, Callable, Mapping
 import jax
 
 from spmdnnx import errors
-from spmdnnx import _graph as graph
+from spmdnnx import _graph as graphlib
 from spmdnnx import _stacked as stacked
 from spmdnnx._stacked import LAYERS_AXIS
 from spmdnnx._transforms import axes as axeslib
+from spmdnnx._transforms import iteration_modes as modes
 from spmdnnx._transforms import lift
 from spmdnnx._variables import Variable, detach
 
@@ -68,8 +69,8 @@ def arg_leaf_specs(args: tuple, specs: tuple, what: str) -> list:
       for s, x in zip(jax.tree_util.tree_leaves(spec, is_leaf=lambda x: x is None), subs):
         expand(s, x)
       return
-    for leaf in jax.tree_util.tree_leaves(sub, is_leaf=graph.is_graph_node):
-      if graph.is_graph_node(leaf):
+    for leaf in jax.tree_util.tree_leaves(sub, is_leaf=graphlib.is_graph_node):
+      if graphlib.is_graph_node(leaf):
         out.append(None)  # replaced by a NodeSlot; not passed through
       elif isinstance(spec, axeslib.StateAxes):
         raise errors.TransformError(
@@ -106,7 +107,8 @@ def _prefix_axes(out_axes: Any, out: Any) -> list:
 def vmap(f: Callable | None = None, *, in_axes: Any = 0, out_axes: Any = 0,
          axis_name: Any = None, axis_size: int | None = None,
          spmd_axis_name: Any = None, stack_axis: str | None = LAYERS_AXIS,
-         transform_metadata: Mapping | None = None) -> Callable:
+         transform_metadata: Mapping | None = None, graph: bool | None = None,
+         graph_updates: bool | None = None) -> Callable:
   """Vectorises `f` over mapped axes of its arguments (graph objects included).
 
   Args:
@@ -117,12 +119,25 @@ def vmap(f: Callable | None = None, *, in_axes: Any = 0, out_axes: Any = 0,
     stack_axis: logical name recorded for the mapped axis of Variables
       (default ``"layers"``; None leaves metadata unchanged). Flax's
       ``transform_metadata={"partition_name": ...}`` is accepted too.
+    graph, graph_updates: graph mode with structure updates (both True, the
+      default), or simple mode (see `iteration_modes`): no shared
+      references, only Variable values flow back, no StateAxes. None: the
+      setting in force (`set_graph_mode`, `set_graph_updates`).
+
+  Raises:
+    TransformError: a StateAxes in simple mode, a graph object or Variable
+      used as an axis spec, aliasing in simple mode, mapped state lacking the
+      axis, mapped sizes that disagree.
   """
+  graph_mode, graph_updates, simple = modes.resolve_modes(graph, graph_updates)
   if f is None:
     return functools.partial(vmap, in_axes=in_axes, out_axes=out_axes,
                              axis_name=axis_name, axis_size=axis_size,
                              spmd_axis_name=spmd_axis_name, stack_axis=stack_axis,
-                             transform_metadata=transform_metadata)
+                             transform_metadata=transform_metadata, graph=graph_mode,
+                             graph_updates=graph_updates)
+  modes.check_prefix(in_axes, "in_axes", "vmap", graph_mode, graph_updates)
+  modes.check_prefix(out_axes, "out_axes", "vmap", graph_mode, graph_updates)
   name = stacked.stack_axis_name(stack_axis, transform_metadata)
   what = f"vmap({getattr(f, '__qualname__', getattr(f, '__name__', 'fun'))})"
 
@@ -131,7 +146,9 @@ def vmap(f: Callable | None = None, *, in_axes: Any = 0, out_axes: Any = 0,
     specs = axeslib.broadcast_arg_specs(in_axes, len(args), what)
     if any(s is axeslib.Carry for s in specs):
       raise errors.TransformError(f"{what}: Carry is only meaningful for scan.")
-    ex = lift.extract(tuple(args))
+    ex = modes.extract(tuple(args), graph_mode, "vmap")
+    if graph_mode:
+      modes.check_consistent(ex, specs, "vmap")
     node_arg = axeslib.node_arg_index(args)
     leaf_ax = axeslib.leaf_axes(ex.paths, ex.leaves, node_arg, specs, what)
     arg_specs = arg_leaf_specs(args, specs, what)
@@ -150,8 +167,8 @@ def vmap(f: Callable | None = None, *, in_axes: Any = 0, out_axes: Any = 0,
       cell = _Cell()
 
       def inner(leaves, plain_leaves):
-        new_leaves, restructure, out, has_nodes = lift.run_inside(
-            ex.graphdef, ex.treedef, leaves, lift.fill_plain(ex, plain_leaves),
+        new_leaves, restructure, out, has_nodes = modes.run_inside(
+            simple, ex.graphdef, ex.treedef, leaves, lift.fill_plain(ex, plain_leaves),
             lambda call_args: f(*call_args), what, regraph=True)
         if restructure is not None and first:
           raise _Retry(restructure, [_abstract(v) for v in new_leaves])
@@ -177,6 +194,9 @@ def vmap(f: Callable | None = None, *, in_axes: Any = 0, out_axes: Any = 0,
     # Restore the stacked-axis name on mapped state, and on returned new nodes.
     new_leaves = [stacked.insert_axis_name(l, a, name)
                   for l, a in zip(new_leaves, out_state_axes)]
+    if cell.has_nodes:
+      modes.check_returned_inputs(ex, out, _prefix_axes(out_axes, out), specs, node_arg,
+                                  graph_updates and graph_mode, "vmap")
     lift.apply_updates(ex, new_leaves, cell.restructure)
     if cell.has_nodes:
       out = _stack_node_outputs(out, out_axes, name)

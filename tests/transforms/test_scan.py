@@ -340,9 +340,16 @@ def test_error_body_adds_variable():
   assert int(counter.count.value) == 0
 
 
-def test_error_body_returns_new_module():
+def test_body_returns_new_module_stacked():
+  # Flax semantics: Modules created in a step come out stacked along out_axes.
   f = nnx.scan(lambda c, x: (c, Counter()), in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
-  with pytest.raises(errors.TransformError, match="returned new graph objects"):
+  c, made = f(jnp.zeros(()), jnp.arange(3.0))
+  assert isinstance(made, Counter) and made.count.value.shape == (3,)
+
+
+def test_error_carry_holds_new_module():
+  f = nnx.scan(lambda c, x: (Counter(), x), in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+  with pytest.raises(errors.TransformError, match="carry cannot hold graph objects"):
     f(jnp.zeros(()), jnp.arange(3.0))
 
 
