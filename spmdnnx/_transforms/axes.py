@@ -11,6 +11,7 @@ The stacked-axis name that vmap/scan move in and out of mapped Variables'
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -174,3 +175,55 @@ def check_mapped(paths: list, leaves: list, axes: list, size: int | None,
     sizes.setdefault(size, [])
   raise_size_mismatch(sizes, what)
   return next(iter(sizes)) if sizes else None
+
+
+def arg_leaf_specs(args: tuple, specs: tuple, what: str) -> list:
+  """Expands per-argument specs to one spec per non-node argument leaf."""
+  out = []
+
+  def expand(spec, sub):
+    if isinstance(spec, (list, tuple, dict)):
+      # A pytree prefix of the argument, as jax.vmap accepts.
+      treedef = jax.tree_util.tree_structure(spec, is_leaf=lambda x: x is None)
+      try:
+        subs = treedef.flatten_up_to(sub)
+      except (ValueError, TypeError) as e:
+        raise errors.TransformError(
+            f"{what}: in_axes entry {spec!r} is not a pytree prefix of the argument "
+            f"({type(sub).__name__}): {e}") from e
+      for s, x in zip(jax.tree_util.tree_leaves(spec, is_leaf=lambda x: x is None), subs):
+        expand(s, x)
+      return
+    for leaf in jax.tree_util.tree_leaves(sub, is_leaf=graph.is_graph_node):
+      if graph.is_graph_node(leaf):
+        out.append(None)  # replaced by a NodeSlot; not passed through
+      elif isinstance(spec, StateAxes):
+        raise errors.TransformError(
+            f"{what}: StateAxes given for an argument that is not a graph object "
+            f"({type(sub).__name__}); use an int or None for plain arrays.")
+      else:
+        out.append(spec)
+
+  for arg, spec in zip(args, specs):
+    expand(spec, arg)
+  return out
+
+
+def resolve_kwargs(f: Any, args: tuple, kwargs: dict, what: str) -> tuple:
+  """Binds keyword arguments to positions (mapped transforms take positions).
+
+  Raises:
+    TransformError: a keyword that has no position (``**kwargs`` parameters).
+  """
+  if not kwargs:
+    return args
+  try:
+    bound = inspect.signature(f).bind(*args, **kwargs)
+  except (TypeError, ValueError) as e:
+    raise errors.TransformError(f"{what}: cannot bind the arguments: {e}") from e
+  bound.apply_defaults()
+  if bound.kwargs:
+    raise errors.TransformError(
+        f"{what}: keyword arguments {sorted(bound.kwargs)} have no position in the "
+        "function's signature; pass them positionally (in_axes is per position).")
+  return tuple(bound.args)

@@ -84,6 +84,50 @@ def _stack_node_outputs(y: Any, axis: int, name: str | None) -> Any:
   return jax.tree.map(fix, y, is_leaf=lift._is_marker)
 
 
+def _validate_axes(in_axes: Any, out_axes: Any, what: str) -> None:
+  """Checks Carry placement and broadcast outputs when scan is applied.
+
+  Raises:
+    TransformError: a nested Carry, several Carry, a Carry on one side only,
+      None (or a StateAxes with None/Carry) in out_axes.
+  """
+  def carries(axes, name):
+    is_leaf = lambda x: x is None or x is Carry or isinstance(x, axeslib.StateAxes)
+    count = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(axes, is_leaf=is_leaf):
+      where = f"{name}{jax.tree_util.keystr(path)}"
+      if leaf is Carry:
+        count += 1
+        if len(path) > 1:
+          raise errors.TransformError(
+              f"{what}: Carry must be a top-level argument, it cannot be nested "
+              f"(found at {where}); pass the whole carry as one argument.", paths=[where])
+      if name == "out_axes" and leaf is None:
+        raise errors.TransformError(
+            f"{what}: Cannot broadcast output state: {where} is None; per-step "
+            "outputs are stacked, so give an int axis (or Carry for the carry).",
+            paths=[where])
+      if name == "out_axes" and isinstance(leaf, axeslib.StateAxes):
+        for filt, axis in leaf.items():
+          if axis is None or axis is Carry:
+            kind = "broadcast" if axis is None else "carry"
+            raise errors.TransformError(
+                f"{what}: Cannot {kind} output state: {where} maps {filt!r} to "
+                f"{axis!r}; out_axes StateAxes need int axes.", paths=[where])
+    if count > 1:
+      raise errors.TransformError(
+          f"{what}: Found multiple Carry definitions in {name}; at most one argument "
+          "can be the carry (bundle several values in a tuple).")
+    return count
+
+  if carries(in_axes, "in_axes") != carries(out_axes, "out_axes"):
+    raise errors.TransformError(
+        f"{what}: If one of in_axes or out_axes has Carry, the other must also have "
+        f"Carry (got in_axes={in_axes!r}, out_axes={out_axes!r}): return the new carry "
+        "and mark its position in both, e.g. in_axes=(nnx.Carry, 0), "
+        "out_axes=(nnx.Carry, 0).")
+
+
 def scan(f: Callable | None = None, *, length: int | None = None, reverse: bool = False,
          unroll: int | bool = 1, in_axes: Any = (Carry, 0), out_axes: Any = (Carry, 0),
          stack_axis: str | None = LAYERS_AXIS,
@@ -118,30 +162,18 @@ def scan(f: Callable | None = None, *, length: int | None = None, reverse: bool 
   modes.check_prefix(out_axes, "out_axes", "scan", graph_mode, graph_updates)
   name = stacked.stack_axis_name(stack_axis, transform_metadata)
   what = f"scan({getattr(f, '__qualname__', getattr(f, '__name__', 'fun'))})"
-  out_has_carry = out_axes is Carry or (isinstance(out_axes, tuple) and Carry in out_axes)
-  flat_out = out_axes if isinstance(out_axes, tuple) else (out_axes,)
-  if any(a is None for a in flat_out):
-    raise errors.TransformError(
-        f"{what}: Cannot broadcast output state: out_axes {out_axes!r} contains None; "
-        "per-step outputs are stacked, so give an int axis (or Carry for the carry).")
+  _validate_axes(in_axes, out_axes, what)
 
   @functools.wraps(f)
-  def wrapper(*args):
+  def wrapper(*args, **kwargs):
+    args = axeslib.resolve_kwargs(f, args, kwargs, what)
+    if in_axes is Carry and len(args) != 1:
+      raise errors.TransformError(
+          f"{what}: When in_axes=Carry, the function must take exactly one argument "
+          f"(the carry), got {len(args)}. Give one spec per argument, e.g. "
+          "in_axes=(nnx.Carry, 0).")
     specs = axeslib.broadcast_arg_specs(in_axes, len(args), what)
     carry_args = [i for i, s in enumerate(specs) if s is Carry]
-    if len(carry_args) > 1:
-      raise errors.TransformError(
-          f"{what}: in_axes marks arguments {carry_args} as Carry; at most one "
-          "argument can be the carry (bundle several values in a tuple).")
-    if carry_args and not out_has_carry:
-      raise errors.TransformError(
-          f"{what}: argument {carry_args[0]} is the Carry, but out_axes "
-          f"{out_axes!r} has no Carry, so the carry would be lost. Return the "
-          "new carry and mark its position in out_axes, e.g. out_axes=(Carry, 0).")
-    if out_has_carry and not carry_args:
-      raise errors.TransformError(
-          f"{what}: out_axes {out_axes!r} has a Carry but no argument is marked "
-          "Carry in in_axes; mark the argument that holds the initial carry.")
     ex = modes.extract(tuple(args), graph_mode, "scan")
     if graph_mode:
       modes.check_consistent(ex, specs, "scan")
@@ -149,11 +181,8 @@ def scan(f: Callable | None = None, *, length: int | None = None, reverse: bool 
     leaf_ax = axeslib.leaf_axes(ex.paths, ex.leaves, node_arg, specs, what)
     n = axeslib.check_mapped(ex.paths, ex.leaves, leaf_ax, None, what)
 
-    # Plain (non-graph) argument leaves, each with its argument's spec.
-    plain_specs = []
-    for arg, spec in zip(args, specs):
-      for leaf in jax.tree_util.tree_leaves(arg, is_leaf=graphlib.is_graph_node):
-        plain_specs.append(None if graphlib.is_graph_node(leaf) else spec)
+    # Plain (non-graph) argument leaves, each with its spec (prefix trees expanded).
+    plain_specs = axeslib.arg_leaf_specs(args, specs, what)
     plain_idx = [i for i, x in enumerate(ex.arg_leaves) if not isinstance(x, lift.NodeSlot)]
     for i in plain_idx:
       spec = plain_specs[i]
@@ -210,11 +239,16 @@ def scan(f: Callable | None = None, *, length: int | None = None, reverse: bool 
           "the scan (e.g. with vmap over the constructor).")
       cell["has_nodes"] = cell.get("has_nodes", False) or has_nodes
       carry_out, ys = _split_out(out, out_axes, what)
-      if has_nodes and carry_args:
-        lift.require_no_new_nodes(
-            carry_out, True, what, "the step function",
-            "a carry cannot hold graph objects created inside the step; return "
-            "them as per-step outputs (out_axes int) to get them stacked.")
+      if has_nodes and carry_args and any(
+          isinstance(m, lift.NodeOut)
+          for m in jax.tree_util.tree_leaves(carry_out, is_leaf=lift._is_marker)):
+        rule = ("scan Variable identity must be preserved across iterations" if simple
+                else "Carry references must be the same between iterations")
+        raise errors.TransformError(
+            f"{what}: {rule}: the step returned, in its carry, graph objects or "
+            "Variables it created; a carry cannot hold graph objects created inside "
+            "the step. Update the carried objects in place and return them, or return "
+            "new objects as per-step outputs (out_axes int) to get them stacked.")
       new_c_plain = []
       if carry_args:
         c_leaves, c_treedef = jax.tree_util.tree_flatten(carry_out, is_leaf=lift._is_marker)

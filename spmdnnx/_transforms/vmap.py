@@ -52,38 +52,6 @@ class _Cell:
     self.restructure = None
 
 
-def arg_leaf_specs(args: tuple, specs: tuple, what: str) -> list:
-  """Expands per-argument specs to one spec per non-node argument leaf."""
-  out = []
-
-  def expand(spec, sub):
-    if isinstance(spec, (list, tuple, dict)):
-      # A pytree prefix of the argument, as jax.vmap accepts.
-      treedef = jax.tree_util.tree_structure(spec, is_leaf=lambda x: x is None)
-      try:
-        subs = treedef.flatten_up_to(sub)
-      except (ValueError, TypeError) as e:
-        raise errors.TransformError(
-            f"{what}: in_axes entry {spec!r} is not a pytree prefix of the argument "
-            f"({type(sub).__name__}): {e}") from e
-      for s, x in zip(jax.tree_util.tree_leaves(spec, is_leaf=lambda x: x is None), subs):
-        expand(s, x)
-      return
-    for leaf in jax.tree_util.tree_leaves(sub, is_leaf=graphlib.is_graph_node):
-      if graphlib.is_graph_node(leaf):
-        out.append(None)  # replaced by a NodeSlot; not passed through
-      elif isinstance(spec, axeslib.StateAxes):
-        raise errors.TransformError(
-            f"{what}: StateAxes given for an argument that is not a graph object "
-            f"({type(sub).__name__}); use an int or None for plain arrays.")
-      else:
-        out.append(spec)
-
-  for arg, spec in zip(args, specs):
-    expand(spec, arg)
-  return out
-
-
 def _prefix_axes(out_axes: Any, out: Any) -> list:
   """One out-axis per leaf of `out` (markers count as one leaf each)."""
   result = []
@@ -142,7 +110,8 @@ def vmap(f: Callable | None = None, *, in_axes: Any = 0, out_axes: Any = 0,
   what = f"vmap({getattr(f, '__qualname__', getattr(f, '__name__', 'fun'))})"
 
   @functools.wraps(f)
-  def wrapper(*args):
+  def wrapper(*args, **kwargs):
+    args = axeslib.resolve_kwargs(f, args, kwargs, what)
     specs = axeslib.broadcast_arg_specs(in_axes, len(args), what)
     if any(s is axeslib.Carry for s in specs):
       raise errors.TransformError(f"{what}: Carry is only meaningful for scan.")
@@ -151,7 +120,7 @@ def vmap(f: Callable | None = None, *, in_axes: Any = 0, out_axes: Any = 0,
       modes.check_consistent(ex, specs, "vmap")
     node_arg = axeslib.node_arg_index(args)
     leaf_ax = axeslib.leaf_axes(ex.paths, ex.leaves, node_arg, specs, what)
-    arg_specs = arg_leaf_specs(args, specs, what)
+    arg_specs = axeslib.arg_leaf_specs(args, specs, what)
     plain = lift.plain_leaves(ex)
     plain_axes = [s for x, s in zip(ex.arg_leaves, arg_specs)
                   if not isinstance(x, lift.NodeSlot)]
