@@ -180,6 +180,7 @@ from spmdnnx._modes import set_graph_updates as set_graph_updates
 # (end of transforms block)
 
 # Flax NNX parity (loops): names added by that part; keep each block separate
+from spmdnnx._transforms import transform_metadata as transform_metadata
 # (end of loops block)
 
 # Flax NNX parity (rngs-variables): names added by that part; keep each block separate

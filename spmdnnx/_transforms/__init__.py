@@ -22,3 +22,4 @@ from spmdnnx._transforms.misc import remat as remat
 from spmdnnx._transforms.misc import resolve_policy as resolve_policy
 from spmdnnx._transforms.misc import shard_map as shard_map
 from spmdnnx._transforms.scan import scan as scan
+from spmdnnx._transforms.iteration_modes import transform_metadata as transform_metadata

@@ -19,6 +19,7 @@ import jax
 from spmdnnx import errors
 from spmdnnx import _filters as filterlib
 from spmdnnx import _graph as graph
+from spmdnnx._state import State
 from spmdnnx._variables import Variable
 
 class _CarryType:
@@ -41,15 +42,47 @@ class _CarryType:
 Carry = _CarryType()
 
 
+class _ExactPath:
+  """Filter matching one exact state path (StateAxes built from a State)."""
+
+  __slots__ = ("path",)
+
+  def __init__(self, path: tuple):
+    self.path = path
+
+  def __call__(self, path, _value) -> bool:
+    return tuple(path) == self.path
+
+  def __eq__(self, other):
+    return isinstance(other, _ExactPath) and other.path == self.path
+
+  def __hash__(self):
+    return hash((_ExactPath, self.path))
+
+  def __repr__(self):
+    return f"path {errors.path_str(self.path)!r}"
+
+
 class StateAxes:
   """Per-filter axis specs for the state of a graph-node argument.
 
   >>> from spmdnnx._variables import Param, BatchStat
   >>> StateAxes({Param: 0, BatchStat: None})
   StateAxes({Param: 0, BatchStat: None})
+
+  A `State` whose leaves are axes (e.g. ``nnx.state(model)`` with every
+  leaf replaced) gives one entry per path:
+
+  >>> from spmdnnx._state import State
+  >>> StateAxes(State({"w": 0, "b": None})).map_prefix(("b",), None) is None
+  True
   """
 
   def __init__(self, axes: Mapping[Any, Any]):
+    if isinstance(axes, State):
+      # One exact-path filter per leaf of a State whose leaves are the axes.
+      pairs = list(axes.flat_state())
+      axes = {_ExactPath(tuple(path)): axis for path, axis in pairs}
     self.filters = tuple(axes.keys())
     self.axes = tuple(axes.values())
     for a in self.axes:
@@ -60,6 +93,19 @@ class StateAxes:
 
   def items(self):
     return zip(self.filters, self.axes)
+
+  def map_prefix(self, path: tuple, variable: Any) -> Any:
+    """The axis spec of the state leaf at `path` (first matching filter).
+
+    Raises:
+      TransformError: no filter matches.
+    """
+    for pred, axis in zip(self.predicates, self.axes):
+      if pred(tuple(path), variable):
+        return axis
+    raise errors.TransformError(
+        f"StateAxes: no filter matches the state at {errors.path_str(path)}; add a "
+        "catch-all entry such as `...: None`.", paths=[errors.path_str(path)])
 
   def __repr__(self):
     inner = ", ".join(f"{getattr(f, '__name__', repr(f))}: {a!r}" for f, a in self.items())

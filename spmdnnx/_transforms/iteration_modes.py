@@ -15,6 +15,7 @@ created inside, attributes reassigned inside, stay inside), and per-filter
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -252,7 +253,9 @@ def check_returned_inputs(ex: lift.Extraction, out: Any, out_specs: list, in_spe
       node = graphlib.child(node, key)
     where = (node_arg[leaf.index],) + tuple(leaf.path)
     if not graph_updates:
-      raise_duplicate(who, node, where, ("output", i))
+      pairs = graph.flatten(node, detach_variables=False)[1].pairs
+      sub, var = next(((p, v) for p, v in pairs if isinstance(v, Variable)), ((), node))
+      raise_duplicate(who, var, where + tuple(sub), ("output", i) + tuple(sub))
     in_spec = in_specs[node_arg[leaf.index]]
     if not isinstance(in_spec, StateAxes) and repr(in_spec) != repr(spec):
       raise errors.TransformError(
@@ -261,3 +264,52 @@ def check_returned_inputs(ex: lift.Extraction, out: Any, out_specs: list, in_spe
           f"with axis {spec!r}:\n  {errors.path_str(where)}: {in_spec!r}\n  "
           f"output {i}: {spec!r}\nFix: return it with out_axes {in_spec!r}, or "
           "return a copy (nnx.clone).", paths=[errors.path_str(where)])
+
+
+PARTITION_ATTR = "__spmdnnx_partition__"
+
+
+def transform_metadata(f: Callable | None = None, *, in_axes: Any = 0, out_axes: Any = 0,
+                       partition: str | None, graph: bool | None = None) -> Callable:
+  """Names the mapped axis of a function that `vmap` / `scan` will map.
+
+  The returned function behaves like `f`; a `vmap` or `scan` applied to it
+  records `partition` (instead of the default ``"layers"``) as the logical
+  name of the mapped axis in the Variables it maps or creates, in any mode.
+  This is Flax's way of naming that axis under ``graph_updates=False``;
+  ``vmap(..., transform_metadata={"partition_name": ...})`` does the same.
+
+  Args:
+    f: the function (None: return a decorator).
+    in_axes, out_axes: accepted for Flax compatibility (the enclosing
+      transform's own specs decide which Variables are mapped).
+    partition: the logical axis name.
+    graph: accepted for Flax compatibility.
+
+  >>> import jax, jax.numpy as jnp
+  >>> import spmdnnx as nnx
+  >>> @nnx.vmap(in_axes=0, out_axes=0, graph_updates=False)
+  ... @nnx.transform_metadata(partition="experts")
+  ... def make(key):
+  ...   return nnx.Param(jax.random.normal(key, (2,)), logical_axes=("embed",))
+  >>> make(jax.random.split(jax.random.key(0), 3)).logical_axes
+  ('experts', 'embed')
+  """
+  del graph
+  if f is None:
+    return lambda g: transform_metadata(g, in_axes=in_axes, out_axes=out_axes,
+                                        partition=partition)
+  check_prefix(in_axes, "in_axes", "transform_metadata", True, True)
+  check_prefix(out_axes, "out_axes", "transform_metadata", True, True)
+
+  @functools.wraps(f)
+  def wrapper(*args, **kwargs):
+    return f(*args, **kwargs)
+
+  setattr(wrapper, PARTITION_ATTR, partition)
+  return wrapper
+
+
+def partition_of(f: Callable) -> str | None:
+  """The axis name `transform_metadata` attached to `f` (None if not set)."""
+  return getattr(f, PARTITION_ATTR, None)

@@ -160,7 +160,7 @@ def scan(f: Callable | None = None, *, length: int | None = None, reverse: bool 
   graph_mode, graph_updates, simple = modes.resolve_modes(graph, graph_updates)
   modes.check_prefix(in_axes, "in_axes", "scan", graph_mode, graph_updates)
   modes.check_prefix(out_axes, "out_axes", "scan", graph_mode, graph_updates)
-  name = stacked.stack_axis_name(stack_axis, transform_metadata)
+  name = stacked.stack_axis_name(modes.partition_of(f) or stack_axis, transform_metadata)
   what = f"scan({getattr(f, '__qualname__', getattr(f, '__name__', 'fun'))})"
   _validate_axes(in_axes, out_axes, what)
 

@@ -25,6 +25,7 @@ import re
 from typing import Any, Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 
 from spmdnnx import errors
 from spmdnnx import _graph as graphlib
@@ -33,6 +34,7 @@ from spmdnnx._stacked import LAYERS_AXIS
 from spmdnnx._transforms import axes as axeslib
 from spmdnnx._transforms import iteration_modes as modes
 from spmdnnx._transforms import lift
+from spmdnnx._state import State
 from spmdnnx._variables import Variable, detach
 
 
@@ -45,11 +47,12 @@ class _Retry(Exception):
 
 
 class _Cell:
-  __slots__ = ("has_nodes", "restructure")
+  __slots__ = ("has_nodes", "restructure", "out_specs")
 
   def __init__(self):
     self.has_nodes = False
     self.restructure = None
+    self.out_specs = None
 
 
 def _prefix_axes(out_axes: Any, out: Any) -> list:
@@ -106,7 +109,7 @@ def vmap(f: Callable | None = None, *, in_axes: Any = 0, out_axes: Any = 0,
                              graph_updates=graph_updates)
   modes.check_prefix(in_axes, "in_axes", "vmap", graph_mode, graph_updates)
   modes.check_prefix(out_axes, "out_axes", "vmap", graph_mode, graph_updates)
-  name = stacked.stack_axis_name(stack_axis, transform_metadata)
+  name = stacked.stack_axis_name(modes.partition_of(f) or stack_axis, transform_metadata)
   what = f"vmap({getattr(f, '__qualname__', getattr(f, '__name__', 'fun'))})"
 
   @functools.wraps(f)
@@ -132,6 +135,8 @@ def vmap(f: Callable | None = None, *, in_axes: Any = 0, out_axes: Any = 0,
       axis = axeslib.axis_for(specs[node_arg[path[0]]], path, leaf)
       return None if axis is axeslib.UNMATCHED else axis
 
+    per_state_out = _has_state_axes(out_axes)
+
     def run(state_axes, paths, first):
       cell = _Cell()
 
@@ -142,10 +147,13 @@ def vmap(f: Callable | None = None, *, in_axes: Any = 0, out_axes: Any = 0,
         if restructure is not None and first:
           raise _Retry(restructure, [_abstract(v) for v in new_leaves])
         cell.has_nodes, cell.restructure = has_nodes, restructure
+        if per_state_out:
+          cell.out_specs = _prefix_axes(out_axes, out)
         return new_leaves, out
 
       vm = jax.vmap(inner, in_axes=(list(leaf_ax), plain_axes),
-                    out_axes=(list(state_axes), out_axes), axis_name=axis_name,
+                    out_axes=(list(state_axes), 0 if per_state_out else out_axes),
+                    axis_name=axis_name,
                     axis_size=axis_size,
                     spmd_axis_name=spmd_axis_name)
       try:
@@ -167,12 +175,60 @@ def vmap(f: Callable | None = None, *, in_axes: Any = 0, out_axes: Any = 0,
       modes.check_returned_inputs(ex, out, _prefix_axes(out_axes, out), specs, node_arg,
                                   graph_updates and graph_mode, "vmap")
     lift.apply_updates(ex, new_leaves, cell.restructure)
-    if cell.has_nodes:
+    if per_state_out:
+      out = _place_outputs(out, cell.out_specs, name, what)
+    elif cell.has_nodes:
       out = _stack_node_outputs(out, out_axes, name)
+    if cell.has_nodes:
       out = lift.unmark_outputs(ex.nodes, out)
     return out
 
   return wrapper
+
+
+def _has_state_axes(out_axes: Any) -> bool:
+  return any(isinstance(x, axeslib.StateAxes) for x in jax.tree_util.tree_leaves(
+      out_axes, is_leaf=lambda x: x is None or isinstance(x, axeslib.StateAxes)))
+
+
+def _place(value: Any, axis: Any) -> Any:
+  """Moves the mapped axis (at 0) of one output array to `axis` (None: drop it)."""
+  if axis is None:
+    return value[0]
+  return jnp.moveaxis(value, 0, axis) if axis != 0 else value
+
+
+def _place_outputs(out: Any, specs: list, name: str | None, what: str) -> Any:
+  """Places outputs vmapped along axis 0 per their specs (StateAxes in out_axes).
+
+  A new graph object's state is placed per Variable: a StateAxes spec picks
+  the axis of each by its filters; mapped Variables get the stack name.
+
+  Raises:
+    TransformError: a StateAxes given for an output that is not a new graph
+      object.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(out, is_leaf=lift._is_marker)
+  placed = []
+  for leaf, spec in zip(leaves, specs):
+    if isinstance(leaf, lift.NodeOut):
+      pairs = []
+      for path, var in leaf.state.flat_state():
+        axis = spec.map_prefix(path, var) if isinstance(spec, axeslib.StateAxes) else spec
+        if isinstance(var, Variable):
+          var = stacked.insert_axis_name(detach(var, _place(var.raw_value, axis)), axis, name)
+        else:
+          var = _place(var, axis)
+        pairs.append((path, var))
+      leaf = lift.NodeOut(leaf.graphdef, State.from_flat_path(pairs))
+    elif isinstance(spec, axeslib.StateAxes):
+      raise errors.TransformError(
+          f"{what}: out_axes gives a StateAxes for an output that is not a graph "
+          f"object created inside ({type(leaf).__name__}); use an int or None.")
+    elif not isinstance(leaf, lift.InputRef):
+      leaf = _place(leaf, spec)
+    placed.append(leaf)
+  return jax.tree_util.tree_unflatten(treedef, placed)
 
 
 def _raise_batched_broadcast(e: ValueError, paths: list, what: str) -> None:
