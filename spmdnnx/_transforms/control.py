@@ -168,6 +168,7 @@ def _loop_fns(ex: lift.Extraction, what: str, simple: bool = False):
 
   def leave(rebuilt, val_out):
     if simple:
+      modes.check_same_variables(fresh, rebuilt.nodes, what.split("(")[0])
       new_leaves = [lift._raw(v) for _, v in fresh]
     else:
       new_leaves, restructure, _, _ = lift.collect(rebuilt, None)

@@ -99,8 +99,8 @@ def raise_duplicate(who: str, var: Any, first: tuple, second: tuple) -> None:
   a, b = errors.path_str(first), errors.path_str(second)
   raise errors.TransformError(
       f"Duplicate {kind}: the same {kind} is reachable at\n  - {a}\n  - {b}\n"
-      f"nnx.{who} with graph=False or graph_updates=False does not support shared "
-      "Variables (duplicate inputs, or inputs returned as outputs). Fix: pass each "
+      f"nnx.{who} with graph=False or graph_updates=False does not support Variable "
+      "aliasing (duplicate inputs, or inputs returned as outputs). Fix: pass each "
       f"Variable once (copy with nnx.clone), or use nnx.{who}(..., graph=True, "
       "graph_updates=True).", paths=[a, b])
 
@@ -221,18 +221,81 @@ def run_inside_simple(graphdef: graph.GraphDef, treedef: Any, leaves: list,
       else:
         raw = now.get(path, old)
         new_leaves.append(old if isinstance(raw, Variable) else raw)
+    check_captured(out, after, what, simple=True)
     out, has_nodes = lift.mark_outputs(rebuilt.nodes, after, out)
     return new_leaves, None, out, has_nodes
+
+
+def check_captured(out: Any, walk: Any, what: str, simple: bool) -> None:
+  """Refuses returning an object (Module, Rngs...) captured from outside the transform.
+
+  Such an object was created outside (another trace frame) and was not an
+  argument: returning it would hand back a copy that silently drops any
+  change, so it is an error (pass it as an argument instead).
+
+  Raises:
+    TransformError: naming the object's type.
+  """
+  leaves = jax.tree_util.tree_leaves(out, is_leaf=graph.is_graph_node)
+  nodes = [x for x in leaves if graph.is_graph_node(x)]
+  if not nodes:
+    return
+  frame = tracectx.current_frame()
+  # Frames that enclose this one (None: outside every transform). Objects made
+  # in a nested transform that already returned are this frame's results.
+  enclosing = {id(f) for f in tracectx._LOCAL.frames[:-1]} | {id(None)}
+  inputs = {id(v) for _, v in walk.trail}
+  for node in nodes:
+    if id(node) in inputs:
+      continue
+    # Only Objects: detached Variable copies (e.g. gradients) keep their
+    # source's frame, so a Variable's frame does not tell where it was made.
+    made = frame if isinstance(node, Variable) else getattr(node, "_object__trace", frame)
+    if id(made) in enclosing:
+      rule = ("Cannot return captured Variable" if simple else
+              "Cannot extract graph node from different trace level")
+      raise errors.TransformError(
+          f"{what}: {rule}: the function returned a {type(node).__name__} it did not "
+          "receive as an argument and did not create (captured from an enclosing "
+          "scope). Pass it as an argument, or return arrays.")
 
 
 def run_inside(simple: bool, graphdef: graph.GraphDef, treedef: Any, leaves: list,
                arg_leaves: list, call: Callable, what: str, *,
                regraph: bool = False) -> tuple:
-  """`lift.run_inside` in graph mode, `run_inside_simple` otherwise."""
+  """`lift.run_inside` in graph mode, `run_inside_simple` otherwise.
+
+  Raises:
+    TransformError: the function returned an object captured from outside.
+  """
   if simple:
     return run_inside_simple(graphdef, treedef, leaves, arg_leaves, call, what)
-  return lift.run_inside(graphdef, treedef, leaves, arg_leaves, call, what,
+
+  def checked(args):
+    out = call(args)
+    _, w = graph.flatten(args, detach_variables=False)
+    check_captured(out, w, what, simple=False)
+    return out
+
+  return lift.run_inside(graphdef, treedef, leaves, arg_leaves, checked, what,
                          regraph=regraph)
+
+
+def check_same_variables(fresh: list, nodes: tuple, who: str) -> None:
+  """Simple-mode loops: the body must keep the Variables it was given.
+
+  Raises:
+    TransformError: an attribute now holds a different Variable.
+  """
+  now = graph.flatten(nodes, detach_variables=False)[1].pairs
+  if len(now) != len(fresh) or any(
+      a is not b for (_, a), (_, b) in zip(now, fresh) if isinstance(b, Variable)):
+    changed = [errors.path_str(p) for (p, a), (_, b) in zip(now, fresh) if a is not b]
+    raise errors.TransformError(
+        f"{who} Variable identity must be preserved across iterations: the body "
+        f"replaced Variables ({errors.format_paths(changed) or 'structure changed'}). "
+        "Assign values in place (v[...] = x) instead of new Variables.",
+        paths=changed)
 
 
 def check_returned_inputs(ex: lift.Extraction, out: Any, out_specs: list, in_specs: tuple,

@@ -239,6 +239,16 @@ def scan(f: Callable | None = None, *, length: int | None = None, reverse: bool 
           "the scan (e.g. with vmap over the constructor).")
       cell["has_nodes"] = cell.get("has_nodes", False) or has_nodes
       carry_out, ys = _split_out(out, out_axes, what)
+      if simple and has_nodes:
+        refs = [m for _, y, _ in ys for m in
+                jax.tree_util.tree_leaves(y, is_leaf=lift._is_marker)
+                if isinstance(m, lift.InputRef)]
+        if refs:
+          node = ex.nodes[refs[0].index]
+          for key in refs[0].path:
+            node = graphlib.child(node, key)
+          modes.raise_duplicate("scan", node, (node_arg[refs[0].index],) + refs[0].path,
+                                ("output",))
       if has_nodes and carry_args and any(
           isinstance(m, lift.NodeOut)
           for m in jax.tree_util.tree_leaves(carry_out, is_leaf=lift._is_marker)):
