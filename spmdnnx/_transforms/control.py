@@ -162,19 +162,20 @@ def _loop_fns(ex: lift.Extraction, what: str, simple: bool = False):
     vals, plain = carry
     arg_leaves = lift.fill_plain(ex, plain)
     (val,), rebuilt = lift.rebuild(ex.graphdef, vals, ex.treedef, arg_leaves)
-    if simple:
-      fresh[:] = graphlib.flatten(rebuilt.nodes, detach_variables=False)[1].pairs
+    fresh[:] = graphlib.flatten(rebuilt.nodes, detach_variables=False)[1].pairs
     return val, rebuilt
 
   def leave(rebuilt, val_out):
     if simple:
-      modes.check_same_variables(fresh, rebuilt.nodes, what.split("(")[0])
       new_leaves = [lift._raw(v) for _, v in fresh]
     else:
       new_leaves, restructure, _, _ = lift.collect(rebuilt, None)
       lift.require_kept_structure(
           restructure, what, "the body",
           "loop bodies must keep the graph's structure. Create the state before the loop.")
+    # Same structure but a Variable replaced: its new value would silently be
+    # written into the old Variable, so it is an error (as in Flax).
+    modes.check_same_variables(fresh, rebuilt.nodes, what.split("(")[0])
     plain = _loop_carry(ex, val_out, rebuilt.nodes, what)
     return [lift._raw(x) for x in new_leaves], plain
 

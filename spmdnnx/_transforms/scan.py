@@ -112,8 +112,9 @@ def _validate_axes(in_axes: Any, out_axes: Any, what: str) -> None:
           if axis is None or axis is Carry:
             kind = "broadcast" if axis is None else "carry"
             raise errors.TransformError(
-                f"{what}: Cannot {kind} output state: {where} maps {filt!r} to "
-                f"{axis!r}; out_axes StateAxes need int axes.", paths=[where])
+                f"{what}: Cannot {kind} output state. Got StateAxes({{{filt!r}: "
+                f"{axis!r}}}) at {where}; out_axes StateAxes need int axes.",
+                paths=[where])
     if count > 1:
       raise errors.TransformError(
           f"{what}: Found multiple Carry definitions in {name}; at most one argument "
