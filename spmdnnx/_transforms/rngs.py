@@ -62,7 +62,7 @@ def _split(tree: Any, splits: int | tuple, only: Any, squeeze: bool) -> Iterator
 
 
 def split_rngs(node_or_fn: Any = None, /, *, splits: int | tuple, only: Any = ...,
-               squeeze: bool = False, **_stub: Any) -> Any:
+               squeeze: bool = False) -> Any:
   """Splits Rngs keys for a vectorised call (decorator or context manager).
 
   Args:
