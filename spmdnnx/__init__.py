@@ -222,6 +222,7 @@ from spmdnnx._transforms import prefix as prefix
 # (end of transforms block)
 
 # Flax NNX parity (loops): names added by that part; keep each block separate
+from spmdnnx._transforms import transform_metadata as transform_metadata
 # (end of loops block)
 
 # Flax NNX parity (rngs-variables): names added by that part; keep each block separate

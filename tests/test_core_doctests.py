@@ -11,7 +11,7 @@ MODULES = [
     "spmdnnx._module", "spmdnnx._rngs", "spmdnnx._modes", "spmdnnx._metrics", "spmdnnx._train_state", "spmdnnx._tabulate",
     "spmdnnx._transforms.jit", "spmdnnx._transforms.grad", "spmdnnx._transforms.vmap",
     "spmdnnx._transforms.scan", "spmdnnx._transforms.control", "spmdnnx._transforms.misc",
-    "spmdnnx._transforms.axes", "spmdnnx._transforms.rngs",
+    "spmdnnx._transforms.axes", "spmdnnx._transforms.rngs", "spmdnnx._transforms.iteration_modes",
 ]
 
 

@@ -34,3 +34,5 @@ from spmdnnx._transforms.autodiff import vjp as vjp
 from spmdnnx._transforms.compile_misc import checkify as checkify
 from spmdnnx._transforms.compile_misc import make_jaxpr as make_jaxpr
 from spmdnnx._transforms.compile_misc import pmap as pmap
+
+from spmdnnx._transforms.iteration_modes import transform_metadata as transform_metadata

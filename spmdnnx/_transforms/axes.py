@@ -11,6 +11,7 @@ The stacked-axis name that vmap/scan move in and out of mapped Variables'
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -18,6 +19,7 @@ import jax
 from spmdnnx import errors
 from spmdnnx import _filters as filterlib
 from spmdnnx import _graph as graph
+from spmdnnx._state import State
 from spmdnnx._variables import Variable
 
 class _CarryType:
@@ -40,15 +42,47 @@ class _CarryType:
 Carry = _CarryType()
 
 
+class _ExactPath:
+  """Filter matching one exact state path (StateAxes built from a State)."""
+
+  __slots__ = ("path",)
+
+  def __init__(self, path: tuple):
+    self.path = path
+
+  def __call__(self, path, _value) -> bool:
+    return tuple(path) == self.path
+
+  def __eq__(self, other):
+    return isinstance(other, _ExactPath) and other.path == self.path
+
+  def __hash__(self):
+    return hash((_ExactPath, self.path))
+
+  def __repr__(self):
+    return f"path {errors.path_str(self.path)!r}"
+
+
 class StateAxes:
   """Per-filter axis specs for the state of a graph-node argument.
 
   >>> from spmdnnx._variables import Param, BatchStat
   >>> StateAxes({Param: 0, BatchStat: None})
   StateAxes({Param: 0, BatchStat: None})
+
+  A `State` whose leaves are axes (e.g. ``nnx.state(model)`` with every
+  leaf replaced) gives one entry per path:
+
+  >>> from spmdnnx._state import State
+  >>> StateAxes(State({"w": 0, "b": None})).map_prefix(("b",), None) is None
+  True
   """
 
   def __init__(self, axes: Mapping[Any, Any]):
+    if isinstance(axes, State):
+      # One exact-path filter per leaf of a State whose leaves are the axes.
+      pairs = list(axes.flat_state())
+      axes = {_ExactPath(tuple(path)): axis for path, axis in pairs}
     self.filters = tuple(axes.keys())
     self.axes = tuple(axes.values())
     for a in self.axes:
@@ -59,6 +93,19 @@ class StateAxes:
 
   def items(self):
     return zip(self.filters, self.axes)
+
+  def map_prefix(self, path: tuple, variable: Any) -> Any:
+    """The axis spec of the state leaf at `path` (first matching filter).
+
+    Raises:
+      TransformError: no filter matches.
+    """
+    for pred, axis in zip(self.predicates, self.axes):
+      if pred(tuple(path), variable):
+        return axis
+    raise errors.TransformError(
+        f"StateAxes: no filter matches the state at {errors.path_str(path)}; add a "
+        "catch-all entry such as `...: None`.", paths=[errors.path_str(path)])
 
   def __repr__(self):
     inner = ", ".join(f"{getattr(f, '__name__', repr(f))}: {a!r}" for f, a in self.items())
@@ -174,3 +221,55 @@ def check_mapped(paths: list, leaves: list, axes: list, size: int | None,
     sizes.setdefault(size, [])
   raise_size_mismatch(sizes, what)
   return next(iter(sizes)) if sizes else None
+
+
+def arg_leaf_specs(args: tuple, specs: tuple, what: str) -> list:
+  """Expands per-argument specs to one spec per non-node argument leaf."""
+  out = []
+
+  def expand(spec, sub):
+    if isinstance(spec, (list, tuple, dict)):
+      # A pytree prefix of the argument, as jax.vmap accepts.
+      treedef = jax.tree_util.tree_structure(spec, is_leaf=lambda x: x is None)
+      try:
+        subs = treedef.flatten_up_to(sub)
+      except (ValueError, TypeError) as e:
+        raise errors.TransformError(
+            f"{what}: in_axes entry {spec!r} is not a pytree prefix of the argument "
+            f"({type(sub).__name__}): {e}") from e
+      for s, x in zip(jax.tree_util.tree_leaves(spec, is_leaf=lambda x: x is None), subs):
+        expand(s, x)
+      return
+    for leaf in jax.tree_util.tree_leaves(sub, is_leaf=graph.is_graph_node):
+      if graph.is_graph_node(leaf):
+        out.append(None)  # replaced by a NodeSlot; not passed through
+      elif isinstance(spec, StateAxes):
+        raise errors.TransformError(
+            f"{what}: StateAxes given for an argument that is not a graph object "
+            f"({type(sub).__name__}); use an int or None for plain arrays.")
+      else:
+        out.append(spec)
+
+  for arg, spec in zip(args, specs):
+    expand(spec, arg)
+  return out
+
+
+def resolve_kwargs(f: Any, args: tuple, kwargs: dict, what: str) -> tuple:
+  """Binds keyword arguments to positions (mapped transforms take positions).
+
+  Raises:
+    TransformError: a keyword that has no position (``**kwargs`` parameters).
+  """
+  if not kwargs:
+    return args
+  try:
+    bound = inspect.signature(f).bind(*args, **kwargs)
+  except (TypeError, ValueError) as e:
+    raise errors.TransformError(f"{what}: cannot bind the arguments: {e}") from e
+  bound.apply_defaults()
+  if bound.kwargs:
+    raise errors.TransformError(
+        f"{what}: keyword arguments {sorted(bound.kwargs)} have no position in the "
+        "function's signature; pass them positionally (in_axes is per position).")
+  return tuple(bound.args)

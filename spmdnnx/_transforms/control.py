@@ -29,19 +29,21 @@ from typing import Any, Callable, Sequence
 import jax
 
 from spmdnnx import errors
-from spmdnnx import _graph as graph
+from spmdnnx import _graph as graphlib
 from spmdnnx import _tracectx as tracectx
+from spmdnnx._transforms import iteration_modes as modes
 from spmdnnx._transforms import lift
 
 
-def _branch(ex: lift.Extraction, f: Callable, what: str, cell: dict) -> Callable:
+def _branch(ex: lift.Extraction, f: Callable, what: str, cell: dict,
+            simple: bool = False) -> Callable:
   """Wraps a branch function to take (state leaves, plain leaves)."""
 
   name = lift.fun_name(f)
 
   def inner(leaves, plain):
-    new_leaves, restructure, out, has_nodes = lift.run_inside(
-        ex.graphdef, ex.treedef, leaves, lift.fill_plain(ex, plain),
+    new_leaves, restructure, out, has_nodes = modes.run_inside(
+        simple, ex.graphdef, ex.treedef, leaves, lift.fill_plain(ex, plain),
         lambda args: f(*args), what)
     lift.require_kept_structure(
         restructure, what, name,
@@ -58,7 +60,7 @@ def _what_obj(leaf: Any, nodes: tuple) -> str:
   for i, node in enumerate(nodes):
     if leaf is node:
       return f"{type(leaf).__name__} #{i}"
-  return f"a different {type(leaf).__name__}" if graph.is_graph_node(leaf) else \
+  return f"a different {type(leaf).__name__}" if graphlib.is_graph_node(leaf) else \
       f"a {type(leaf).__name__}"
 
 
@@ -76,8 +78,9 @@ def _same_structure(what: str):
     raise
 
 
-def _split_operands(operands: Sequence) -> tuple[lift.Extraction, list, list]:
-  ex = lift.extract(tuple(operands))
+def _split_operands(operands: Sequence, graph_mode: bool = True,
+                    who: str = "cond") -> tuple[lift.Extraction, list, list]:
+  ex = modes.extract(tuple(operands), graph_mode, who)
   plain = lift.plain_leaves(ex)
   return ex, [lift._raw(x) for x in ex.leaves], plain
 
@@ -89,25 +92,37 @@ def _finish(ex: lift.Extraction, new_vals: list, out: Any, cell: dict) -> Any:
   return out
 
 
-def cond(pred: Any, true_fun: Callable, false_fun: Callable, *operands: Any) -> Any:
-  """`jax.lax.cond` whose operands may contain graph objects."""
+def cond(pred: Any, true_fun: Callable, false_fun: Callable, *operands: Any,
+         graph: bool | None = None, graph_updates: bool | None = None) -> Any:
+  """`jax.lax.cond` whose operands may contain graph objects.
+
+  ``graph`` / ``graph_updates``: graph mode (both True, the default) or simple
+  mode (no shared references, only Variable values flow back); None: the
+  setting in force.
+  """
   what = "cond"
-  ex, vals, plain = _split_operands(operands)
+  graph_mode, _, simple = modes.resolve_modes(graph, graph_updates)
+  ex, vals, plain = _split_operands(operands, graph_mode, "cond")
   cell: dict = {}
   with _same_structure(what):
-    new_vals, out = jax.lax.cond(pred, _branch(ex, true_fun, what, cell),
-                                 _branch(ex, false_fun, what, cell), vals, plain)
+    new_vals, out = jax.lax.cond(pred, _branch(ex, true_fun, what, cell, simple),
+                                 _branch(ex, false_fun, what, cell, simple), vals, plain)
   return _finish(ex, new_vals, out, cell)
 
 
-def switch(index: Any, branches: Sequence[Callable], *operands: Any) -> Any:
-  """`jax.lax.switch` whose operands may contain graph objects."""
+def switch(index: Any, branches: Sequence[Callable], *operands: Any,
+           graph: bool | None = None, graph_updates: bool | None = None) -> Any:
+  """`jax.lax.switch` whose operands may contain graph objects.
+
+  ``graph`` / ``graph_updates``: as for `cond`.
+  """
   what = "switch"
   if not branches:
     raise errors.TransformError("switch: needs at least one branch function.")
-  ex, vals, plain = _split_operands(operands)
+  graph_mode, _, simple = modes.resolve_modes(graph, graph_updates)
+  ex, vals, plain = _split_operands(operands, graph_mode, "switch")
   cell: dict = {}
-  wrapped = [_branch(ex, b, what, cell) for b in branches]
+  wrapped = [_branch(ex, b, what, cell, simple) for b in branches]
   with _same_structure(what):
     new_vals, out = jax.lax.switch(index, wrapped, vals, plain)
   return _finish(ex, new_vals, out, cell)
@@ -115,7 +130,7 @@ def switch(index: Any, branches: Sequence[Callable], *operands: Any) -> Any:
 
 def _loop_carry(ex: lift.Extraction, val_out: Any, rebuilt_nodes: tuple, what: str) -> list:
   """Checks a loop body returned the same graph objects; returns plain leaves."""
-  leaves = jax.tree_util.tree_leaves(val_out, is_leaf=graph.is_graph_node)
+  leaves = jax.tree_util.tree_leaves(val_out, is_leaf=graphlib.is_graph_node)
   expected_slots = [x for x in ex.arg_leaves]
   if len(leaves) != len(expected_slots):
     raise errors.TransformError(
@@ -135,28 +150,40 @@ def _loop_carry(ex: lift.Extraction, val_out: Any, rebuilt_nodes: tuple, what: s
   return plain
 
 
-def _loop_fns(ex: lift.Extraction, what: str):
-  """Builds rebuild/run helpers sharing one Extraction for loop bodies."""
+def _loop_fns(ex: lift.Extraction, what: str, simple: bool = False):
+  """Builds rebuild/run helpers sharing one Extraction for loop bodies.
+
+  In simple mode `leave` reads back the values of the Variables `enter`
+  built (structure changes made by the body stay inside).
+  """
+  fresh: list = []
 
   def enter(carry):
     vals, plain = carry
     arg_leaves = lift.fill_plain(ex, plain)
     (val,), rebuilt = lift.rebuild(ex.graphdef, vals, ex.treedef, arg_leaves)
+    fresh[:] = graphlib.flatten(rebuilt.nodes, detach_variables=False)[1].pairs
     return val, rebuilt
 
   def leave(rebuilt, val_out):
-    new_leaves, restructure, _, _ = lift.collect(rebuilt, None)
-    lift.require_kept_structure(
-        restructure, what, "the body",
-        "loop bodies must keep the graph's structure. Create the state before the loop.")
+    if simple:
+      new_leaves = [lift._raw(v) for _, v in fresh]
+    else:
+      new_leaves, restructure, _, _ = lift.collect(rebuilt, None)
+      lift.require_kept_structure(
+          restructure, what, "the body",
+          "loop bodies must keep the graph's structure. Create the state before the loop.")
+    # Same structure but a Variable replaced: its new value would silently be
+    # written into the old Variable, so it is an error (as in Flax).
+    modes.check_same_variables(fresh, rebuilt.nodes, what.split("(")[0])
     plain = _loop_carry(ex, val_out, rebuilt.nodes, what)
     return [lift._raw(x) for x in new_leaves], plain
 
   return enter, leave
 
 
-def _start(init_val: Any):
-  ex = lift.extract((init_val,))
+def _start(init_val: Any, graph_mode: bool = True, who: str = "fori_loop"):
+  ex = modes.extract((init_val,), graph_mode, who)
   plain = lift.plain_leaves(ex)
   return ex, ([lift._raw(x) for x in ex.leaves], plain)
 
@@ -172,11 +199,16 @@ def _result(ex: lift.Extraction, carry) -> Any:
 
 
 def fori_loop(lower: Any, upper: Any, body_fun: Callable, init_val: Any, *,
-              unroll: int | bool | None = None) -> Any:
-  """`jax.lax.fori_loop` whose loop value may contain graph objects."""
+              unroll: int | bool | None = None, graph: bool | None = None,
+              graph_updates: bool | None = None) -> Any:
+  """`jax.lax.fori_loop` whose loop value may contain graph objects.
+
+  ``graph`` / ``graph_updates``: as for `cond`.
+  """
   what = f"fori_loop({lift.fun_name(body_fun)})"
-  ex, carry = _start(init_val)
-  enter, leave = _loop_fns(ex, what)
+  graph_mode, _, simple = modes.resolve_modes(graph, graph_updates)
+  ex, carry = _start(init_val, graph_mode, "fori_loop")
+  enter, leave = _loop_fns(ex, what, simple)
 
   def body(i, carry):
     with tracectx.frame(what):
@@ -187,11 +219,16 @@ def fori_loop(lower: Any, upper: Any, body_fun: Callable, init_val: Any, *,
   return _result(ex, jax.lax.fori_loop(lower, upper, body, carry, **kwargs))
 
 
-def while_loop(cond_fun: Callable, body_fun: Callable, init_val: Any) -> Any:
-  """`jax.lax.while_loop` whose loop value may contain graph objects."""
+def while_loop(cond_fun: Callable, body_fun: Callable, init_val: Any, *,
+               graph: bool | None = None, graph_updates: bool | None = None) -> Any:
+  """`jax.lax.while_loop` whose loop value may contain graph objects.
+
+  ``graph`` / ``graph_updates``: as for `cond`.
+  """
   what = f"while_loop({lift.fun_name(body_fun)})"
-  ex, carry = _start(init_val)
-  enter, leave = _loop_fns(ex, what)
+  graph_mode, _, simple = modes.resolve_modes(graph, graph_updates)
+  ex, carry = _start(init_val, graph_mode, "while_loop")
+  enter, leave = _loop_fns(ex, what, simple)
 
   def cond_inner(carry):
     with tracectx.frame(what):

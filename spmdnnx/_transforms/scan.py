@@ -29,10 +29,11 @@ import jax
 import jax.numpy as jnp
 
 from spmdnnx import errors
-from spmdnnx import _graph as graph
+from spmdnnx import _graph as graphlib
 from spmdnnx import _stacked as stacked
 from spmdnnx._stacked import LAYERS_AXIS
 from spmdnnx._transforms import axes as axeslib
+from spmdnnx._transforms import iteration_modes as modes
 from spmdnnx._transforms import lift
 from spmdnnx._transforms.axes import Carry
 from spmdnnx._variables import Variable, detach
@@ -70,10 +71,69 @@ def _split_out(out: Any, out_axes: Any, what: str) -> tuple[Any, list]:
   return None, [(None, out, out_axes)]
 
 
+def _stack_node_outputs(y: Any, axis: int, name: str | None) -> Any:
+  """Inserts the stack name into the Variables of new nodes a step returned."""
+
+  def fix(leaf):
+    if not isinstance(leaf, lift.NodeOut):
+      return leaf
+    state = jax.tree.map(lambda v: stacked.insert_axis_name(v, axis, name), leaf.state,
+                         is_leaf=lambda x: isinstance(x, Variable))
+    return lift.NodeOut(leaf.graphdef, state)
+
+  return jax.tree.map(fix, y, is_leaf=lift._is_marker)
+
+
+def _validate_axes(in_axes: Any, out_axes: Any, what: str) -> None:
+  """Checks Carry placement and broadcast outputs when scan is applied.
+
+  Raises:
+    TransformError: a nested Carry, several Carry, a Carry on one side only,
+      None (or a StateAxes with None/Carry) in out_axes.
+  """
+  def carries(axes, name):
+    is_leaf = lambda x: x is None or x is Carry or isinstance(x, axeslib.StateAxes)
+    count = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(axes, is_leaf=is_leaf):
+      where = f"{name}{jax.tree_util.keystr(path)}"
+      if leaf is Carry:
+        count += 1
+        if len(path) > 1:
+          raise errors.TransformError(
+              f"{what}: Carry must be a top-level argument, it cannot be nested "
+              f"(found at {where}); pass the whole carry as one argument.", paths=[where])
+      if name == "out_axes" and leaf is None:
+        raise errors.TransformError(
+            f"{what}: Cannot broadcast output state: {where} is None; per-step "
+            "outputs are stacked, so give an int axis (or Carry for the carry).",
+            paths=[where])
+      if name == "out_axes" and isinstance(leaf, axeslib.StateAxes):
+        for filt, axis in leaf.items():
+          if axis is None or axis is Carry:
+            kind = "broadcast" if axis is None else "carry"
+            raise errors.TransformError(
+                f"{what}: Cannot {kind} output state. Got StateAxes({{{filt!r}: "
+                f"{axis!r}}}) at {where}; out_axes StateAxes need int axes.",
+                paths=[where])
+    if count > 1:
+      raise errors.TransformError(
+          f"{what}: Found multiple Carry definitions in {name}; at most one argument "
+          "can be the carry (bundle several values in a tuple).")
+    return count
+
+  if carries(in_axes, "in_axes") != carries(out_axes, "out_axes"):
+    raise errors.TransformError(
+        f"{what}: If one of in_axes or out_axes has Carry, the other must also have "
+        f"Carry (got in_axes={in_axes!r}, out_axes={out_axes!r}): return the new carry "
+        "and mark its position in both, e.g. in_axes=(nnx.Carry, 0), "
+        "out_axes=(nnx.Carry, 0).")
+
+
 def scan(f: Callable | None = None, *, length: int | None = None, reverse: bool = False,
          unroll: int | bool = 1, in_axes: Any = (Carry, 0), out_axes: Any = (Carry, 0),
          stack_axis: str | None = LAYERS_AXIS,
-         transform_metadata: Mapping | None = None) -> Callable:
+         transform_metadata: Mapping | None = None, graph: bool | None = None,
+         graph_updates: bool | None = None, _split_transpose: bool = False) -> Callable:
   """Scans `f` over the leading (or given) axis of its scanned arguments.
 
   Args:
@@ -82,6 +142,10 @@ def scan(f: Callable | None = None, *, length: int | None = None, reverse: bool 
     reverse, unroll: as in `jax.lax.scan`.
     in_axes / out_axes: see the module doc.
     stack_axis: logical name of the scanned axis in Variables' metadata.
+    graph, graph_updates: graph mode with structure updates (both True, the
+      default), or simple mode (see `iteration_modes`). None: the setting in
+      force.
+    _split_transpose: as in `jax.lax.scan` (experimental).
 
   Raises:
     TransformError: several Carry arguments; a Carry in in_axes but not in
@@ -91,43 +155,35 @@ def scan(f: Callable | None = None, *, length: int | None = None, reverse: bool 
   if f is None:
     return functools.partial(scan, length=length, reverse=reverse, unroll=unroll,
                              in_axes=in_axes, out_axes=out_axes, stack_axis=stack_axis,
-                             transform_metadata=transform_metadata)
-  name = stacked.stack_axis_name(stack_axis, transform_metadata)
+                             transform_metadata=transform_metadata, graph=graph,
+                             graph_updates=graph_updates,
+                             _split_transpose=_split_transpose)
+  graph_mode, graph_updates, simple = modes.resolve_modes(graph, graph_updates)
+  modes.check_prefix(in_axes, "in_axes", "scan", graph_mode, graph_updates)
+  modes.check_prefix(out_axes, "out_axes", "scan", graph_mode, graph_updates)
+  name = stacked.stack_axis_name(modes.partition_of(f) or stack_axis, transform_metadata)
   what = f"scan({getattr(f, '__qualname__', getattr(f, '__name__', 'fun'))})"
-  out_has_carry = out_axes is Carry or (isinstance(out_axes, tuple) and Carry in out_axes)
-  flat_out = out_axes if isinstance(out_axes, tuple) else (out_axes,)
-  if any(a is None for a in flat_out):
-    raise errors.TransformError(
-        f"{what}: out_axes {out_axes!r} contains None; per-step outputs are stacked, "
-        "so give an int axis (or Carry for the carry).")
+  _validate_axes(in_axes, out_axes, what)
 
   @functools.wraps(f)
-  def wrapper(*args):
+  def wrapper(*args, **kwargs):
+    args = axeslib.resolve_kwargs(f, args, kwargs, what)
+    if in_axes is Carry and len(args) != 1:
+      raise errors.TransformError(
+          f"{what}: When in_axes=Carry, the function must take exactly one argument "
+          f"(the carry), got {len(args)}. Give one spec per argument, e.g. "
+          "in_axes=(nnx.Carry, 0).")
     specs = axeslib.broadcast_arg_specs(in_axes, len(args), what)
     carry_args = [i for i, s in enumerate(specs) if s is Carry]
-    if len(carry_args) > 1:
-      raise errors.TransformError(
-          f"{what}: in_axes marks arguments {carry_args} as Carry; at most one "
-          "argument can be the carry (bundle several values in a tuple).")
-    if carry_args and not out_has_carry:
-      raise errors.TransformError(
-          f"{what}: argument {carry_args[0]} is the Carry, but out_axes "
-          f"{out_axes!r} has no Carry, so the carry would be lost. Return the "
-          "new carry and mark its position in out_axes, e.g. out_axes=(Carry, 0).")
-    if out_has_carry and not carry_args:
-      raise errors.TransformError(
-          f"{what}: out_axes {out_axes!r} has a Carry but no argument is marked "
-          "Carry in in_axes; mark the argument that holds the initial carry.")
-    ex = lift.extract(tuple(args))
+    ex = modes.extract(tuple(args), graph_mode, "scan")
+    if graph_mode:
+      modes.check_consistent(ex, specs, "scan")
     node_arg = axeslib.node_arg_index(args)
     leaf_ax = axeslib.leaf_axes(ex.paths, ex.leaves, node_arg, specs, what)
     n = axeslib.check_mapped(ex.paths, ex.leaves, leaf_ax, None, what)
 
-    # Plain (non-graph) argument leaves, each with its argument's spec.
-    plain_specs = []
-    for arg, spec in zip(args, specs):
-      for leaf in jax.tree_util.tree_leaves(arg, is_leaf=graph.is_graph_node):
-        plain_specs.append(None if graph.is_graph_node(leaf) else spec)
+    # Plain (non-graph) argument leaves, each with its spec (prefix trees expanded).
+    plain_specs = axeslib.arg_leaf_specs(args, specs, what)
     plain_idx = [i for i, x in enumerate(ex.arg_leaves) if not isinstance(x, lift.NodeSlot)]
     for i in plain_idx:
       spec = plain_specs[i]
@@ -158,8 +214,9 @@ def scan(f: Callable | None = None, *, length: int | None = None, reverse: bool 
     carry_treedef = None
     if carry_args:
       carry_treedef = jax.tree_util.tree_structure(args[carry_args[0]],
-                                                   is_leaf=graph.is_graph_node)
+                                                   is_leaf=graphlib.is_graph_node)
     ys_axes: list = []
+    cell: dict = {}
 
     def body(carry, x):
       c_state, c_plain = carry
@@ -174,18 +231,35 @@ def scan(f: Callable | None = None, *, length: int | None = None, reverse: bool 
                             (bcast_plain, bcast)):
         for i, v in zip(group, values):
           arg_leaves[i] = v
-      new_leaves, restructure, out, has_nodes = lift.run_inside(
-          ex.graphdef, ex.treedef, leaves, arg_leaves, lambda call_args: f(*call_args),
-          what, regraph=True)
+      new_leaves, restructure, out, has_nodes = modes.run_inside(
+          simple, ex.graphdef, ex.treedef, leaves, arg_leaves,
+          lambda call_args: f(*call_args), what, regraph=True)
       lift.require_kept_structure(
           restructure, what, "the step function",
           "a scan body must keep the graph's structure. Create the state before "
           "the scan (e.g. with vmap over the constructor).")
-      lift.require_no_new_nodes(
-          out, has_nodes, what, "the step function",
-          "return arrays (or the Modules it was given), and let scan propagate "
-          "Module state through its arguments.")
+      cell["has_nodes"] = cell.get("has_nodes", False) or has_nodes
       carry_out, ys = _split_out(out, out_axes, what)
+      if simple and has_nodes:
+        refs = [m for _, y, _ in ys for m in
+                jax.tree_util.tree_leaves(y, is_leaf=lift._is_marker)
+                if isinstance(m, lift.InputRef)]
+        if refs:
+          node = ex.nodes[refs[0].index]
+          for key in refs[0].path:
+            node = graphlib.child(node, key)
+          modes.raise_duplicate("scan", node, (node_arg[refs[0].index],) + refs[0].path,
+                                ("output",))
+      if has_nodes and carry_args and any(
+          isinstance(m, lift.NodeOut)
+          for m in jax.tree_util.tree_leaves(carry_out, is_leaf=lift._is_marker)):
+        rule = ("scan Variable identity must be preserved across iterations" if simple
+                else "Carry references must be the same between iterations")
+        raise errors.TransformError(
+            f"{what}: {rule}: the step returned, in its carry, graph objects or "
+            "Variables it created; a carry cannot hold graph objects created inside "
+            "the step. Update the carried objects in place and return them, or return "
+            "new objects as per-step outputs (out_axes int) to get them stacked.")
       new_c_plain = []
       if carry_args:
         c_leaves, c_treedef = jax.tree_util.tree_flatten(carry_out, is_leaf=lift._is_marker)
@@ -211,7 +285,7 @@ def scan(f: Callable | None = None, *, length: int | None = None, reverse: bool 
 
     (c_state, c_plain), (y_state, ys) = jax.lax.scan(
         body, (init_state, init_plain), (xs_state, xs_plain), length=steps,
-        reverse=reverse, unroll=unroll)
+        reverse=reverse, unroll=unroll, _split_transpose=_split_transpose)
 
     new_leaves = list(ex.leaves)
     for i, v in zip(carry_state, c_state):
@@ -222,12 +296,15 @@ def scan(f: Callable | None = None, *, length: int | None = None, reverse: bool 
 
     ys = [jax.tree.map(lambda y, a=axis: jnp.moveaxis(y, 0, a), y)
           for y, axis in zip(ys, ys_axes)]
+    if cell.get("has_nodes"):
+      ys = [lift.unmark_outputs(ex.nodes, _stack_node_outputs(y, axis, name))
+            for y, axis in zip(ys, ys_axes)]
     carry_value = None
     if carry_args:
       carry_in = args[carry_args[0]]
-      c_leaves = jax.tree_util.tree_leaves(carry_in, is_leaf=graph.is_graph_node)
+      c_leaves = jax.tree_util.tree_leaves(carry_in, is_leaf=graphlib.is_graph_node)
       it = iter(c_plain)
-      filled = [leaf if graph.is_graph_node(leaf) else next(it) for leaf in c_leaves]
+      filled = [leaf if graphlib.is_graph_node(leaf) else next(it) for leaf in c_leaves]
       carry_value = jax.tree_util.tree_unflatten(carry_treedef, filled)
     if out_axes is Carry:
       return carry_value

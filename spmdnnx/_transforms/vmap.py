@@ -25,13 +25,16 @@ import re
 from typing import Any, Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 
 from spmdnnx import errors
-from spmdnnx import _graph as graph
+from spmdnnx import _graph as graphlib
 from spmdnnx import _stacked as stacked
 from spmdnnx._stacked import LAYERS_AXIS
 from spmdnnx._transforms import axes as axeslib
+from spmdnnx._transforms import iteration_modes as modes
 from spmdnnx._transforms import lift
+from spmdnnx._state import State
 from spmdnnx._variables import Variable, detach
 
 
@@ -44,43 +47,12 @@ class _Retry(Exception):
 
 
 class _Cell:
-  __slots__ = ("has_nodes", "restructure")
+  __slots__ = ("has_nodes", "restructure", "out_specs")
 
   def __init__(self):
     self.has_nodes = False
     self.restructure = None
-
-
-def arg_leaf_specs(args: tuple, specs: tuple, what: str) -> list:
-  """Expands per-argument specs to one spec per non-node argument leaf."""
-  out = []
-
-  def expand(spec, sub):
-    if isinstance(spec, (list, tuple, dict)):
-      # A pytree prefix of the argument, as jax.vmap accepts.
-      treedef = jax.tree_util.tree_structure(spec, is_leaf=lambda x: x is None)
-      try:
-        subs = treedef.flatten_up_to(sub)
-      except (ValueError, TypeError) as e:
-        raise errors.TransformError(
-            f"{what}: in_axes entry {spec!r} is not a pytree prefix of the argument "
-            f"({type(sub).__name__}): {e}") from e
-      for s, x in zip(jax.tree_util.tree_leaves(spec, is_leaf=lambda x: x is None), subs):
-        expand(s, x)
-      return
-    for leaf in jax.tree_util.tree_leaves(sub, is_leaf=graph.is_graph_node):
-      if graph.is_graph_node(leaf):
-        out.append(None)  # replaced by a NodeSlot; not passed through
-      elif isinstance(spec, axeslib.StateAxes):
-        raise errors.TransformError(
-            f"{what}: StateAxes given for an argument that is not a graph object "
-            f"({type(sub).__name__}); use an int or None for plain arrays.")
-      else:
-        out.append(spec)
-
-  for arg, spec in zip(args, specs):
-    expand(spec, arg)
-  return out
+    self.out_specs = None
 
 
 def _prefix_axes(out_axes: Any, out: Any) -> list:
@@ -106,7 +78,8 @@ def _prefix_axes(out_axes: Any, out: Any) -> list:
 def vmap(f: Callable | None = None, *, in_axes: Any = 0, out_axes: Any = 0,
          axis_name: Any = None, axis_size: int | None = None,
          spmd_axis_name: Any = None, stack_axis: str | None = LAYERS_AXIS,
-         transform_metadata: Mapping | None = None) -> Callable:
+         transform_metadata: Mapping | None = None, graph: bool | None = None,
+         graph_updates: bool | None = None) -> Callable:
   """Vectorises `f` over mapped axes of its arguments (graph objects included).
 
   Args:
@@ -117,24 +90,40 @@ def vmap(f: Callable | None = None, *, in_axes: Any = 0, out_axes: Any = 0,
     stack_axis: logical name recorded for the mapped axis of Variables
       (default ``"layers"``; None leaves metadata unchanged). Flax's
       ``transform_metadata={"partition_name": ...}`` is accepted too.
+    graph, graph_updates: graph mode with structure updates (both True, the
+      default), or simple mode (see `iteration_modes`): no shared
+      references, only Variable values flow back, no StateAxes. None: the
+      setting in force (`set_graph_mode`, `set_graph_updates`).
+
+  Raises:
+    TransformError: a StateAxes in simple mode, a graph object or Variable
+      used as an axis spec, aliasing in simple mode, mapped state lacking the
+      axis, mapped sizes that disagree.
   """
+  graph_mode, graph_updates, simple = modes.resolve_modes(graph, graph_updates)
   if f is None:
     return functools.partial(vmap, in_axes=in_axes, out_axes=out_axes,
                              axis_name=axis_name, axis_size=axis_size,
                              spmd_axis_name=spmd_axis_name, stack_axis=stack_axis,
-                             transform_metadata=transform_metadata)
-  name = stacked.stack_axis_name(stack_axis, transform_metadata)
+                             transform_metadata=transform_metadata, graph=graph_mode,
+                             graph_updates=graph_updates)
+  modes.check_prefix(in_axes, "in_axes", "vmap", graph_mode, graph_updates)
+  modes.check_prefix(out_axes, "out_axes", "vmap", graph_mode, graph_updates)
+  name = stacked.stack_axis_name(modes.partition_of(f) or stack_axis, transform_metadata)
   what = f"vmap({getattr(f, '__qualname__', getattr(f, '__name__', 'fun'))})"
 
   @functools.wraps(f)
-  def wrapper(*args):
+  def wrapper(*args, **kwargs):
+    args = axeslib.resolve_kwargs(f, args, kwargs, what)
     specs = axeslib.broadcast_arg_specs(in_axes, len(args), what)
     if any(s is axeslib.Carry for s in specs):
       raise errors.TransformError(f"{what}: Carry is only meaningful for scan.")
-    ex = lift.extract(tuple(args))
+    ex = modes.extract(tuple(args), graph_mode, "vmap")
+    if graph_mode:
+      modes.check_consistent(ex, specs, "vmap")
     node_arg = axeslib.node_arg_index(args)
     leaf_ax = axeslib.leaf_axes(ex.paths, ex.leaves, node_arg, specs, what)
-    arg_specs = arg_leaf_specs(args, specs, what)
+    arg_specs = axeslib.arg_leaf_specs(args, specs, what)
     plain = lift.plain_leaves(ex)
     plain_axes = [s for x, s in zip(ex.arg_leaves, arg_specs)
                   if not isinstance(x, lift.NodeSlot)]
@@ -146,20 +135,25 @@ def vmap(f: Callable | None = None, *, in_axes: Any = 0, out_axes: Any = 0,
       axis = axeslib.axis_for(specs[node_arg[path[0]]], path, leaf)
       return None if axis is axeslib.UNMATCHED else axis
 
+    per_state_out = _has_state_axes(out_axes)
+
     def run(state_axes, paths, first):
       cell = _Cell()
 
       def inner(leaves, plain_leaves):
-        new_leaves, restructure, out, has_nodes = lift.run_inside(
-            ex.graphdef, ex.treedef, leaves, lift.fill_plain(ex, plain_leaves),
+        new_leaves, restructure, out, has_nodes = modes.run_inside(
+            simple, ex.graphdef, ex.treedef, leaves, lift.fill_plain(ex, plain_leaves),
             lambda call_args: f(*call_args), what, regraph=True)
         if restructure is not None and first:
           raise _Retry(restructure, [_abstract(v) for v in new_leaves])
         cell.has_nodes, cell.restructure = has_nodes, restructure
+        if per_state_out:
+          cell.out_specs = _prefix_axes(out_axes, out)
         return new_leaves, out
 
       vm = jax.vmap(inner, in_axes=(list(leaf_ax), plain_axes),
-                    out_axes=(list(state_axes), out_axes), axis_name=axis_name,
+                    out_axes=(list(state_axes), 0 if per_state_out else out_axes),
+                    axis_name=axis_name,
                     axis_size=axis_size,
                     spmd_axis_name=spmd_axis_name)
       try:
@@ -177,13 +171,64 @@ def vmap(f: Callable | None = None, *, in_axes: Any = 0, out_axes: Any = 0,
     # Restore the stacked-axis name on mapped state, and on returned new nodes.
     new_leaves = [stacked.insert_axis_name(l, a, name)
                   for l, a in zip(new_leaves, out_state_axes)]
-    lift.apply_updates(ex, new_leaves, cell.restructure)
     if cell.has_nodes:
+      modes.check_returned_inputs(ex, out, _prefix_axes(out_axes, out), specs, node_arg,
+                                  graph_updates and graph_mode, "vmap")
+    lift.apply_updates(ex, new_leaves, cell.restructure)
+    if per_state_out:
+      out = _place_outputs(out, cell.out_specs, name, what)
+    elif cell.has_nodes:
       out = _stack_node_outputs(out, out_axes, name)
+    if cell.has_nodes:
       out = lift.unmark_outputs(ex.nodes, out)
     return out
 
   return wrapper
+
+
+def _has_state_axes(out_axes: Any) -> bool:
+  return any(isinstance(x, axeslib.StateAxes) for x in jax.tree_util.tree_leaves(
+      out_axes, is_leaf=lambda x: x is None or isinstance(x, axeslib.StateAxes)))
+
+
+def _place(value: Any, axis: Any) -> Any:
+  """Moves the mapped axis (at 0) of one output array to `axis` (None: drop it)."""
+  if axis is None:
+    return value[0]
+  return jnp.moveaxis(value, 0, axis) if axis != 0 else value
+
+
+def _place_outputs(out: Any, specs: list, name: str | None, what: str) -> Any:
+  """Places outputs vmapped along axis 0 per their specs (StateAxes in out_axes).
+
+  A new graph object's state is placed per Variable: a StateAxes spec picks
+  the axis of each by its filters; mapped Variables get the stack name.
+
+  Raises:
+    TransformError: a StateAxes given for an output that is not a new graph
+      object.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(out, is_leaf=lift._is_marker)
+  placed = []
+  for leaf, spec in zip(leaves, specs):
+    if isinstance(leaf, lift.NodeOut):
+      pairs = []
+      for path, var in leaf.state.flat_state():
+        axis = spec.map_prefix(path, var) if isinstance(spec, axeslib.StateAxes) else spec
+        if isinstance(var, Variable):
+          var = stacked.insert_axis_name(detach(var, _place(var.raw_value, axis)), axis, name)
+        else:
+          var = _place(var, axis)
+        pairs.append((path, var))
+      leaf = lift.NodeOut(leaf.graphdef, State.from_flat_path(pairs))
+    elif isinstance(spec, axeslib.StateAxes):
+      raise errors.TransformError(
+          f"{what}: out_axes gives a StateAxes for an output that is not a graph "
+          f"object created inside ({type(leaf).__name__}); use an int or None.")
+    elif not isinstance(leaf, lift.InputRef):
+      leaf = _place(leaf, spec)
+    placed.append(leaf)
+  return jax.tree_util.tree_unflatten(treedef, placed)
 
 
 def _raise_batched_broadcast(e: ValueError, paths: list, what: str) -> None:
