@@ -667,7 +667,9 @@ def _track(out: Any, new_vals: list, limit: int) -> None:
   """Hands one output array of this execution to the in-flight bound."""
   sample = out if isinstance(out, jax.Array) else None
   if sample is None:
-    leaves = [x for x in jax.tree_util.tree_leaves(out) if isinstance(x, jax.Array)]
+    # Graph objects are pytrees too, possibly cyclic: never flatten into them.
+    leaves = [x for x in jax.tree_util.tree_leaves(out, is_leaf=_is_node)
+              if isinstance(x, jax.Array)]
     sample = leaves[0] if leaves else (new_vals[0] if new_vals else None)
   if isinstance(sample, jax.Array) and not isinstance(sample, jax.core.Tracer):
     inflight.track(sample, limit)

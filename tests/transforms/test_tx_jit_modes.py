@@ -224,3 +224,22 @@ def test_in_shardings_for_a_module_with_a_structure_change_inside(mesh):
   c = Counter()
   grow(c)
   assert c.extra[...].shape == (3,) and c.w[...].sharding.is_equivalent_to(rep, 2)
+
+
+def test_jit_returning_a_self_referencing_module():
+  class Node(nnx.Module):
+
+    def __init__(self):
+      self.ref = nnx.data(None)
+      self.w = nnx.Param(jnp.ones(2))
+
+  @nnx.jit
+  def f(m):
+    m.ref = m
+    m.w.value = m.w.value * 2
+    return m
+
+  m = Node()
+  out = f(m)
+  assert out is m and m.ref is m
+  np.testing.assert_allclose(m.w.value, 2.0)
