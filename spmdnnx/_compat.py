@@ -22,6 +22,7 @@ from typing import Callable
 from spmdnnx import _graph
 from spmdnnx import _graph_api
 from spmdnnx import _module
+from spmdnnx import _abstract
 from spmdnnx import _transforms
 
 
@@ -65,3 +66,11 @@ eval_shape = _graph_default(_transforms.eval_shape, True)
 cond = _graph_default(_transforms.cond, True)
 switch = _graph_default(_transforms.switch, True)
 split_rngs = _graph_default(_transforms.split_rngs, True)
+custom_vjp = _graph_default(_transforms.custom_vjp, True)
+vjp = _graph_default(_transforms.vjp, True)
+jvp = _graph_default(_transforms.jvp, True)
+checkify = _graph_default(_transforms.checkify, True)
+pmap = _graph_default(_transforms.pmap, True)
+jit_partial = _graph_default(_transforms.jit_partial, True)
+cached_partial = _graph_default(_transforms.cached_partial, True)
+get_abstract_model = _graph_default(_abstract.get_abstract_model, False)

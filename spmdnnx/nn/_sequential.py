@@ -35,8 +35,9 @@ class Sequential(Module):
     *fns: Modules or plain callables (e.g. activation functions).
 
   Raises:
-    ConfigError: if an entry is not callable (at construction) or the
-      Sequential is empty when called.
+    ConfigError: if an entry is not callable (at construction).
+
+  An empty Sequential is the identity: ``Sequential()(x) is x``.
   """
 
   def __init__(self, *fns: Callable):
@@ -49,8 +50,10 @@ class Sequential(Module):
 
   def __call__(self, *args: Any, rngs: Any = None, **kwargs: Any) -> Any:
     if not self.layers:
-      raise errors.ConfigError("Sequential: called with no layers; add at least one.",
-                              argument="layers")
+      # No layers: the identity on what was passed (as Flax's empty Sequential).
+      if kwargs and not args:
+        return kwargs
+      return args[0] if len(args) == 1 else (args or None)
     out = None
     for i, fn in enumerate(self.layers):
       if i > 0:

@@ -24,3 +24,4 @@ from spmdnnx.spmd._resolve import leaf_specs as leaf_specs
 from spmdnnx.spmd._rules import AxisRules as AxisRules
 from spmdnnx.spmd._rules import LOGICAL_AXES as LOGICAL_AXES
 from spmdnnx.spmd._rules import Resolution as Resolution
+from spmdnnx._stacked import PARTITION_NAME as PARTITION_NAME

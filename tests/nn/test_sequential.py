@@ -31,5 +31,12 @@ def test_tuple_dict_outputs_and_rngs_forwarding():
 def test_errors():
   with pytest.raises(errors.ConfigError, match=r"Sequential: entry 1 is a int, not a callable"):
     Sequential(relu, 3)
-  with pytest.raises(errors.ConfigError, match=r"called with no layers"):
-    Sequential()(jnp.ones(1))
+
+
+def test_empty_sequential_is_the_identity():
+  x = jnp.ones(1)
+  iden = Sequential()
+  assert iden(x) is x
+  assert iden(1, 2) == (1, 2)
+  assert iden() is None
+  assert iden(k=2) == {"k": 2}
