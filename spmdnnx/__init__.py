@@ -179,6 +179,7 @@ from spmdnnx._pytree import dataclass as dataclass
 from spmdnnx._pytree import static as static
 from spmdnnx._pytree import Static as Static
 from spmdnnx._state import GraphState as GraphState
+from spmdnnx._graph_api import as_pure as as_pure
 from spmdnnx._graph_api import call as call
 from spmdnnx._graph_api import find_duplicates as find_duplicates
 from spmdnnx._graph_api import map as map  # noqa: A004 (Flax's name)

@@ -270,6 +270,19 @@ def to_flat_state(state: Any) -> FlatState:
   return state.flat_state()
 
 
+def as_pure(tree: Any) -> Any:
+  """The same pytree (a State stays a State) with every Variable replaced by its value.
+
+  >>> import jax.numpy as jnp
+  >>> import spmdnnx as nnx
+  >>> pure = nnx.as_pure(nnx.state(nnx.Linear(2, 3, rngs=nnx.Rngs(0))))
+  >>> type(pure).__name__, type(pure["bias"]).__name__
+  ('State', 'ArrayImpl')
+  """
+  return jax.tree.map(lambda x: x.value if isinstance(x, Variable) else x, tree,
+                      is_leaf=lambda x: isinstance(x, Variable))
+
+
 def to_pure_dict(state: Any) -> dict:
   """Nested plain dicts of raw values (no Variable boxes) of a State."""
   if isinstance(state, GraphState):

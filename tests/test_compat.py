@@ -32,3 +32,13 @@ def test_compat_jit_shares_references_in_tree_mode_default():
 
 def test_spmd_partition_name():
   assert nnx.spmd.PARTITION_NAME == "partition_name"
+
+
+def test_as_pure_keeps_the_structure_and_unboxes_variables():
+  model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+  state = nnx.state(model, nnx.Param)
+  pure = nnx.as_pure(state)
+  assert isinstance(pure, nnx.State)
+  assert not isinstance(pure["kernel"], nnx.Variable)
+  assert (pure["kernel"] == model.kernel.value).all()
+  assert nnx.as_pure({"a": [nnx.Param(jnp.ones(1)), 3]})["a"][1] == 3
