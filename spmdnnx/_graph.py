@@ -108,7 +108,8 @@ class _ApplyCaller:
     return _ApplyCaller(self._graphdef, self._state, self._path + (name,))
 
   def __call__(self, *args, **kwargs):
-    node = merge(self._graphdef, self._state)
+    # Functional: the states given to `apply` are not changed (copy=True).
+    node = merge(self._graphdef, self._state, copy=True)
     fn = node
     for name in self._path:
       fn = getattr(fn, name)

@@ -843,7 +843,9 @@ def _repr_fields(var: Variable) -> str:
 def _make_unflatten(cls):
 
   def unflatten(aux, children):
-    return new_variable(cls, children[0], frozen=aux, trace=None)
+    # A Variable rebuilt from leaves is created here, in the current transform
+    # frame (e.g. `merge` of a State that came into `nnx.jit` as an argument).
+    return new_variable(cls, children[0], frozen=aux, trace=tracectx.current_frame())
 
   return unflatten
 

@@ -243,3 +243,31 @@ def test_jit_returning_a_self_referencing_module():
   out = f(m)
   assert out is m and m.ref is m
   np.testing.assert_allclose(m.w.value, 2.0)
+
+
+def test_state_argument_merged_and_updated_inside_jit():
+  # The State's Variables are rebuilt inside the trace; merge reuses them, so they
+  # belong to the jit frame and can take traced values.
+  graphdef, state = nnx.split(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+
+  kernel = np.asarray(state["kernel"].value)
+
+  @nnx.jit
+  def step(state, x):
+    model = nnx.merge(graphdef, state)
+    model.kernel.value = model.kernel.value * 2
+    return model(x)
+
+  y = step(state, jnp.ones((1, 2)))
+  np.testing.assert_allclose(y, jnp.ones((1, 2)) @ (2 * kernel), rtol=1e-6)
+
+
+def test_captured_variable_still_refuses_a_tracer():
+  outer = nnx.Param(jnp.ones(2))
+
+  @nnx.jit
+  def leak(x):
+    outer.value = x
+
+  with pytest.raises(errors.TraceContextError, match="created outside the transform"):
+    leak(jnp.zeros(2))
