@@ -185,8 +185,14 @@ def _compile_serially(cfg: Any, layouts: Sequence[layouts_lib.Layout],
         [sys.executable, "-m", "spmdnnx.train._plan_compile"], stdin=subprocess.PIPE,
         stdout=subprocess.PIPE, stderr=stderr, text=True, env=_child_env(devices)) as child:
       try:
-        child.stdin.write(json.dumps(job))
-        child.stdin.close()
+        try:
+          child.stdin.write(json.dumps(job))
+          child.stdin.close()
+        except BrokenPipeError:  # the child died before reading its job: told below
+          try:
+            child.stdin.close()
+          except BrokenPipeError:
+            pass
         current = None
         for line in child.stdout:
           if not line.startswith(_RESULT_PREFIX):
