@@ -275,6 +275,27 @@ from spmdnnx._pipeline import bubble_fraction as bubble_fraction
 from spmdnnx._pipeline import stage_layers as stage_layers
 # (end of pipeline block)
 
+# Flax NNX parity (pvjp): names added by that part; keep each block separate
+# (end of pvjp block)
+
+# Flax NNX parity (pvmap): names added by that part; keep each block separate
+# (end of pvmap block)
+
+# Flax NNX parity (pscan): names added by that part; keep each block separate
+# (end of pscan block)
+
+# Flax NNX parity (pgrad): names added by that part; keep each block separate
+# (end of pgrad block)
+
+# Flax NNX parity (pshmap): names added by that part; keep each block separate
+# (end of pshmap block)
+
+# Flax NNX parity (pgraph): names added by that part; keep each block separate
+# (end of pgraph block)
+
+# Flax NNX parity (pshard): names added by that part; keep each block separate
+# (end of pshard block)
+
 # `checkpointing` (orbax) and `train` (grain, tensorboardX, orbax) are imported
 # on first use, so the core API does not pay ~0.3 s of import time for them.
 _LAZY_NAMESPACES = ("checkpointing", "train")
