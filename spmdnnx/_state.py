@@ -159,8 +159,18 @@ class State(MutableMapping):
 
   @classmethod
   def from_flat_path(cls, pairs) -> "State":
-    """Builds a nested State from ``(path, leaf)`` pairs (or a path->leaf dict)."""
-    items = pairs.items() if isinstance(pairs, Mapping) else pairs
+    """Builds a nested State from ``(path, leaf)`` pairs (or a path->leaf dict).
+
+    One pair at the empty path is the state of a graph that *is* one Variable
+    (a bare Variable passed to a transform): that leaf itself is returned, as
+    `split` gives it.
+
+    >>> State.from_flat_path([(("a", "b"), 1)])["a"]["b"], State.from_flat_path([((), 2)])
+    (1, 2)
+    """
+    items = list(pairs.items() if isinstance(pairs, Mapping) else pairs)
+    if len(items) == 1 and not items[0][0]:
+      return items[0][1]
     root: dict = {}
     for path, leaf in items:
       if not path:

@@ -90,9 +90,18 @@ def test_flat_state_round_trip():
   assert from_dict == s
 
 
+def test_from_flat_path_root_leaf_is_the_state_of_a_bare_variable():
+  v = nnx.Param(jnp.ones(1))
+  assert nnx.State.from_flat_path([((), v)]) is v
+  graphdef, state = nnx.split(v)
+  back = nnx.merge(graphdef, nnx.State.from_flat_path([((), state)]))
+  assert isinstance(back, nnx.Param)
+  np.testing.assert_array_equal(back[...], [1.0])
+
+
 def test_from_flat_path_errors():
   with pytest.raises(errors.GraphError, match="A State leaf needs a non-empty path"):
-    nnx.State.from_flat_path([((), jnp.ones(1))])
+    nnx.State.from_flat_path([((), jnp.ones(1)), (("a",), 1)])
   with pytest.raises(errors.GraphError,
                      match=r"Path a/b goes through a leaf at 'a'; paths must not be "
                      r"prefixes of each other"):
