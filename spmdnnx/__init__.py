@@ -279,6 +279,7 @@ from spmdnnx._pipeline import stage_layers as stage_layers
 # (end of pvjp block)
 
 # Flax NNX parity (pvmap): names added by that part; keep each block separate
+from spmdnnx import extract as extract
 # (end of pvmap block)
 
 # Flax NNX parity (pscan): names added by that part; keep each block separate

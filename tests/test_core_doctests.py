@@ -12,7 +12,7 @@ MODULES = [
     "spmdnnx._transforms.jit", "spmdnnx._transforms.grad", "spmdnnx._transforms.vmap",
     "spmdnnx._transforms.scan", "spmdnnx._transforms.control", "spmdnnx._transforms.misc",
     "spmdnnx._transforms.axes", "spmdnnx._transforms.rngs", "spmdnnx._transforms.iteration_modes",
-    "spmdnnx._transforms.guards", "spmdnnx._transforms.prefixes",
+    "spmdnnx._transforms.guards", "spmdnnx._transforms.prefixes", "spmdnnx.extract",
     "spmdnnx._transforms.partials", "spmdnnx._transforms.autodiff",
     "spmdnnx._transforms.compile_misc", "spmdnnx._eager", "spmdnnx._abstract",
 ]

@@ -21,7 +21,8 @@ LAYERS = [
     ("graph", ["_graphdef", "_graph_tree", "_graph", "_graph_api", "_restructure",
                "_graph_context", "_module", "_display"]),
     ("spmd", ["spmd"]),
-    ("transforms", ["_transforms"]),
+    ("transforms", ["_transforms",
+                    "extract"]),
     ("library", [
         "nn", "_optim", "_stack", "_stack_convert",
         "_metrics", "metrics", "_train_state", "_tabulate",

@@ -23,8 +23,10 @@ import jax
 from spmdnnx import errors
 from spmdnnx import _filters as filterlib
 from spmdnnx import _graph as graphlib
+from spmdnnx import _modes as modeslib
 from spmdnnx._state import State
 from spmdnnx._transforms.guards import PrefixMap
+from spmdnnx._variables import Variable
 
 
 class StateSharding(PrefixMap):
@@ -77,6 +79,49 @@ class StateSharding(PrefixMap):
     return hash((StateSharding, self.filters, self.shardings))
 
 
+class TreeState(State):
+  """The prefix of one graph object built by ``prefix(..., graph=True)``.
+
+  A `State` with the object's state paths holding prefix values (so it is
+  accepted wherever a State prefix is), plus the prefix function that built
+  it: a transform asks that function for the prefix of every Variable of the
+  object, including Variables an earlier argument already holds (whose paths
+  are left out of this State, as in a joint split), so aliased Variables are
+  checked for consistent prefixes.
+
+  >>> import spmdnnx as nnx
+  >>> m = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+  >>> p = nnx.prefix(m, {nnx.Param: 0}, graph=True)
+  >>> isinstance(p, nnx.extract.TreeState), p.state["kernel"]
+  (True, 0)
+  """
+
+  __slots__ = ("graphdef", "prefix_fn")
+
+  def __init__(self, graphdef: Any = None, state: Any = None,
+               prefix_fn: Callable | None = None):
+    super().__init__(state)
+    object.__setattr__(self, "graphdef", graphdef)
+    object.__setattr__(self, "prefix_fn", prefix_fn)
+
+  @property
+  def state(self) -> State:
+    """The prefix values as a plain nested `State` (Flax's ``TreeState.state``)."""
+    return State(self)
+
+  def value_for(self, path: tuple, leaf: Any) -> Any:
+    """The prefix of the state leaf at `path` (relative to the object)."""
+    if self.prefix_fn is not None:
+      return self.prefix_fn(tuple(path), leaf)
+    return _flat(self).get(tuple(path), _MISSING)
+
+  def __repr__(self):
+    return f"TreeState({dict(self)!r})"
+
+
+_MISSING = object()
+
+
 def _chooser(filter_map: Mapping | Callable) -> Callable:
   if callable(filter_map) and not isinstance(filter_map, Mapping):
     return filter_map
@@ -89,40 +134,83 @@ def _chooser(filter_map: Mapping | Callable) -> Callable:
       if pred(path, leaf):
         return value
     raise errors.TransformError(
-        f"nnx.prefix: no filter matches {errors.path_str(path)}; add a catch-all "
-        "entry `...: value`.", paths=[path])
+        f"nnx.prefix: No filter matched leaf at path {errors.path_str(path)} "
+        f"({type(leaf).__name__}); filters: {list(filters)!r}. Add a catch-all entry "
+        "`...: value`.", paths=[path])
 
   return choose
+
+
+def _is_node_or_var(x: Any) -> bool:
+  return graphlib.is_graph_node(x) or isinstance(x, Variable)
 
 
 def prefix(node: Any, filter_map: Mapping | Callable, /, *, graph: bool | None = None) -> Any:
   """Replaces every Variable of the graph objects in `node` by a prefix value.
 
-  Each graph object becomes a `State` of the same paths as its state, holding
-  ``filter_map(path, variable)`` (or the value of the first matching filter
-  of a ``{filter: value}`` mapping). Other leaves get ``filter_map(path, leaf)``
-  with their pytree path. The result is accepted wherever a transform takes a
-  per-argument prefix (``in_shardings``, ``out_shardings``, axes).
+  The value is ``filter_map(path, variable)``, or the value of the first
+  matching filter of a ``{filter: value}`` mapping. The result is accepted
+  wherever a transform takes a per-argument prefix (``in_axes``/``out_axes``,
+  ``in_shardings``/``out_shardings``, ``in_specs``):
+
+  - ``graph=True`` (graph mode, the default setting): each graph object
+    becomes a `TreeState` of its state paths. Objects are split jointly, in
+    order: an object or Variable seen earlier in `node` is left out of later
+    ones, so pass all the transform's objects in one call, in argument order.
+  - ``graph=False`` (tree mode): the pytree of `node` itself (a Module of the
+    same type) with each Variable replaced by its value, as `jax.vmap`
+    accepts for a Module argument.
+
+  Other leaves get ``filter_map(path, leaf)`` with their pytree path; a bare
+  Variable gets its value directly.
 
   Args:
-    node: a graph object or a pytree holding some.
+    node: a graph object, a Variable or a pytree holding some.
     filter_map: ``{filter: value}`` (first match wins) or ``f(path, leaf)``.
-    graph: accepted for Flax compatibility; the result is the same in both
-      modes (each object is described by its own paths).
+    graph: graph or tree mode (None: the setting in force).
 
   Raises:
-    TransformError: a Variable matches no filter of the mapping.
+    TransformError: (a ValueError) a Variable matches no filter of the mapping.
+
+  >>> import jax, jax.numpy as jnp
+  >>> import spmdnnx as nnx
+  >>> m = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+  >>> nnx.prefix(m, {nnx.PathContains("kernel"): 0, ...: None}, graph=False).kernel
+  0
   """
-  del graph
+  graph = modeslib.resolve_graph(graph)
   choose = _chooser(filter_map)
-
-  def one(path, leaf):
-    if graphlib.is_graph_node(leaf):
-      _, w = graphlib.flatten(leaf)
-      return State.from_flat_path([(p, choose(p, v)) for p, v in w.pairs])
-    return choose(tuple(_key(k) for k in path), leaf)
-
-  return jax.tree_util.tree_map_with_path(one, node, is_leaf=graphlib.is_graph_node)
+  if not graph:
+    return jax.tree_util.tree_map_with_path(
+        lambda p, leaf: choose(tuple(_key(k) for k in p), leaf), node,
+        is_leaf=lambda x: isinstance(x, Variable))
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(node, is_leaf=_is_node_or_var)
+  unique: list = []
+  seen: dict = {}
+  for _, leaf in leaves:
+    if graphlib.is_graph_node(leaf) and not isinstance(leaf, Variable) \
+        and id(leaf) not in seen:
+      seen[id(leaf)] = len(unique)
+      unique.append(leaf)
+  graphdef, w = graphlib.flatten(tuple(unique))
+  pairs: dict = {}
+  for p, v in w.pairs:
+    pairs.setdefault(p[0], []).append((p[1:], v))
+  out = []
+  given: set = set()
+  for keypath, leaf in leaves:
+    path = tuple(_key(k) for k in keypath)
+    if isinstance(leaf, Variable):
+      out.append(choose(path, leaf))
+    elif graphlib.is_graph_node(leaf):
+      i = seen[id(leaf)]
+      own = [] if i in given else pairs.get(i, [])
+      given.add(i)
+      out.append(TreeState(graphlib.graphdef(leaf), State.from_flat_path(
+          [(p, choose(p, v)) for p, v in own]), choose))
+    else:
+      out.append(choose(path, leaf))
+  return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def _key(k: Any) -> Any:
@@ -136,6 +224,8 @@ def leaf_value(prefix_value: Any, path: tuple, leaf: Any, who: str) -> Any:
   """The prefix value of one state leaf at `path` (relative to its node)."""
   if isinstance(prefix_value, StateSharding):
     return prefix_value.spec_for(path, leaf, who)
+  if isinstance(prefix_value, TreeState) and prefix_value.prefix_fn is not None:
+    return prefix_value.prefix_fn(tuple(path), leaf)
   if isinstance(prefix_value, State):
     flat = _flat(prefix_value)
     return flat.get(tuple(path))

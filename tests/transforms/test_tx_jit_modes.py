@@ -132,7 +132,7 @@ def test_prefix_builds_a_state_per_object_and_refuses_unmatched():
   c = Counter()
   p = nnx.prefix(c, lambda path, v: path[-1])
   assert p["n"] == "n" and p["w"] == "w"
-  with pytest.raises(errors.TransformError, match=r"no filter matches n"):
+  with pytest.raises(errors.TransformError, match=r"No filter matched leaf at path n"):
     nnx.prefix(c, {nnx.Param: 0})
 
 
