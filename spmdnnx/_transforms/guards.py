@@ -32,6 +32,7 @@ import jax
 from spmdnnx import errors
 from spmdnnx import _graph as graph
 from spmdnnx import _modes as modes
+from spmdnnx._object import Dict as ObjDict, List as ObjList
 from spmdnnx._transforms import lift
 from spmdnnx._variables import Variable
 
@@ -94,7 +95,7 @@ def check_prefix(prefix: Any, name: str, who: str, graph_mode: bool,
           f"or graph_updates=False (found at {where} for nnx.{who}). Use "
           f"nnx.prefix(node, {{filter: value}}) instead, or graph mode with updates: "
           f"nnx.{who}(..., graph=True, graph_updates=True).", paths=[where])
-    if graph.is_graph_node(leaf) and graph_mode:
+    if graph_mode and (graph.is_graph_node(leaf) or isinstance(leaf, (ObjDict, ObjList))):
       raise errors.TransformError(
           f"Found a graph node of type {type(leaf).__name__} at {where} in `{name}` "
           f"for nnx.{who}. Graph nodes are not allowed as prefixes when graph=True; "
@@ -103,7 +104,7 @@ def check_prefix(prefix: Any, name: str, who: str, graph_mode: bool,
 
   leaves = jax.tree_util.tree_flatten_with_path(
       prefix, is_leaf=lambda x: x is None or isinstance(x, (Variable, PrefixMap))
-      or graph.is_graph_node(x))[0]
+      or graph.is_graph_node(x) or (graph_mode and isinstance(x, (ObjDict, ObjList))))[0]
   for path, leaf in leaves:
     visit(path, leaf)
 

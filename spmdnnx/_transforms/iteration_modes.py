@@ -16,7 +16,7 @@ created inside, attributes reassigned inside, stay inside), and per-filter
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 
@@ -29,6 +29,9 @@ from spmdnnx._graphdef import NodeSpec, PytreeSpec, RefSpec, VariableSpec
 from spmdnnx._transforms import axes as axeslib
 from spmdnnx._transforms import lift
 from spmdnnx._transforms.axes import StateAxes
+from spmdnnx._transforms.prefixes import TreeState
+from spmdnnx._object import Dict as ObjDict, List as ObjList
+from spmdnnx._state import State
 from spmdnnx._variables import Variable, detach
 
 
@@ -48,10 +51,16 @@ def check_prefix(prefix: Any, name: str, who: str, graph_mode: bool,
       `StateAxes` when not in graph mode with graph updates.
   """
   leaves = jax.tree_util.tree_leaves_with_path(
-      prefix, is_leaf=lambda x: x is None or isinstance(x, (StateAxes, Variable))
-      or graph.is_graph_node(x))
+      prefix, is_leaf=lambda x: x is None or isinstance(x, (StateAxes, Variable, TreeState))
+      or graph.is_graph_node(x) or (graph_mode and isinstance(x, (ObjDict, ObjList))))
   for path, leaf in leaves:
     where = f"{name}{jax.tree_util.keystr(path)}"
+    if graph_mode and isinstance(leaf, (ObjDict, ObjList)):
+      raise errors.TransformError(
+          f"nnx.{who}: {where} is an nnx.{type(leaf).__name__}: Graph nodes are not "
+          "allowed as prefixes in graph mode. Fix: build the prefix with "
+          "nnx.prefix(obj, {filter: axis}), use StateAxes, or pass graph=False.",
+          paths=[where])
     if isinstance(leaf, Variable):
       raise errors.TransformError(
           f"nnx.{who}: {where} is a {type(leaf).__name__}: Variables prefixes are "
@@ -177,25 +186,154 @@ def root_occurrences(ex: lift.Extraction) -> list:
   return out
 
 
-def check_consistent(ex: lift.Extraction, specs: tuple, who: str) -> None:
+def check_consistent(ex: lift.Extraction, specs: tuple, who: str, *,
+                     axis_of: Callable | None = None) -> None:
   """Graph mode: a Variable reachable twice must get one axis spec.
+
+  Args:
+    axis_of: ``axis_of(arg, path, variable)`` the spec of one occurrence
+      (`path` starts with the node index); default: read ``specs[arg]``.
 
   Raises:
     TransformError: ``Inconsistent aliasing detected`` listing each path
       with its spec.
   """
+  if axis_of is None:
+    axis_of = lambda arg, path, var: axeslib.axis_for(specs[arg], path, var)
   msgs = []
   for index, occ in variable_occurrences(ex).items():
     var = ex.all_nodes[index]
-    axes = [axeslib.axis_for(specs[arg], path, var) for arg, path in occ]
+    axes = [axis_of(arg, path, var) for arg, path in occ]
     if len({repr(a) for a in axes}) > 1:
       lines = "\n".join(f"  {errors.path_str(p[1:])}: {a!r}" for (_, p), a in zip(occ, axes))
       msgs.append(f"{type(var).__name__}:\n{lines}")
   if msgs:
     raise errors.TransformError(
-        f"nnx.{who}: Inconsistent aliasing detected: a Variable reachable at several "
-        f"paths gets different axes:\n" + "\n".join(msgs) + "\nFix: give every "
-        "occurrence of a shared object the same spec.")
+        f"nnx.{who}: Inconsistent aliasing detected. The following nodes have different "
+        f"prefixes (a Variable reachable at several paths gets different axes):\n"
+        + "\n".join(msgs) + "\nFix: give every occurrence of a shared object the same "
+        "spec.")
+
+
+# --- per-object prefixes (nnx.prefix trees, States, Module-shaped specs) ----------
+
+_MISSING = object()
+
+
+def _is_scalar_spec(spec: Any) -> bool:
+  return spec is None or spec is axeslib.Carry or isinstance(spec, int)
+
+
+def _child_spec(spec: Any, key: Any) -> Any:
+  """The part of a prefix tree below `key` (a Mapping key, an index, an attribute)."""
+  if isinstance(spec, Mapping):
+    return spec[key] if key in spec else _MISSING
+  if isinstance(spec, (list, tuple)):
+    return spec[key] if isinstance(key, int) and -len(spec) <= key < len(spec) else _MISSING
+  if isinstance(key, str) and not isinstance(spec, Variable):
+    return getattr(spec, key, _MISSING)
+  return _MISSING
+
+
+def prefix_axis(spec: Any, path: tuple, leaf: Any) -> Any:
+  """The axis spec of the state leaf at `path` (relative to its object) from its prefix.
+
+  `spec` is what the object's position in ``in_axes``/``out_axes`` holds: an
+  int, None or Carry (every leaf); a `StateAxes` (filters); a `TreeState`
+  from ``nnx.prefix(..., graph=True)`` (its prefix function); or a prefix
+  tree of the object's shape (a `State`, a Module from
+  ``nnx.prefix(..., graph=False)``, nested dicts), read along `path` down to
+  the first int/None. Returns `axes.UNMATCHED` where nothing gives a value.
+
+  >>> from spmdnnx._state import State
+  >>> prefix_axis(State({"w": 0, "b": None}), ("w",), None)
+  0
+  """
+  if _is_scalar_spec(spec):
+    return spec
+  if isinstance(spec, StateAxes):
+    return axeslib.axis_for(spec, (None,) + tuple(path), leaf)
+  if isinstance(spec, TreeState) and spec.prefix_fn is not None:
+    return spec.prefix_fn(tuple(path), leaf)
+  cur = spec
+  for i, key in enumerate(path):
+    if _is_scalar_spec(cur):
+      return cur
+    if isinstance(cur, StateAxes):
+      return axeslib.axis_for(cur, (None,) + tuple(path[i:]), leaf)
+    cur = _child_spec(cur, key)
+    if cur is _MISSING:
+      return axeslib.UNMATCHED
+  return cur if _is_scalar_spec(cur) else axeslib.UNMATCHED
+
+
+def _spec_at(spec: Any, keypath: tuple) -> Any:
+  """The spec of the pytree position `keypath` inside an argument (JAX prefix rules)."""
+  for k in keypath:
+    if type(spec) not in (list, tuple, dict):
+      return spec
+    key = next((getattr(k, a) for a in ("key", "idx") if hasattr(k, a)), k)
+    try:
+      spec = spec[key]
+    except (KeyError, IndexError, TypeError):
+      return spec
+  return spec
+
+
+def node_prefixes(args: tuple, specs: tuple, ex: lift.Extraction) -> tuple[list, dict]:
+  """Each graph object's spec: ``(per node index, {(arg, node index): spec})``.
+
+  The first list gives the spec of a node's first occurrence; the dict every
+  occurrence's (for the aliasing check).
+  """
+  index = {id(n): i for i, n in enumerate(ex.nodes)}
+  first: list = [None] * len(ex.nodes)
+  seen: set = set()
+  occ: dict = {}
+  for arg, (value, spec) in enumerate(zip(args, specs)):
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(
+        value, is_leaf=graph.is_graph_node)[0]:
+      i = index.get(id(leaf)) if graph.is_graph_node(leaf) else None
+      if i is None:
+        continue
+      sub = _spec_at(spec, keypath)
+      occ.setdefault((arg, i), sub)
+      if i not in seen:
+        seen.add(i)
+        first[i] = sub
+  return first, occ
+
+
+def prefix_leaf_axes(ex: lift.Extraction, node_spec: list, what: str) -> list:
+  """One axis spec per state leaf of `ex`, read from each object's prefix.
+
+  Raises:
+    TransformError: listing the state leaves no prefix covers.
+  """
+  out = []
+  unmatched = []
+  kinds = set()
+  for path, leaf in zip(ex.paths, ex.leaves):
+    axis = prefix_axis(node_spec[path[0]], path[1:], leaf)
+    if axis is axeslib.UNMATCHED:
+      unmatched.append(path[1:])
+      kinds.add(isinstance(node_spec[path[0]], StateAxes))
+      axis = None
+    out.append(axis)
+  if unmatched:
+    what_gives = "StateAxes filters" if kinds == {True} else "the axis prefixes"
+    raise errors.TransformError(
+        f"{what}: {what_gives} do not cover {len(unmatched)} state leaves: "
+        f"{errors.format_paths(errors.path_str(p) for p in unmatched)}. Add a catch-all "
+        "entry such as `...: None` to the StateAxes, or build the prefix with "
+        "nnx.prefix(obj, {filter: axis, ...: None}) from the same object.",
+        paths=list(unmatched))
+  return out
+
+
+def is_object_prefix(spec: Any) -> bool:
+  """Whether an axis spec gives per-Variable values (StateAxes, State, Module-shaped)."""
+  return isinstance(spec, (StateAxes, State)) or graph.is_graph_node(spec)
 
 
 def run_inside_simple(graphdef: graph.GraphDef, treedef: Any, leaves: list,

@@ -33,6 +33,7 @@ from spmdnnx import _graph as graphlib
 from spmdnnx import _stacked as stacked
 from spmdnnx._stacked import LAYERS_AXIS
 from spmdnnx._transforms import axes as axeslib
+from spmdnnx._transforms import guards
 from spmdnnx._transforms import iteration_modes as modes
 from spmdnnx._transforms import lift
 from spmdnnx._transforms.axes import Carry
@@ -159,6 +160,7 @@ def scan(f: Callable | None = None, *, length: int | None = None, reverse: bool 
                              graph_updates=graph_updates,
                              _split_transpose=_split_transpose)
   graph_mode, graph_updates, simple = modes.resolve_modes(graph, graph_updates)
+  guards.check_unbound(f, "scan")
   modes.check_prefix(in_axes, "in_axes", "scan", graph_mode, graph_updates)
   modes.check_prefix(out_axes, "out_axes", "scan", graph_mode, graph_updates)
   name = stacked.stack_axis_name(modes.partition_of(f) or stack_axis, transform_metadata)

@@ -32,6 +32,7 @@ from spmdnnx import _graph as graphlib
 from spmdnnx import _stacked as stacked
 from spmdnnx._stacked import LAYERS_AXIS
 from spmdnnx._transforms import axes as axeslib
+from spmdnnx._transforms import guards
 from spmdnnx._transforms import iteration_modes as modes
 from spmdnnx._transforms import lift
 from spmdnnx._state import State
@@ -96,7 +97,8 @@ def vmap(f: Callable | None = None, *, in_axes: Any = 0, out_axes: Any = 0,
       setting in force (`set_graph_mode`, `set_graph_updates`).
 
   Raises:
-    TransformError: a StateAxes in simple mode, a graph object or Variable
+    TransformError: `f` is a method bound to a Module (pass the unbound
+      method and the instance), a StateAxes in simple mode, a graph object or Variable
       used as an axis spec, aliasing in simple mode, mapped state lacking the
       axis, mapped sizes that disagree.
   """
@@ -107,6 +109,7 @@ def vmap(f: Callable | None = None, *, in_axes: Any = 0, out_axes: Any = 0,
                              spmd_axis_name=spmd_axis_name, stack_axis=stack_axis,
                              transform_metadata=transform_metadata, graph=graph_mode,
                              graph_updates=graph_updates)
+  guards.check_unbound(f, "vmap")
   modes.check_prefix(in_axes, "in_axes", "vmap", graph_mode, graph_updates)
   modes.check_prefix(out_axes, "out_axes", "vmap", graph_mode, graph_updates)
   name = stacked.stack_axis_name(modes.partition_of(f) or stack_axis, transform_metadata)
@@ -119,10 +122,13 @@ def vmap(f: Callable | None = None, *, in_axes: Any = 0, out_axes: Any = 0,
     if any(s is axeslib.Carry for s in specs):
       raise errors.TransformError(f"{what}: Carry is only meaningful for scan.")
     ex = modes.extract(tuple(args), graph_mode, "vmap")
+    node_spec, occ_spec = modes.node_prefixes(args, specs, ex)
     if graph_mode:
-      modes.check_consistent(ex, specs, "vmap")
+      modes.check_consistent(ex, specs, "vmap", axis_of=lambda arg, path, var: (
+          modes.prefix_axis(occ_spec.get((arg, path[0]), node_spec[path[0]]),
+                            path[1:], var)))
     node_arg = axeslib.node_arg_index(args)
-    leaf_ax = axeslib.leaf_axes(ex.paths, ex.leaves, node_arg, specs, what)
+    leaf_ax = modes.prefix_leaf_axes(ex, node_spec, what)
     arg_specs = axeslib.arg_leaf_specs(args, specs, what)
     plain = lift.plain_leaves(ex)
     plain_axes = [s for x, s in zip(ex.arg_leaves, arg_specs)
@@ -132,7 +138,7 @@ def vmap(f: Callable | None = None, *, in_axes: Any = 0, out_axes: Any = 0,
     in_leaves = [stacked.remove_axis_name(l, a, name) for l, a in zip(ex.leaves, leaf_ax)]
 
     def owner_axis(path, leaf):
-      axis = axeslib.axis_for(specs[node_arg[path[0]]], path, leaf)
+      axis = modes.prefix_axis(node_spec[path[0]], path[1:], leaf)
       return None if axis is axeslib.UNMATCHED else axis
 
     per_state_out = _has_state_axes(out_axes)
@@ -147,6 +153,10 @@ def vmap(f: Callable | None = None, *, in_axes: Any = 0, out_axes: Any = 0,
         if restructure is not None and first:
           raise _Retry(restructure, [_abstract(v) for v in new_leaves])
         cell.has_nodes, cell.restructure = has_nodes, restructure
+        if has_nodes and simple:
+          # Returning an input aliases it: refused before JAX checks out_axes.
+          modes.check_returned_inputs(ex, out, [None] * len(jax.tree_util.tree_leaves(
+              out, is_leaf=lift._is_marker)), specs, node_arg, False, "vmap")
         if per_state_out:
           cell.out_specs = _prefix_axes(out_axes, out)
         return new_leaves, out
@@ -187,8 +197,9 @@ def vmap(f: Callable | None = None, *, in_axes: Any = 0, out_axes: Any = 0,
 
 
 def _has_state_axes(out_axes: Any) -> bool:
-  return any(isinstance(x, axeslib.StateAxes) for x in jax.tree_util.tree_leaves(
-      out_axes, is_leaf=lambda x: x is None or isinstance(x, axeslib.StateAxes)))
+  """Whether out_axes gives per-Variable axes (StateAxes, nnx.prefix trees)."""
+  return any(modes.is_object_prefix(x) for x in jax.tree_util.tree_leaves(
+      out_axes, is_leaf=lambda x: x is None or modes.is_object_prefix(x)))
 
 
 def _place(value: Any, axis: Any) -> Any:
@@ -213,18 +224,26 @@ def _place_outputs(out: Any, specs: list, name: str | None, what: str) -> Any:
   for leaf, spec in zip(leaves, specs):
     if isinstance(leaf, lift.NodeOut):
       pairs = []
-      for path, var in leaf.state.flat_state():
-        axis = spec.map_prefix(path, var) if isinstance(spec, axeslib.StateAxes) else spec
+      flat = leaf.state.flat_state() if isinstance(leaf.state, State) else [((), leaf.state)]
+      for path, var in flat:
+        axis = modes.prefix_axis(spec, path, var)
+        if axis is axeslib.UNMATCHED:
+          raise errors.TransformError(
+              f"{what}: out_axes gives no axis for {errors.path_str(path)} of the returned "
+              f"{type(var).__name__}'s object; build out_axes with nnx.prefix(obj, "
+              "{filter: axis, ...: None}) of an object of the same structure (e.g. from "
+              "nnx.eval_shape), or add a catch-all entry.", paths=[path])
         if isinstance(var, Variable):
           var = stacked.insert_axis_name(detach(var, _place(var.raw_value, axis)), axis, name)
         else:
           var = _place(var, axis)
         pairs.append((path, var))
       leaf = lift.NodeOut(leaf.graphdef, State.from_flat_path(pairs))
-    elif isinstance(spec, axeslib.StateAxes):
+    elif modes.is_object_prefix(spec) and not isinstance(leaf, lift.InputRef):
       raise errors.TransformError(
-          f"{what}: out_axes gives a StateAxes for an output that is not a graph "
-          f"object created inside ({type(leaf).__name__}); use an int or None.")
+          f"{what}: out_axes gives a {type(spec).__name__} (per-Variable axes) for an "
+          f"output that is not a graph object created inside ({type(leaf).__name__}); "
+          "use an int or None.")
     elif not isinstance(leaf, lift.InputRef):
       leaf = _place(leaf, spec)
     placed.append(leaf)
@@ -233,18 +252,21 @@ def _place_outputs(out: Any, specs: list, name: str | None, what: str) -> Any:
 
 def _raise_batched_broadcast(e: ValueError, paths: list, what: str) -> None:
   """Turns JAX's error for a batched update of broadcast state into a TransformError."""
-  m = re.search(r"out_axes\[0\]\[(\d+)\].*got axis spec None but output was batched",
-                str(e))
+  m = re.search(r"out_axes\[0\]\[(\d+)\].*got axis spec None but output was batched "
+                r"on axis (\d+)", str(e))
   if m is None or int(m.group(1)) >= len(paths):
     return
-  path = errors.path_str(paths[int(m.group(1))][1:])
+  keys = paths[int(m.group(1))][1:]
+  path = errors.path_str(keys)
   raise errors.TransformError(
-      f"{what}: state {path} is broadcast (in_axes None) but the function wrote a "
+      f"{what}: at vmap state {''.join(f'[{k!r}]' for k in keys)}, got axis spec None "
+      f"but output was batched on axis {m.group(2)}: state {path} is broadcast "
+      "(in_axes None) but the function wrote a "
       "per-example value into it, which cannot be stored back in one array. Map "
       "that state (an int axis, or StateAxes({filter: 0, ...})), or keep its "
       "update independent of the mapped inputs. Variables created inside follow "
       "their owner's axis: to create stacked weights with vmap on __init__, map "
-      "`self` too, e.g. in_axes=(0, 0).") from e
+      "`self` too, e.g. in_axes=(0, 0).", paths=[path]) from e
 
 
 def _check_plain_sizes(plain: list, axes: list, size: int | None, what: str) -> int | None:
