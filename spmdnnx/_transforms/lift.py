@@ -200,18 +200,23 @@ class InputRef:
 
 
 class NodeOut:
-  """Output marker carrying a new graph node as (GraphDef, State)."""
+  """Output marker carrying a new graph node as (GraphDef, State).
 
-  __slots__ = ("graphdef", "state")
+  ``key`` (static) is the same for every output position holding the same
+  new object, so `unmark_outputs` gives them one object again; None: no
+  sharing recorded (each marker becomes its own object).
+  """
 
-  def __init__(self, graphdef, state):
-    self.graphdef, self.state = graphdef, state
+  __slots__ = ("graphdef", "state", "key")
+
+  def __init__(self, graphdef, state, key=None):
+    self.graphdef, self.state, self.key = graphdef, state, key
 
 
 jax.tree_util.register_pytree_node(InputRef, lambda r: ((), (r.index, r.path)),
                                    lambda aux, _: InputRef(*aux))
-jax.tree_util.register_pytree_node(NodeOut, lambda n: ((n.state,), n.graphdef),
-                                   lambda g, c: NodeOut(g, c[0]))
+jax.tree_util.register_pytree_node(NodeOut, lambda n: ((n.state,), (n.graphdef, n.key)),
+                                   lambda aux, c: NodeOut(aux[0], c[0], aux[1]))
 
 
 class Restructure:
@@ -289,12 +294,14 @@ def mark_outputs(nodes: tuple, walk: graph.Walk, out: Any) -> tuple[Any, bool]:
     if path and graph.is_graph_node(sub):
       where.setdefault(id(sub), (path[0], path[1:]))
   marked = []
+  new_keys: dict[int, int] = {}
   for leaf in leaves:
     if graph.is_graph_node(leaf):
       if id(leaf) in where:
         marked.append(InputRef(*where[id(leaf)]))
       else:
-        marked.append(NodeOut(*graph.split(leaf)))
+        key = new_keys.setdefault(id(leaf), len(new_keys))
+        marked.append(NodeOut(*graph.split(leaf), key))
     else:
       marked.append(leaf)
   return jax.tree_util.tree_unflatten(treedef, marked), True
@@ -321,6 +328,8 @@ def _is_marker(x) -> bool:
 def unmark_outputs(nodes: tuple, out: Any) -> Any:
   """Outside: turns InputRef / NodeOut markers back into objects."""
 
+  made: dict = {}
+
   def unmark(x):
     if isinstance(x, InputRef):
       node = nodes[x.index]
@@ -328,7 +337,11 @@ def unmark_outputs(nodes: tuple, out: Any) -> Any:
         node = graph.child(node, key)
       return node
     if isinstance(x, NodeOut):
-      return graph.merge(x.graphdef, x.state)
+      if x.key is None:
+        return graph.merge(x.graphdef, x.state)
+      if x.key not in made:
+        made[x.key] = graph.merge(x.graphdef, x.state)
+      return made[x.key]
     return x
 
   return jax.tree.map(unmark, out, is_leaf=_is_marker)
