@@ -463,7 +463,9 @@ class JitWrapped:
       if kinds[j] != NODE or value is None:
         continue
       root = details[j].index
-      if root in by_root and by_root[root] is not value and by_root[root] != value:
+      if root in by_root and by_root[root] is not value and by_root[root] != value and \
+          not prefixes.equivalent(by_root[root], value, [
+              (p[1:], x) for p, x in zip(ex.paths, ex.leaves) if p[0] == root], "jit"):
         raise errors.TransformError(
             f"jit({lift.fun_name(self.fun)}): Inconsistent aliasing: arguments "
             f"{where[root]} and {j} are the same {type(ex.nodes[root]).__name__} but "

@@ -232,6 +232,21 @@ def leaf_value(prefix_value: Any, path: tuple, leaf: Any, who: str) -> Any:
   return prefix_value
 
 
+def equivalent(a: Any, b: Any, pairs: list, who: str) -> bool:
+  """Whether two prefixes give every state leaf of one object the same value.
+
+  Args:
+    pairs: the object's ``(path, leaf)`` state pairs (paths relative to it).
+
+  >>> equivalent(0, StateSharding({...: 0}), [(("w",), None)], "jit")
+  True
+  """
+  try:
+    return all(leaf_value(a, p, x, who) == leaf_value(b, p, x, who) for p, x in pairs)
+  except errors.TransformError:
+    return False
+
+
 def _flat(state: State) -> dict:
   return {tuple(p): v for p, v in state.flat_state()}
 

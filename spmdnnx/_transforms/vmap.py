@@ -238,7 +238,7 @@ def _place_outputs(out: Any, specs: list, name: str | None, what: str) -> Any:
         else:
           var = _place(var, axis)
         pairs.append((path, var))
-      leaf = lift.NodeOut(leaf.graphdef, State.from_flat_path(pairs))
+      leaf = lift.NodeOut(leaf.graphdef, State.from_flat_path(pairs), leaf.key)
     elif modes.is_object_prefix(spec) and not isinstance(leaf, lift.InputRef):
       raise errors.TransformError(
           f"{what}: out_axes gives a {type(spec).__name__} (per-Variable axes) for an "
@@ -305,6 +305,6 @@ def _stack_node_outputs(out: Any, out_axes: Any, name: str | None) -> Any:
     if isinstance(leaf, lift.NodeOut):
       state = jax.tree.map(lambda v: stacked.insert_axis_name(v, axis, name), leaf.state,
                            is_leaf=lambda x: isinstance(x, Variable))
-      leaf = lift.NodeOut(leaf.graphdef, state)
+      leaf = lift.NodeOut(leaf.graphdef, state, leaf.key)
     fixed.append(leaf)
   return jax.tree_util.tree_unflatten(treedef, fixed)

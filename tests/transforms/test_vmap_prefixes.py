@@ -1,4 +1,4 @@
-"""vmap with per-object prefixes (`nnx.prefix`), bare Variable arguments, prefix errors."""
+"""Per-object prefixes (`nnx.prefix`) in vmap (and jit), bare Variable arguments, prefix errors."""
 
 import jax
 import jax.numpy as jnp
@@ -224,3 +224,31 @@ def test_batched_update_of_broadcast_state_names_the_path():
                      r"batched on axis 0") as info:
     f(m)
   assert info.value.paths == ["s"]
+
+
+@pytest.mark.parametrize("updates", [True, False])
+def test_vmap_returning_one_new_object_twice_gives_one_object(updates):
+  @nnx.vmap(in_axes=0, out_axes=(0, 0, 0), graph_updates=updates)
+  def make(k):
+    m = Holder(w=nnx.Param(jnp.ones(2) * k))
+    return m, m, Holder(w=nnx.Param(jnp.ones(2) * k))
+
+  a, b, c = make(jnp.arange(3.0))
+  assert c is not a and c.w is not a.w
+  assert a is b and a.w.shape == (3, 2)
+  np.testing.assert_allclose(a.w[...][:, 0], [0.0, 1.0, 2.0])
+
+
+def test_jit_one_object_twice_with_equivalent_sharding_prefixes():
+  mesh = jax.sharding.Mesh(jax.devices(), ("a",))
+  row = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("a"))
+  m = Holder(w=nnx.Param(jnp.ones((8, 2))), b=nnx.Param(jnp.ones(8)))
+  f = nnx.jit(lambda x, y, z: None, in_shardings=(
+      row, nnx.StateSharding({...: row}), nnx.StateSharding({nnx.Param: row})))
+  f(m, m, m)
+  assert m.w[...].sharding.is_equivalent_to(row, 2)
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  g = nnx.jit(lambda x, y: None, in_shardings=(
+      row, nnx.StateSharding({nnx.PathContains("w"): rep, ...: row})))
+  with pytest.raises(errors.TransformError, match="Inconsistent aliasing: arguments 0 and 1"):
+    g(m, m)
