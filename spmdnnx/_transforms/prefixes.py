@@ -157,9 +157,10 @@ def prefix(node: Any, filter_map: Mapping | Callable, /, *, graph: bool | None =
     becomes a `TreeState` of its state paths. Objects are split jointly, in
     order: an object or Variable seen earlier in `node` is left out of later
     ones, so pass all the transform's objects in one call, in argument order.
-  - ``graph=False`` (tree mode): the pytree of `node` itself (a Module of the
-    same type) with each Variable replaced by its value, as `jax.vmap`
-    accepts for a Module argument.
+  - ``graph=False`` (tree mode): each object becomes a `State` of its own
+    paths (attribute access reads it like the object: ``p.linear.kernel``).
+    Transforms also accept a pytree of the object's own shape (e.g. the
+    object with each Variable replaced by its value).
 
   Other leaves get ``filter_map(path, leaf)`` with their pytree path; a bare
   Variable gets its value directly.
@@ -175,15 +176,21 @@ def prefix(node: Any, filter_map: Mapping | Callable, /, *, graph: bool | None =
   >>> import jax, jax.numpy as jnp
   >>> import spmdnnx as nnx
   >>> m = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
-  >>> nnx.prefix(m, {nnx.PathContains("kernel"): 0, ...: None}, graph=False).kernel
-  0
+  >>> p = nnx.prefix(m, {nnx.PathContains("kernel"): 0, ...: None}, graph=False)
+  >>> p.kernel, p.bias
+  (0, None)
   """
   graph = modeslib.resolve_graph(graph)
   choose = _chooser(filter_map)
   if not graph:
-    return jax.tree_util.tree_map_with_path(
-        lambda p, leaf: choose(tuple(_key(k) for k in p), leaf), node,
-        is_leaf=lambda x: isinstance(x, Variable))
+
+    def one(keypath, leaf):
+      if graphlib.is_graph_node(leaf):
+        _, w = graphlib.flatten(leaf)
+        return State.from_flat_path([(p, choose(p, v)) for p, v in w.pairs])
+      return choose(tuple(_key(k) for k in keypath), leaf)
+
+    return jax.tree_util.tree_map_with_path(one, node, is_leaf=graphlib.is_graph_node)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(node, is_leaf=_is_node_or_var)
   unique: list = []
   seen: dict = {}

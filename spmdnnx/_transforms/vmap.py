@@ -1,7 +1,10 @@
 """`vmap` over graph objects, with stacked-axis metadata kept right.
 
 ``in_axes`` gives one spec per positional argument: an int, None, or for
-graph nodes ``StateAxes({filter: axis_or_None})``. The state of a node comes
+graph nodes ``StateAxes({filter: axis_or_None})`` or a per-Variable prefix
+tree: what ``nnx.prefix(obj, {filter: axis})`` builds (a `TreeState` in graph
+mode, an object of the same shape in tree mode) or a `State` of the object's
+paths; a Variable no prefix covers is an error, never a silent broadcast. The state of a node comes
 out along the same axes it went in. New Variables created inside (vmap over a
 constructor or over ``__init__``) come out stacked along their owner's axis,
 with the stack's logical name (``"layers"`` by default, ``stack_axis=None`` to
@@ -85,8 +88,10 @@ def vmap(f: Callable | None = None, *, in_axes: Any = 0, out_axes: Any = 0,
 
   Args:
     f: the function (or a Module class / method, e.g. ``__init__``).
-    in_axes: per-argument specs: int, None, or StateAxes for graph objects.
-    out_axes: specs for the outputs (graph objects returned get theirs).
+    in_axes: per-argument specs: int, None, or for graph objects StateAxes
+      or an `nnx.prefix` tree (any mode).
+    out_axes: specs for the outputs (graph objects returned get theirs; a
+      new object may take an `nnx.prefix` tree, e.g. of ``nnx.eval_shape``).
     axis_name, axis_size, spmd_axis_name: as in `jax.vmap`.
     stack_axis: logical name recorded for the mapped axis of Variables
       (default ``"layers"``; None leaves metadata unchanged). Flax's

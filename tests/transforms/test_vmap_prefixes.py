@@ -43,12 +43,21 @@ def test_prefix_graph_mode_gives_a_tree_state_per_object_split_jointly():
   assert nnx.prefix(nnx.Param(jnp.ones(2)), {nnx.Param: 0}, graph=True) == 0
 
 
-def test_prefix_tree_mode_gives_the_objects_own_shape():
+def test_prefix_tree_mode_gives_a_state_per_object():
   m = Ens()
-  p = nnx.prefix(m, MAP_W_N, graph=False)
-  assert type(p) is Ens and (p.w, p.s, p.n) == (0, None, 0)
-  # The object itself is untouched.
-  assert isinstance(m.w, nnx.Param)
+  p = nnx.prefix((m, jnp.ones(2)), MAP_W_N, graph=False)
+  assert type(p[0]) is nnx.State and (p[0].w, p[0].s, p[0].n) == (0, None, 0)
+  assert p[1] is None  # a plain leaf gets filter_map(path, leaf): the catch-all here
+  assert isinstance(m.w, nnx.Param)  # the object itself is untouched
+
+
+def test_vmap_in_axes_module_shaped_prefix_in_tree_mode():
+  m = Ens()
+  axes = jax.tree.map(lambda v: 0 if v.shape else None, m,
+                      is_leaf=lambda x: isinstance(x, nnx.Variable))
+  assert type(axes) is Ens and (axes.w, axes.s) == (0, None)
+  y = nnx.vmap(lambda m, x: m(x), in_axes=(axes, None), graph=False)(m, jnp.ones(2))
+  np.testing.assert_allclose(y, expected(m, jnp.ones(2)))
 
 
 def test_prefix_no_match_lists_the_path_and_filters():
