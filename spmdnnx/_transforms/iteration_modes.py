@@ -254,7 +254,10 @@ def prefix_axis(spec: Any, path: tuple, leaf: Any) -> Any:
   if isinstance(spec, StateAxes):
     return axeslib.axis_for(spec, (None,) + tuple(path), leaf)
   if isinstance(spec, TreeState) and spec.prefix_fn is not None:
-    return spec.prefix_fn(tuple(path), leaf)
+    try:
+      return spec.prefix_fn(tuple(path), leaf)
+    except errors.TransformError:  # a {filter: value} map that matches nothing here
+      return axeslib.UNMATCHED
   cur = spec
   for i, key in enumerate(path):
     if _is_scalar_spec(cur):

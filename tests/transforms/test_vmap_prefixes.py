@@ -261,3 +261,11 @@ def test_jit_one_object_twice_with_equivalent_sharding_prefixes():
       row, nnx.StateSharding({nnx.PathContains("w"): rep, ...: row})))
   with pytest.raises(errors.TransformError, match="Inconsistent aliasing: arguments 0 and 1"):
     g(m, m)
+
+
+def test_vmap_tree_state_whose_filters_miss_a_variable_is_an_error():
+  axes = nnx.prefix(Holder(w=nnx.Param(jnp.ones((4, 2)))), {nnx.Param: 0}, graph=True)
+  m = Holder(w=nnx.Param(jnp.ones((4, 2))), n=nnx.BatchStat(jnp.zeros(4)))
+  f = nnx.vmap(lambda m: m.w[...].sum(), in_axes=(axes,), graph_updates=False)
+  with pytest.raises(errors.TransformError, match=r"prefixes do not cover 1 state leaves: n"):
+    f(m)
