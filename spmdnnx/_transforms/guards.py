@@ -32,6 +32,7 @@ import jax
 from spmdnnx import errors
 from spmdnnx import _graph as graph
 from spmdnnx import _modes as modes
+from spmdnnx._object import Dict, List
 from spmdnnx._transforms import lift
 from spmdnnx._variables import Variable
 
@@ -94,7 +95,7 @@ def check_prefix(prefix: Any, name: str, who: str, graph_mode: bool,
           f"or graph_updates=False (found at {where} for nnx.{who}). Use "
           f"nnx.prefix(node, {{filter: value}}) instead, or graph mode with updates: "
           f"nnx.{who}(..., graph=True, graph_updates=True).", paths=[where])
-    if graph.is_graph_node(leaf) and graph_mode:
+    if graph_mode and (graph.is_graph_node(leaf) or isinstance(leaf, (List, Dict))):
       raise errors.TransformError(
           f"Found a graph node of type {type(leaf).__name__} at {where} in `{name}` "
           f"for nnx.{who}. Graph nodes are not allowed as prefixes when graph=True; "
@@ -103,9 +104,15 @@ def check_prefix(prefix: Any, name: str, who: str, graph_mode: bool,
 
   leaves = jax.tree_util.tree_flatten_with_path(
       prefix, is_leaf=lambda x: x is None or isinstance(x, (Variable, PrefixMap))
-      or graph.is_graph_node(x))[0]
+      or graph.is_graph_node(x) or (graph_mode and _holds_graph_data(x)))[0]
   for path, leaf in leaves:
     visit(path, leaf)
+
+
+def _holds_graph_data(x: Any) -> bool:
+  """An nnx.List / nnx.Dict holding Variables or graph objects (a graph node in Flax)."""
+  return isinstance(x, (List, Dict)) and any(
+      graph.is_graph_node(v) for v in jax.tree_util.tree_leaves(x, is_leaf=graph.is_graph_node))
 
 
 def check_kept_structure(restructure: Any, who: str, name: str) -> None:
