@@ -43,6 +43,7 @@ from spmdnnx import _graph as graph
 from spmdnnx._object import Dict, List
 from spmdnnx._state import State
 from spmdnnx._transforms import guards
+from spmdnnx._transforms import jit_plan as plan_lib
 from spmdnnx._transforms import lift
 from spmdnnx._variables import Param, Variable, detach
 
@@ -304,7 +305,7 @@ def _grad_transform(f: Callable, argnums, has_aux: bool, wrt, return_value: bool
         return out
 
       new_leaves, restructure, (loss, aux), has_nodes = lift.run_inside(
-          ex.graphdef, ex.treedef, leaves, arg_leaves, call, f"grad({name})")
+          ex.graphdef, ex.treedef, leaves, arg_leaves, call, f"grad({name})", identity=True)
       cell["restructure"], cell["has_nodes"] = restructure, has_nodes
       return loss, (aux, new_leaves)
 
@@ -314,9 +315,13 @@ def _grad_transform(f: Callable, argnums, has_aux: bool, wrt, return_value: bool
     vg = jax.value_and_grad(inner, argnums=tuple(range(len(diffs))), has_aux=True,
                             holomorphic=holomorphic, allow_int=allow_int)
     (loss, (aux, new_leaves)), grads = vg(*diff_inputs)
-    if not updates:
-      guards.check_kept_structure(cell["restructure"], who, name)
-    lift.apply_updates(ex, new_leaves, cell["restructure"])
+    restructure = cell["restructure"]
+    if not updates and plan_lib.only_moved(restructure, ex.graphdef):
+      plan_lib.write_moved(ex.all_nodes, new_leaves, restructure)  # values by identity
+    else:
+      if not updates:
+        guards.check_kept_structure(restructure, who, name)
+      lift.apply_updates(ex, new_leaves, restructure)
     if cell["has_nodes"]:
       aux = lift.unmark_outputs(ex.nodes, aux)
     out_grads = []

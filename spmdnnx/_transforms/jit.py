@@ -235,7 +235,8 @@ class JitWrapped:
     moved = plan.ex_check and (cell.restructure is not None or cell.has_nodes) and \
         self._check_functional(cell, out, plan)
     if moved:
-      _write_by_identity(plan, new_vals, cell.restructure)
+      plan_lib.write_moved(lift.extract(_roots(plan), is_node=_is_root).all_nodes, new_vals,
+                           cell.restructure)
     elif cell.restructure is not None or not plan.reusable:
       ex = plan.ex if not plan.reusable else lift.extract(_roots(plan), is_node=_is_root)
       lift.apply_updates(ex, new_vals, cell.restructure)
@@ -431,8 +432,7 @@ class JitWrapped:
     values then flow back by identity (the moves themselves are dropped).
     """
     name = lift.fun_name(self.fun)
-    moved = (cell.restructure is not None and cell.restructure.graphdef == plan.compile_key[0]
-             and None not in plan_lib.variable_nodes(cell.restructure.graphdef))
+    moved = plan_lib.only_moved(cell.restructure, plan.compile_key[0])
     if cell.restructure is not None and not moved:
       raise errors.TransformError(
           f"jit({name}) with graph_updates=False changed the structure of its graph "
@@ -629,15 +629,6 @@ def _check_passed_once(kinds: list, details: list, roots: list) -> None:
         lift.raise_alias("jit", f"argument {seen[slot.index]}", f"argument {j}",
                          roots[slot.index])
       seen[slot.index] = j
-
-
-def _write_by_identity(plan: plan_lib.Plan, new_vals: list, restructure: Any) -> None:
-  """No graph updates: each Variable that moved inside gets its own new value back."""
-  all_nodes = lift.extract(_roots(plan), is_node=_is_root).all_nodes
-  for node, value in zip(plan_lib.variable_nodes(restructure.graphdef), new_vals):
-    old = restructure.reuse.get(node, -1)
-    if old >= 0:
-      _RAW_SET(all_nodes[old], plan_lib.raw(value))
 
 
 def _is_marker(x: Any) -> bool:

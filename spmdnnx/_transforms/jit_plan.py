@@ -457,6 +457,23 @@ def variable_nodes(graphdef: graph.GraphDef) -> list:
   return out
 
 
+def only_moved(restructure: "lift.Restructure | None", graphdef: graph.GraphDef) -> bool:
+  """Whether a structure change only moved objects/Variables (same GraphDef, no raw array)."""
+  return (restructure is not None and restructure.graphdef == graphdef
+          and None not in variable_nodes(graphdef))
+
+
+def write_moved(all_nodes: list, new_leaves: list, restructure: lift.Restructure) -> None:
+  """No graph updates: each Variable that moved inside gets its own new value back.
+
+  `all_nodes` are the outer nodes by GraphDef index (`Extraction.all_nodes`).
+  """
+  for node, value in zip(variable_nodes(restructure.graphdef), new_leaves):
+    old = restructure.reuse.get(node, -1)
+    if old >= 0:
+      _RAW_SET(all_nodes[old], raw(value))
+
+
 def fill_static_roots(restructure: lift.Restructure, roots: tuple) -> None:
   """A List/Dict root left holding no data inside (``d.a = 2``) gets its new items.
 

@@ -124,3 +124,34 @@ def test_graph_node_as_argnums_prefix_error():
   with pytest.raises(errors.TransformError,
                      match=r"Dict at \(top level\).*Graph nodes are not allowed as prefixes"):
     nnx.grad(lambda m: 0.0, argnums=nnx.Dict(a=nnx.Param(1.0)))
+
+
+class Pair(nnx.Module):
+
+  def __init__(self):
+    self.a = nnx.Linear(1, 1, rngs=nnx.Rngs(0))
+    self.b = nnx.Linear(1, 1, rngs=nnx.Rngs(1))
+
+
+def swap_and_count(m):
+  m.a, m.b = m.b, m.a
+  m.a.bias[...] += 1.0   # that is b's bias
+  return jnp.sum(m.a.kernel[...])
+
+
+def test_objects_moved_inside_grad_move_outside():
+  m = Pair()
+  a, b = m.a, m.b
+  g = nnx.grad(swap_and_count)(m)
+  assert m.a is b and m.b is a
+  assert float(b.bias[...][0]) == 1.0 and float(a.bias[...][0]) == 0.0
+  # The gradient names the Variables by their paths in the input (b was at "b").
+  assert float(g["a"]["kernel"][...][0, 0]) == 0.0 and float(g["b"]["kernel"][...][0, 0]) == 1.0
+
+
+def test_without_updates_moves_inside_grad_are_dropped_and_values_follow_identity():
+  m = Pair()
+  a, b = m.a, m.b
+  nnx.grad(swap_and_count, graph_updates=False)(m)
+  assert m.a is a and m.b is b
+  assert float(b.bias[...][0]) == 1.0 and float(a.bias[...][0]) == 0.0
