@@ -59,6 +59,7 @@ _RAW_SET = Variable.raw_value.__set__
 _RAW_GET = Variable.raw_value.__get__
 _consume = collections.deque(maxlen=0).extend
 _NODE_TYPES = plan_lib.NODE_TYPES
+_is_root = plan_lib.is_root
 _LEAF_TYPES = plan_lib.LEAF_TYPES
 _UNSPECIFIED = object()
 _CTX_STACK = context_lib._STACK
@@ -199,7 +200,7 @@ class JitWrapped:
       vals = [r.get() if v is None else v.raw_value for v, r in zip(plan.live, raw)]
       dyn = [p for p, k in zip(positions, plan.kinds) if k != STATIC]
       new_vals, out = exe((), vals, *dyn)
-      return self._finish(plan, new_vals, out)
+      return self._finish(plan, new_vals, out, positions)
     if plan.raw is None:
       vals_d = list(map(_RAW_GET, plan.live_d)) if plan.live_d else ()
       vals_k = list(map(_RAW_GET, plan.live_k))
@@ -226,16 +227,21 @@ class JitWrapped:
     except RuntimeError as e:
       _reraise_deleted(e, plan, positions, self.fun)
       raise
-    return self._finish(plan, new_vals, out)
+    return self._finish(plan, new_vals, out, positions)
 
-  def _finish(self, plan: plan_lib.Plan, new_vals: list, out: Any) -> Any:
+  def _finish(self, plan: plan_lib.Plan, new_vals: list, out: Any, positions) -> Any:
     """Writes the new state back and turns output markers into objects."""
     cell = plan.cell
-    if plan.ex_check and (cell.restructure is not None or cell.has_nodes):
-      self._check_functional(cell, out)
-    if cell.restructure is not None or not plan.reusable:
-      ex = plan.ex if not plan.reusable else lift.extract(_roots(plan))
+    moved = plan.ex_check and (cell.restructure is not None or cell.has_nodes) and \
+        self._check_functional(cell, out, plan)
+    if moved:
+      plan_lib.write_moved(lift.extract(_roots(plan), is_node=_is_root).all_nodes, new_vals,
+                           cell.restructure)
+    elif cell.restructure is not None or not plan.reusable:
+      ex = plan.ex if not plan.reusable else lift.extract(_roots(plan), is_node=_is_root)
       lift.apply_updates(ex, new_vals, cell.restructure)
+      if cell.restructure is not None:
+        plan_lib.fill_static_roots(cell.restructure, ex.nodes)
     elif plan.raw is None:
       _consume(map(_RAW_SET, plan.live, new_vals))
     else:
@@ -244,6 +250,8 @@ class JitWrapped:
           r.set(x)
         else:
           _RAW_SET(v, x)
+    if cell.has_refs:
+      out = plan_lib.unmark_refs(out, positions)
     if cell.has_nodes:
       if plan.sharded_ctx is not None:
         out = plan_lib.place_new_nodes(out, plan.sharded_ctx)
@@ -275,7 +283,7 @@ class JitWrapped:
     kw_names = tuple(kwargs)
     if not self.graph:
       _check_passed_once(kinds, details, roots)
-    ex = lift.extract(roots, aliasing=self.graph, who="jit")
+    ex = lift.extract(roots, aliasing=self.graph, who="jit", is_node=_is_root)
     names = plan_lib.root_names(values, kinds, details, nargs, kw_names)
     plan_lib.check_not_deleted(lift.fun_name(self.fun), ex, values, kinds, names, nargs,
                                kw_names)
@@ -417,10 +425,15 @@ class JitWrapped:
       out["out_shardings"] = (None if shardings is None or free else list(shardings), user_out)
     return out
 
-  def _check_functional(self, cell: plan_lib.Cell, out: Any) -> None:
-    """graph_updates=False / tree mode: no structure changes, no input returned."""
+  def _check_functional(self, cell: plan_lib.Cell, out: Any, plan: plan_lib.Plan) -> bool:
+    """graph_updates=False / tree mode: no structure changes, no input returned.
+
+    Returns True when objects or Variables only moved (same GraphDef): their
+    values then flow back by identity (the moves themselves are dropped).
+    """
     name = lift.fun_name(self.fun)
-    if cell.restructure is not None:
+    moved = plan_lib.only_moved(cell.restructure, plan.compile_key[0])
+    if cell.restructure is not None and not moved:
       raise errors.TransformError(
           f"jit({name}) with graph_updates=False changed the structure of its graph "
           f"arguments (added, removed or replaced attributes; state paths now "
@@ -438,6 +451,7 @@ class JitWrapped:
             "): tree mode does not support Variable aliasing (an input returned as "
             "an output). Return its values or a copy (nnx.clone), or use "
             "nnx.jit(..., graph=True).", paths=[refs[0].path])
+    return moved
 
   def _per_position(self, user_in: Any, nargs: int, kinds: Sequence) -> dict:
     """Position -> user in_shardings entry (entries skip static positions, as in jax.jit)."""

@@ -5,7 +5,8 @@ position (positional or keyword):
 
 - ``STATIC``: a static argument (``static_argnums`` / ``static_argnames``),
   handed to `jax.jit` as such;
-- ``NODE``: the argument *is* a graph node (Module, Optimizer, Rngs, Variable);
+- ``NODE``: the argument *is* a graph node (Module, Optimizer, Rngs, Variable),
+  or an nnx.List / nnx.Dict holding graph nodes (changes to it flow back);
 - ``TREE``: a list / tuple / dict / pytree that holds graph nodes somewhere;
 - ``PLAIN``: anything else (arrays, scalars, batches), passed to `jax.jit` as is.
 
@@ -37,6 +38,7 @@ from jax.sharding import Mesh, NamedSharding
 from spmdnnx import errors
 from spmdnnx import _graph as graph
 from spmdnnx._object import Dict, List, Object
+from spmdnnx._graphdef import ArraySpec, NodeSpec, PytreeSpec, StaticSpec, VariableSpec
 from spmdnnx._state import State
 from spmdnnx.spmd import _resolve as resolve_lib
 from spmdnnx._transforms import lift
@@ -68,6 +70,11 @@ def has_nested_nodes(x: Any) -> bool:
     return False
   leaves = jax.tree_util.tree_leaves(x, is_leaf=graph.is_graph_node)
   return any(isinstance(v, NODE_TYPES) for v in leaves)
+
+
+def is_root(x: Any) -> bool:
+  """A root node of a plan: a graph node, or a List/Dict that holds graph nodes."""
+  return isinstance(x, NODE_TYPES) or (isinstance(x, (List, Dict)) and has_nested_nodes(x))
 
 
 class RawSlot:
@@ -197,11 +204,58 @@ def check_not_deleted(fun_name: str, ex: lift.Extraction, values: list, kinds: l
 
 class Cell:
   """Trace-time facts about the inner function (set while tracing)."""
-  __slots__ = ("has_nodes", "restructure")
+  __slots__ = ("has_nodes", "restructure", "has_refs")
 
   def __init__(self):
     self.has_nodes = False
     self.restructure = None
+    self.has_refs = False   # the output holds mutable array references (jax.Ref)
+
+
+class RefOut:
+  """Output marker for a `jax.Ref` returned from inside `jit` (which cannot return one).
+
+  An input reference is named by ``(argument position, leaf index)`` and is
+  given back as the caller's object; a new one carries its value and becomes
+  a new reference outside.
+  """
+
+  __slots__ = ("where", "value")
+
+  def __init__(self, where: tuple | None, value: Any = None):
+    self.where, self.value = where, value
+
+
+jax.tree_util.register_pytree_node(
+    RefOut, lambda r: ((() if r.where else (r.value,)), r.where),
+    lambda where, c: RefOut(where, None if where else c[0]))
+
+
+def mark_refs(out: Any, positions: tuple, cell: Cell) -> Any:
+  """Inside the trace: replaces the references in `out` by `RefOut` markers."""
+  leaves, treedef = jax.tree_util.tree_flatten(out)
+  if not any(isinstance(x, jax.Ref) for x in leaves):
+    return out
+  inputs = {id(x): (j, k) for j, p in enumerate(positions)
+            for k, x in enumerate(jax.tree_util.tree_leaves(p)) if isinstance(x, jax.Ref)}
+  cell.has_refs = True
+  return jax.tree_util.tree_unflatten(treedef, [
+      x if not isinstance(x, jax.Ref) else
+      RefOut(inputs[id(x)]) if id(x) in inputs else RefOut(None, x[...]) for x in leaves])
+
+
+def unmark_refs(out: Any, positions: tuple) -> Any:
+  """Outside: input references back as the caller's objects, new ones as new refs."""
+
+  def unmark(x):
+    if not isinstance(x, RefOut):
+      return x
+    if x.where is None:
+      return jax.new_ref(x.value)
+    j, k = x.where
+    return jax.tree_util.tree_leaves(positions[j])[k]
+
+  return jax.tree_util.tree_map(unmark, out, is_leaf=lambda x: isinstance(x, RefOut))
 
 
 class Plan:
@@ -274,6 +328,9 @@ def classify(args: tuple, kwargs: dict, static: frozenset, static_names: tuple) 
     elif type(value) in LEAF_TYPES or not has_nested_nodes(value):
       kinds.append(PLAIN)
       details.append(None)
+    elif isinstance(value, (List, Dict)):   # a graph node in Flax: kept with its identity
+      kinds.append(NODE)
+      details.append(slot(value))
     else:
       leaves, treedef = jax.tree_util.tree_flatten(value, is_leaf=graph.is_graph_node)
       kinds.append(TREE)
@@ -376,6 +433,71 @@ def place_new_nodes(out: Any, ctx) -> Any:
   return jax.tree.map(place, out, is_leaf=_is_marker)
 
 
+def variable_nodes(graphdef: graph.GraphDef) -> list:
+  """Per state leaf of `graphdef` (DFS order): its Variable's node index, None for an array.
+
+  >>> import jax.numpy as jnp, spmdnnx as nnx
+  >>> m = nnx.Dict(a=nnx.Param(jnp.ones(1)), b=jnp.zeros(1))
+  >>> variable_nodes(nnx.graphdef(m))
+  [1, None]
+  """
+  out: list = []
+
+  def visit(spec):
+    kind = type(spec)
+    if kind is VariableSpec:
+      out.append(spec.index)
+    elif kind is ArraySpec:
+      out.append(None)
+    elif kind in (NodeSpec, PytreeSpec):
+      for child in spec.children:
+        visit(child[1] if kind is NodeSpec else child)
+
+  visit(graphdef.spec)
+  return out
+
+
+def only_moved(restructure: "lift.Restructure | None", graphdef: graph.GraphDef) -> bool:
+  """Whether a structure change only moved objects/Variables (same GraphDef, no raw array)."""
+  return (restructure is not None and restructure.graphdef == graphdef
+          and None not in variable_nodes(graphdef))
+
+
+def write_moved(all_nodes: list, new_leaves: list, restructure: lift.Restructure) -> None:
+  """No graph updates: each Variable that moved inside gets its own new value back.
+
+  `all_nodes` are the outer nodes by GraphDef index (`Extraction.all_nodes`).
+  """
+  for node, value in zip(variable_nodes(restructure.graphdef), new_leaves):
+    old = restructure.reuse.get(node, -1)
+    if old >= 0:
+      _RAW_SET(all_nodes[old], raw(value))
+
+
+def fill_static_roots(restructure: lift.Restructure, roots: tuple) -> None:
+  """A List/Dict root left holding no data inside (``d.a = 2``) gets its new items.
+
+  Such a container is static in the new GraphDef, so rebuilding does not
+  reach the caller's object: its items (plain Python values) are copied in.
+  """
+  spec = restructure.graphdef.spec
+  if type(spec) is StaticSpec:   # no root holds data any more: the whole tuple is static
+    news = list(enumerate(spec.value.value))
+  elif type(spec) is NodeSpec:
+    news = [(k, c.value.value) for k, c in spec.children if type(c) is StaticSpec]
+  else:
+    return
+  for key, new in news:
+    root = roots[key]
+    if isinstance(root, (List, Dict)) and isinstance(new, (list, dict)) and new is not root:
+      if isinstance(root, List):
+        list.__setitem__(root, slice(None), list(new))
+      else:
+        dict.clear(root)
+        dict.update(root, new)
+      root._changed()
+
+
 def make_inner(fun: Callable, graphdef, layout: tuple, kw_names: tuple, mask: tuple,
                n_roots: int, shardings: tuple | None, ctx, cell: Cell,
                constrain_state: bool) -> Callable:
@@ -420,9 +542,10 @@ def make_inner(fun: Callable, graphdef, layout: tuple, kw_names: tuple, mask: tu
     vals = [next(it_d) if m else next(it_k) for m in mask]
     new_leaves, restructure, out, has_nodes = lift.run_inside(
         graphdef, roots_treedef, vals, root_slots,
-        lambda roots_t: call_with(roots_t, positions), name)
+        lambda roots_t: call_with(roots_t, positions), name, identity=True)
     cell.has_nodes = cell.has_nodes or has_nodes
     cell.restructure = restructure
+    out = mark_refs(out, positions, cell)
     if ctx is None:
       return [raw(x) for x in new_leaves], out
     if has_nodes:

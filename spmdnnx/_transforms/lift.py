@@ -61,18 +61,20 @@ class Extraction:
   static_containers: list      # static List/Dict values (watched by jit)
 
 
-def extract(tree: Any, *, aliasing: bool = True, who: str = "transform") -> Extraction:
+def extract(tree: Any, *, aliasing: bool = True, who: str = "transform",
+            is_node: Any = graph.is_graph_node) -> Extraction:
   """Finds the graph nodes in a pytree and splits them jointly.
 
   With ``aliasing=False`` (tree mode, or ``graph_updates=False``), an object
   or Variable reachable twice is a `TransformError` naming both paths.
+  `is_node` says which pytree leaves are root nodes (jit adds nnx.List/Dict).
   """
-  leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=graph.is_graph_node)
+  leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=is_node)
   nodes: list = []
   seen: dict[int, int] = {}
   arg_leaves = []
   for leaf in leaves:
-    if graph.is_graph_node(leaf):
+    if is_node(leaf):
       i = seen.get(id(leaf))
       if i is None:
         i = seen[id(leaf)] = len(nodes)
@@ -229,8 +231,11 @@ class Restructure:
     self.paths = paths          # paths of the new state leaves
 
 
-def collect(rebuilt: Rebuilt, out: Any) -> tuple:
+def collect(rebuilt: Rebuilt, out: Any, *, identity: bool = False) -> tuple:
   """Inside a transform, after the user's function: new state and marked outputs.
+
+  With `identity`, objects or Variables that moved (e.g. two sub-modules of
+  one type swapped) count as a structure change even if the GraphDef is equal.
 
   Returns:
     ``(new_leaves, restructure, out, has_nodes)``: the state leaves of the
@@ -240,8 +245,9 @@ def collect(rebuilt: Rebuilt, out: Any) -> tuple:
   graphdef, w = graph.flatten(rebuilt.nodes)
   new_leaves = [v for _, v in w.pairs]
   restructure = None
-  if graphdef != rebuilt.graphdef:
-    origin = rebuilt.origin
+  origin = rebuilt.origin
+  if graphdef != rebuilt.graphdef or (identity and any(
+      origin.get(id(n)) != i for i, n in enumerate(w.nodes))):
     reuse = {i: origin[id(n)] for i, n in enumerate(w.nodes) if id(n) in origin}
     restructure = Restructure(graphdef, reuse, [p for p, _ in w.pairs])
   out, has_nodes = mark_outputs(rebuilt.nodes, w, out)
@@ -249,14 +255,15 @@ def collect(rebuilt: Rebuilt, out: Any) -> tuple:
 
 
 def run_inside(graphdef: graph.GraphDef, treedef: Any, leaves: list, arg_leaves: list,
-               call: Any, what: str, *, regraph: bool = False) -> tuple:
+               call: Any, what: str, *, regraph: bool = False,
+               identity: bool = False) -> tuple:
   """Inside a transform: rebuild the arguments, run ``call(args)``, collect.
 
   Runs in a fresh trace frame named `what`. Returns what `collect` returns.
   """
   with tracectx.frame(what):
     args, rebuilt = rebuild(graphdef, leaves, treedef, arg_leaves, regraph=regraph)
-    return collect(rebuilt, call(args))
+    return collect(rebuilt, call(args), identity=identity)
 
 
 def require_kept_structure(restructure: "Restructure | None", what: str, who: str,

@@ -13,9 +13,14 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
+import jax
+
+from spmdnnx import errors
+from spmdnnx import _graph as graphlib
 from spmdnnx._transforms import guards
-from spmdnnx._transforms.jit import JitWrapped, Lowered, jit
+from spmdnnx._transforms.jit import JitWrapped, Lowered, jit, watch
 from spmdnnx._transforms import lift
+from spmdnnx._variables import EPOCH, Variable
 
 
 class PartialJitWrapped:
@@ -77,11 +82,43 @@ def jit_partial(fun: Callable, *partial_args: Any, graph: bool | None = None,
   return PartialJitWrapped(jitted, tuple(partial_args))
 
 
-def cached_partial(fun: Callable, *cached_args: Any) -> Callable:
-  """Binds `cached_args` to a (`jit`-)transformed `fun`; calls skip re-checking them.
+class CachedPartial:
+  """`cached_partial`'s result: calls `fun` with the cached clones first."""
 
-  `jit` already keeps one plan per leading graph object, so a bound Module
-  is split once and each later call only reads its Variables' values.
+  def __init__(self, fun: Callable, cached: tuple, clones: list):
+    functools.update_wrapper(self, fun)
+    self.fun, self.cached = fun, cached
+    self.clones = [(c, graphlib.graphdef(c)) for c in clones]
+    self.epoch = EPOCH[0]
+
+  def __call__(self, *args, **kwargs):
+    out = self.fun(*self.cached, *args, **kwargs)
+    if self.epoch != EPOCH[0]:   # something's structure changed: were they the clones?
+      changed = [i for i, (c, gd) in enumerate(self.clones) if graphlib.graphdef(c) != gd]
+      if changed:
+        raise errors.TransformError(
+            f"cached_partial({lift.fun_name(self.fun)}): The graph structure of a node "
+            f"added to cached_partial was mutated inside the transformation (cached "
+            f"graph object(s) #{changed}). Only Variable values may change in a cached "
+            "call: undo temporary changes before returning (e.g. nnx.pop the sown "
+            "values), or call the function with the objects (no cached_partial).",
+            positions=changed)
+      self.epoch = EPOCH[0]
+    return out
+
+
+def cached_partial(fun: Callable, *cached_args: Any, graph: bool | None = None,
+                   graph_updates: bool | None = None) -> Callable:
+  """Binds `cached_args` to a (`jit`-)transformed `fun`, as clones made once.
+
+  Each graph object in `cached_args` is replaced by a clone made now that
+  shares its Variables (so values flow back to the original) and whose
+  structure must not change: the function gets the same clones every call
+  (returning one gives that clone, not the original).
+
+  Raises:
+    TransformError: graph=False or graph_updates=False; (when called) a
+      cached clone's structure changed inside.
 
   >>> import jax.numpy as jnp
   >>> import spmdnnx as nnx
@@ -90,4 +127,23 @@ def cached_partial(fun: Callable, *cached_args: Any) -> Callable:
   >>> f(jnp.ones((1, 2))).shape
   (1, 3)
   """
-  return functools.partial(fun, *cached_args)
+  graph_mode, graph_updates = guards.resolve_modes(graph, graph_updates)
+  if not (graph_mode and graph_updates):
+    raise errors.TransformError(
+        "cached_partial is a graph-mode-only API and requires graph_updates=True "
+        f"(got graph={graph_mode}, graph_updates={graph_updates}); use nnx.jit_partial "
+        "for tree mode.")
+  clones: list = []
+  made: dict = {}
+
+  def clone(x):
+    if not graphlib.is_graph_node(x) or isinstance(x, Variable):
+      return x
+    if id(x) not in made:
+      made[id(x)] = graphlib.merge(*graphlib.split(x))
+      clones.append(made[id(x)])
+    return made[id(x)]
+
+  cached = jax.tree_util.tree_map(clone, cached_args, is_leaf=graphlib.is_graph_node)
+  watch(graphlib.flatten(tuple(clones))[1].nodes)
+  return CachedPartial(fun, cached, clones)

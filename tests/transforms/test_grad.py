@@ -138,11 +138,12 @@ def test_bad_argnums_entry_error():
     nnx.grad(loss_fn, argnums=("w",))
 
 
-def test_container_of_modules_argument_error():
-  with pytest.raises(errors.TransformError,
-                     match=r"argument 0 is a list holding graph objects; differentiate with "
-                     r"respect to each Module by passing it as its own positional argument"):
-    nnx.grad(lambda ms: ms[0].b.value.sum())([Model()])
+def test_container_of_modules_argument_gets_a_list_of_states():
+  m = Model()
+  g = nnx.grad(lambda ms, x, y: loss_fn(ms[0], x, y))([m], X, Y)
+  assert isinstance(g, list) and isinstance(g[0], nnx.State)
+  g_direct = nnx.grad(loss_fn)(Model(), X, Y)
+  np.testing.assert_allclose(g[0]["w"][...], g_direct["w"][...], rtol=1e-6)
 
 
 def test_state_updates_propagate():
