@@ -261,12 +261,9 @@ class CustomVjp:
                 _named(self._bwd_rule(plan, cell), self.bwd))
     vals = [lift._raw(x) for x in ex.leaves]
     out, new_state = core(vals, plan.dyn_plain())
-    if self.updates:
-      lift.apply_updates(ex, new_state, cell.get("restructure"))
-    else:
-      mutated = cell["mutated"]
-      lift.apply_updates(ex, [new if mutated[i] else old for i, (old, new)
-                              in enumerate(zip(ex.leaves, new_state))], None)
+    new_state = [new if i is None else _unchanged(new, ex.leaves[i])
+                 for i, new in zip(cell["source"], new_state)]
+    lift.apply_updates(ex, new_state, cell.get("restructure") if self.updates else None)
     if cell.get("has_nodes"):
       out = lift.unmark_outputs(ex.nodes, out)
     return out
@@ -303,18 +300,24 @@ class CustomVjp:
     return result, (rebuilt, w, new_leaves, paths, restructure)
 
   def _state_out(self, plan: _Plan, cell: dict, vals: list, run: tuple) -> list:
-    """The arguments' new state (same structure in `fun` and `fwd`, as JAX asks)."""
+    """The arguments' new state (same structure in `fun` and `fwd`, as JAX asks).
+
+    Records in `cell`, per new leaf, the input leaf it still holds unchanged
+    (or None): outside, such a leaf keeps its input value rather than the
+    call's output, so gradients through its later uses stay exact whatever
+    `bwd` does with their cotangents.
+    """
     _, _, new_leaves, paths, restructure = run
+    where = {id(v): i for i, v in enumerate(vals)}
+    cell["source"] = [where.get(id(lift._raw(new))) for new in new_leaves]
     if self.updates:
       cell["restructure"] = restructure
       cell["new_paths"] = paths
       return new_leaves
     if restructure is not None and paths != plan.ex.paths:
       guards.check_kept_structure(restructure, "custom_vjp", self.name)
-    # Only Variable values flow back (a changed static attribute is dropped, as
-    # Flax's tree mode does), and only the mutated ones: an untouched Variable
-    # keeps its input value outside, so gradients through later uses stay exact.
-    cell["mutated"] = [lift._raw(new) is not old for new, old in zip(new_leaves, vals)]
+    # Only Variable values flow back: a changed static attribute is dropped, as
+    # Flax's tree mode does.
     return new_leaves
 
   def _out(self, out: Any, plan: _Plan, cell: dict, run: tuple) -> Any:
@@ -365,7 +368,7 @@ class CustomVjp:
           kwargs = {}
           if _takes_updates_g(self.bwd):
             kwargs["updates_g"] = self._updates_g(plan, [
-                ct if m else None for ct, m in zip(state_ct, cell["mutated"])])
+                None if i == j else ct for j, (ct, i) in enumerate(zip(state_ct, cell["source"]))])
           tangents = self.bwd(*nondiff, res, out_g, **kwargs)
         return self._to_cts(plan, tangents)
     return bwd
@@ -477,6 +480,13 @@ def _node_tangent(t_flat: dict, kp: tuple, is_variable: bool) -> list:
   n = len(kp)
   return [(tuple(graphlib._key_name(k) for k in path[n:]), v)
           for path, v in t_flat.items() if path[:n] == kp and len(path) > n]
+
+
+def _unchanged(new: Any, old: Any) -> Any:
+  """An output leaf that still held an input leaf: the input's value (new metadata kept)."""
+  if isinstance(new, Variable):
+    return detach(new, lift._raw(old))
+  return old
 
 
 def _named(inner: Callable, user: Callable) -> Callable:

@@ -141,6 +141,24 @@ def test_tree_mode_untouched_variables_keep_their_gradient_path(graph):
   np.testing.assert_allclose(g.y[...], np.sin(1.0) + 5.0, rtol=1e-6)
 
 
+def test_graph_mode_later_uses_keep_their_gradient_when_bwd_drops_inputs_g():
+  # bwd builds fresh tangents (ignoring inputs_g); the untouched y used after the
+  # call still gets its direct gradient (the value outside is the input's).
+  @nnx.custom_vjp
+  def f(m):
+    return sin_xy(m)
+
+  def bwd(res, g):
+    cos_x, sin_x, m = res
+    _, out_g = g
+    return (nnx.State({"x": cos_x * out_g * m.y[...], "y": sin_x * out_g}),)
+
+  f.defvjp(lambda m: (f(m), (jnp.cos(m.x[...]), jnp.sin(m.x[...]), m)), bwd)
+  g = nnx.grad(lambda m: f(m) + 5.0 * m.y[...])(Foo())
+  np.testing.assert_allclose(g["y"][...], np.sin(1.0) + 5.0, rtol=1e-6)
+  np.testing.assert_allclose(g["x"][...], np.cos(1.0) * 2.0, rtol=1e-6)
+
+
 def test_diff_state_limits_the_differentiated_variables():
   only_x = nnx.PathContains("x")
 
