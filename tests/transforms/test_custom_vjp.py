@@ -483,3 +483,83 @@ def test_bound_method_refused():
 
   with pytest.raises(errors.TransformError, match="does not support bound methods"):
     nnx.custom_vjp(M().f)
+
+
+# --- sharded jit ------------------------------------------------------------------------
+
+
+def test_inside_sharded_jit_gradients_match_and_state_stays_sharded():
+  @nnx.custom_vjp
+  def linear(m, x):
+    m.calls[...] += 1
+    return x @ m.kernel[...]
+
+  def fwd(m, x):
+    return linear(m, x), (m.kernel[...], x)
+
+  def bwd(res, g):
+    kernel, x = res
+    (m_g, _), out_g = g
+    m_g["kernel"][...] = x.T @ out_g     # the true gradient
+    return m_g, out_g @ kernel.T
+
+  linear.defvjp(fwd, bwd)
+
+  class Lin(nnx.Module):
+    def __init__(self):
+      self.kernel = nnx.Param(jnp.arange(32.0).reshape(4, 8) / 32, logical_axes=("embed", "mlp"))
+      self.calls = nnx.Variable(jnp.array(0))
+
+  @nnx.jit
+  def step(m, x):
+    return nnx.grad(lambda m: jnp.sum(linear(m, x) ** 2))(m)
+
+  @nnx.jit
+  def reference(m, x):
+    return nnx.grad(lambda m: jnp.sum((x @ m.kernel[...]) ** 2))(m)
+
+  mesh = nnx.make_mesh(nnx.MeshConfig(fsdp=4, tensor=2))
+  m, x = Lin(), jnp.ones((2, 4))
+  with nnx.use_sharding(mesh, "fsdp_tp"):
+    g = step(m, x)
+    want = reference(m, x)
+  np.testing.assert_allclose(g["kernel"][...], want["kernel"][...], rtol=1e-6)
+  assert g["kernel"].logical_axes == ("embed", "mlp")
+  assert m.kernel.value.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  assert int(m.calls[...]) == 1
+
+
+def test_inside_scan_over_stacked_layers():
+  @nnx.custom_vjp
+  def scale(m, x):
+    return x * m.w[...]
+
+  def bwd(res, g):
+    w, x = res
+    (m_g, _), out_g = g
+    m_g["w"][...] = out_g * x
+    return m_g, out_g * w
+
+  scale.defvjp(lambda m, x: (scale(m, x), (m.w[...], x)), bwd)
+
+  class L(nnx.Module):
+    def __init__(self, rngs):
+      self.w = nnx.Param(jax.random.normal(rngs.params(), (3,)))
+
+  @nnx.split_rngs(splits=4)
+  @nnx.vmap
+  def make(rngs):
+    return L(rngs)
+
+  def loss(layers, x, fn):
+    @nnx.scan
+    def body(x, layer):
+      return fn(layer, x), None
+    y, _ = body(x, layers)
+    return jnp.sum(y)
+
+  layers, x = make(nnx.Rngs(0)), jnp.array([1.0, 2.0, 3.0])
+  g = nnx.grad(loss)(layers, x, scale)
+  want = nnx.grad(loss)(layers, x, lambda m, x: x * m.w[...])
+  assert g["w"][...].shape == (4, 3)
+  np.testing.assert_allclose(g["w"][...], want["w"][...], rtol=1e-6)
