@@ -25,7 +25,10 @@ Two behaviours, as Flax NNX 0.12:
   function mutated (objects whose other Variables are None). Objects may not
   be shared between arguments; only Variable values flow back.
 
-Variables keep their metadata (logical axes, sharding) across the call.
+Variables keep their metadata (logical axes, sharding) across the call. A
+Variable the call leaves unchanged keeps its input value outside (only
+changed ones take the call's output), so a later use of it in the same loss
+gets its exact gradient even when `bwd` ignores ``inputs_g``.
 
 >>> import jax, jax.numpy as jnp
 >>> import spmdnnx as nnx
@@ -251,7 +254,7 @@ class CustomVjp:
             f"custom_vjp({self.name}): nondiff_argnums {bad} hold graph objects. "
             "Passing integers to nondiff_argnums for graph nodes arguments in "
             "custom_vjp is not supported: to differentiate only part of an object "
-            "give nnx.DiffState(argnum, filter) (nnx.DiffState(argnum, nnx.Nothing) "
+            "give nnx.DiffState(argnum, filter) (nnx.DiffState(argnum, False) "
             "for none of it), or use graph_updates=False.", positions=bad)
     diff_pos = {i for i in range(len(args)) if i not in self.int_nondiff}
     plan = _Plan(ex, tuple(args), diff_pos, self.filters)

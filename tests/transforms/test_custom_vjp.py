@@ -563,3 +563,34 @@ def test_inside_scan_over_stacked_layers():
   want = nnx.grad(loss)(layers, x, lambda m, x: x * m.w[...])
   assert g["w"][...].shape == (4, 3)
   np.testing.assert_allclose(g["w"][...], want["w"][...], rtol=1e-6)
+
+
+def test_diff_state_nothing_differentiates_none_of_the_object():
+  @nnx.custom_vjp(nondiff_argnums=(nnx.DiffState(0, False),))
+  def f(m, x):
+    m.count[...] += 1
+    return m.x * x
+
+  def bwd(res, g):
+    (m_g, _), out_g = g
+    return None, 2.0 * out_g
+
+  f.defvjp(lambda m, x: (f(m, x), ()), bwd)
+  m = Foo()
+  g_m, g_x = nnx.grad(f, argnums=(0, 1))(m, jnp.array(3.0))
+  np.testing.assert_allclose(g_m["x"][...], 0.0)
+  np.testing.assert_allclose(g_x, 2.0)
+  assert int(m.count[...]) == 1
+
+
+def test_graph_mode_new_variable_inside_flows_back():
+  @nnx.custom_vjp
+  def f(m, x):
+    m.seen = nnx.BatchStat(x * 2.0)
+    return m.x * x
+
+  f.defvjp(lambda m, x: (f(m, x), ()), lambda res, g: (None, g[1]))
+  m = Foo()
+  y = f(m, jnp.array(3.0))
+  np.testing.assert_allclose(y, 3.0)
+  np.testing.assert_allclose(m.seen[...], 6.0)
