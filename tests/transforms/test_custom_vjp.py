@@ -485,6 +485,23 @@ def test_bound_method_refused():
     nnx.custom_vjp(M().f)
 
 
+# --- remat without updates (used under custom_vjp) ----------------------------------------
+
+
+@pytest.mark.parametrize("graph", [True, False])
+def test_remat_without_updates_drops_a_static_attribute_change(graph):
+  # As Flax's tree mode: only Variable values flow back; a new Variable is still an
+  # error (tests/transforms/test_tx_autodiff.py).
+  def f(m):
+    m.calls += 1
+    m.count[...] += 1
+    return jnp.sum(m.x[...])
+
+  m = Foo()
+  np.testing.assert_allclose(nnx.remat(f, graph=graph, graph_updates=False)(m), 1.0)
+  assert m.calls == 0 and int(m.count[...]) == 1
+
+
 # --- sharded jit ------------------------------------------------------------------------
 
 
