@@ -14,6 +14,7 @@ MODULES = [
     "spmdnnx._transforms.axes", "spmdnnx._transforms.rngs", "spmdnnx._transforms.iteration_modes",
     "spmdnnx._transforms.guards", "spmdnnx._transforms.prefixes", "spmdnnx.extract",
     "spmdnnx._transforms.partials", "spmdnnx._transforms.autodiff",
+    "spmdnnx._transforms.custom_vjp",
     "spmdnnx._transforms.compile_misc", "spmdnnx._transforms.jit_plan", "spmdnnx._eager",
     "spmdnnx._abstract",
 ]

@@ -28,7 +28,7 @@ from spmdnnx._transforms.jit import Compiled as Compiled
 from spmdnnx._transforms.jit import Lowered as Lowered
 from spmdnnx._transforms.partials import cached_partial as cached_partial
 from spmdnnx._transforms.partials import jit_partial as jit_partial
-from spmdnnx._transforms.autodiff import custom_vjp as custom_vjp
+from spmdnnx._transforms.custom_vjp import custom_vjp as custom_vjp
 from spmdnnx._transforms.autodiff import jvp as jvp
 from spmdnnx._transforms.autodiff import vjp as vjp
 from spmdnnx._transforms.compile_misc import checkify as checkify

@@ -1,4 +1,4 @@
-"""`vjp`, `jvp` and `custom_vjp` over graph objects (tree-mode semantics).
+"""`vjp` and `jvp` over graph objects (tree-mode semantics).
 
 A graph-object argument is differentiated with respect to all of its
 Variables; its cotangent (or tangent) is an object of the same type whose
@@ -152,53 +152,3 @@ def _inexact(x: Any) -> bool:
 
 def _float0_like(x: Any) -> Any:
   return np.zeros(np.shape(x), dtype=jax.dtypes.float0)
-
-
-class CustomVjp:
-  """`custom_vjp`'s result: call it, and give its rule with `defvjp(fwd, bwd)`."""
-
-  def __init__(self, fun: Callable, nondiff_argnums: tuple):
-    functools.update_wrapper(self, fun)
-    self.fun = fun
-    self.nondiff_argnums = nondiff_argnums
-    self._jax = jax.custom_vjp(fun, nondiff_argnums=nondiff_argnums)
-
-  def defvjp(self, fwd: Callable, bwd: Callable, **kwargs: Any) -> None:
-    """Sets the forward and backward rules (as `jax.custom_vjp.defvjp`)."""
-    self._jax.defvjp(fwd, bwd, **kwargs)
-
-  def __call__(self, *args: Any) -> Any:
-    nodes = [i for i, a in enumerate(args) if any(
-        graphlib.is_graph_node(x) for x in
-        jax.tree_util.tree_leaves(a, is_leaf=graphlib.is_graph_node))]
-    if nodes:
-      raise errors.TransformError(
-          f"custom_vjp({lift.fun_name(self.fun)}): argument(s) {nodes} hold graph objects, "
-          "which spmdnnx's custom_vjp does not lift yet. Pass their arrays instead "
-          "(e.g. `f(m.kernel[...], x)`), or split the Module with nnx.split and pass "
-          "the State's values.", positions=nodes)
-    return self._jax(*args)
-
-
-def custom_vjp(fun: Callable | None = None, *, nondiff_argnums: tuple = (),
-               graph: bool | None = None, graph_updates: bool | None = None) -> Any:
-  """`jax.custom_vjp` with Flax's signature (arguments must be arrays/pytrees).
-
-  >>> import jax, jax.numpy as jnp
-  >>> import spmdnnx as nnx
-  >>> @nnx.custom_vjp
-  ... def f(x):
-  ...   return jnp.sin(x)
-  >>> f.defvjp(lambda x: (f(x), jnp.cos(x)), lambda c, g: (2 * c * g,))
-  >>> float(jax.grad(f)(0.0))
-  2.0
-
-  Raises:
-    TransformError: `fun` is bound; (when called) an argument holds graph objects.
-  """
-  guards.resolve_modes(graph, graph_updates)
-  if fun is None:
-    return functools.partial(custom_vjp, nondiff_argnums=nondiff_argnums, graph=graph,
-                             graph_updates=graph_updates)
-  guards.check_unbound(fun, "custom_vjp")
-  return CustomVjp(fun, tuple(nondiff_argnums))

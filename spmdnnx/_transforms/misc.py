@@ -87,6 +87,9 @@ def _lifted(f: Callable, what: str, transform: Callable, *, update: bool = True,
 
     new_leaves, out = transform(inner)(list(ex.leaves), plain)
     if not updates:
+      r = cell["restructure"]
+      if r is not None and list(r.paths) == list(ex.paths):
+        cell["restructure"] = None   # only static attributes changed: dropped, as Flax
       guards.check_kept_structure(cell["restructure"], who, lift.fun_name(f))
       if cell["has_nodes"]:
         guards.check_no_returned_inputs(out, who, lift.fun_name(f))

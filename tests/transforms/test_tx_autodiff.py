@@ -1,4 +1,4 @@
-"""grad in tree mode and over States of Variables; vjp, jvp, custom_vjp, checkify,
+"""grad in tree mode and over States of Variables; vjp, jvp, checkify,
 make_jaxpr, pmap; remat / eval_shape / shard_map without graph updates."""
 
 import jax
@@ -88,17 +88,6 @@ def test_jvp_with_an_object_tangent():
 def test_jvp_tangent_structure_mismatch_is_an_error():
   with pytest.raises(errors.TransformError, match="tangents must have the structure"):
     nnx.jvp(lambda m: jnp.sum(m.w[...]), (Lin(),), (jnp.ones(2),))
-
-
-def test_custom_vjp_on_arrays_and_refusal_of_objects():
-  @nnx.custom_vjp
-  def f(x):
-    return jnp.sin(x)
-
-  f.defvjp(lambda x: (f(x), jnp.cos(x)), lambda c, g: (3.0 * c * g,))
-  assert float(jax.grad(f)(0.0)) == 3.0
-  with pytest.raises(errors.TransformError, match=r"argument\(s\) \[0\] hold graph objects"):
-    f(Lin())
 
 
 def test_checkify_returns_the_error_and_updates():
