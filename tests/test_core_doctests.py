@@ -14,7 +14,8 @@ MODULES = [
     "spmdnnx._transforms.axes", "spmdnnx._transforms.rngs", "spmdnnx._transforms.iteration_modes",
     "spmdnnx._transforms.guards", "spmdnnx._transforms.prefixes",
     "spmdnnx._transforms.partials", "spmdnnx._transforms.autodiff",
-    "spmdnnx._transforms.compile_misc", "spmdnnx._eager", "spmdnnx._abstract",
+    "spmdnnx._transforms.compile_misc", "spmdnnx._transforms.shmap", "spmdnnx._eager",
+    "spmdnnx._abstract",
 ]
 
 
