@@ -170,8 +170,9 @@ def check_consistent(arg_leaves: list, specs: list, where: list, what: str) -> N
   lines = [f"{kind}:\n" + "\n".join(f"    {loc}: {v!r}" for loc, v in uses)
            for kind, uses in bad]
   raise errors.TransformError(
-      f"{what}: Inconsistent aliasing detected. These Variables are reached through "
-      f"several arguments with different in_specs:\n  " + "\n  ".join(lines[:10]) +
+      f"{what}: Inconsistent aliasing detected. The following nodes have different "
+      f"prefixes (each is reached through several arguments whose in_specs "
+      f"differ):\n  " + "\n  ".join(lines[:10]) +
       ("\n  ..." if len(lines) > 10 else "") +
       "\nGive every path to a shared Variable the same spec, or pass a copy "
       "(nnx.clone) to one of the arguments.",

@@ -131,7 +131,8 @@ def test_inconsistent_aliasing(mesh, graph_updates):
   v = nnx.Param(jnp.ones(8))
   f = nnx.shard_map(lambda a, b: a[...].sum() + b[...].sum(), mesh=mesh,
                     in_specs=(P(), P("d")), out_specs=P(), graph_updates=graph_updates)
-  with pytest.raises(errors.TransformError, match=r"Inconsistent aliasing detected") as e:
+  with pytest.raises(errors.TransformError, match=r"Inconsistent aliasing detected\. The "
+                     r"following nodes have different prefixes") as e:
     f(v, v)
   assert isinstance(e.value, ValueError)
   assert "argument 0: P()" in str(e.value) and "argument 1: P('d',)" in str(e.value)
