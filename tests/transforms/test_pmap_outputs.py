@@ -98,3 +98,9 @@ def test_out_axes_prefix_without_an_entry():
   with pytest.raises(errors.TransformError, match="out_axes State has no entry for bias"):
     nnx.pmap(lambda x: nnx.Linear(2, 3, rngs=nnx.Rngs(0)), out_axes=axes,
              axis_size=1)(jnp.zeros(1))
+
+
+def test_out_axes_state_axes_without_a_catch_all():
+  with pytest.raises(errors.TransformError, match="no filter matches the state at count"):
+    nnx.pmap(lambda x: Counted(nnx.Rngs(0)), out_axes=nnx.StateAxes({nnx.Param: 0}),
+             axis_size=1)(jnp.zeros(1))

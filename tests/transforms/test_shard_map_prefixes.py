@@ -158,3 +158,11 @@ def test_shared_variable_in_tree_mode_is_refused(mesh):
   with pytest.raises(errors.TransformError, match="Duplicate Param found"):
     nnx.shard_map(lambda a, b: a[...], mesh=mesh, in_specs=(P(), P()), out_specs=P(),
                   graph=False)(nnx.Dict(v=v), nnx.Dict(v=v))
+
+
+def test_state_sharding_from_a_nested_state_uses_full_paths():
+  s = nnx.StateSharding(nnx.State({"up": {"kernel": P(None, "d")}, "kernel": P("d")}))
+  assert s.spec_for(("up", "kernel"), None) == P(None, "d")
+  assert s.spec_for(("kernel",), None) == P("d")
+  with pytest.raises(errors.TransformError, match="do not match down/kernel"):
+    s.spec_for(("down", "kernel"), None)
