@@ -16,6 +16,7 @@ MODULES = [
     "spmdnnx._transforms.partials", "spmdnnx._transforms.autodiff",
     "spmdnnx._transforms.custom_vjp",
     "spmdnnx._transforms.compile_misc", "spmdnnx._transforms.jit_plan", "spmdnnx._eager",
+    "spmdnnx._transforms.shmap",
     "spmdnnx._abstract",
 ]
 

@@ -14,15 +14,16 @@ import functools
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from jax.experimental import checkify as checkify_lib
 
 from spmdnnx import errors
-from spmdnnx import _graph as graphlib
 from spmdnnx._transforms import guards
 from spmdnnx._transforms import lift
 from spmdnnx._state import State
-from spmdnnx._transforms import prefixes
-from spmdnnx._transforms.axes import UNMATCHED, StateAxes, axis_for, node_arg_index
+from spmdnnx._transforms import shmap as sm
+from spmdnnx._transforms.axes import UNMATCHED, StateAxes, axis_for
 
 
 def _run_lifted(f: Callable, args: tuple, kwargs: dict, who: str, updates: bool,
@@ -116,7 +117,7 @@ def make_jaxpr(f: Callable, *, graph: bool | None = None, graph_updates: bool | 
   return run
 
 
-def _leaf_axis(spec: Any, path: tuple, leaf: Any) -> Any:
+def _leaf_axis(spec: Any, path: tuple, leaf: Any, what: str) -> Any:
   """The pmap axis of one state leaf: an int/None for the whole object, or per
   Variable from a `StateAxes` or an `nnx.prefix` State."""
   if isinstance(spec, StateAxes):
@@ -127,7 +128,7 @@ def _leaf_axis(spec: Any, path: tuple, leaf: Any) -> Any:
           "add a catch-all entry `...: None`.", paths=[path[1:]])
     spec = axis
   elif isinstance(spec, State):
-    spec = prefixes.leaf_value(spec, path[1:], leaf, "pmap")
+    spec = sm.state_prefix_value(spec, path[1:], what, "in_axes")
   if spec is None or isinstance(spec, int):
     return spec
   raise errors.TransformError(
@@ -136,18 +137,87 @@ def _leaf_axis(spec: Any, path: tuple, leaf: Any) -> Any:
       paths=[path[1:]])
 
 
+def _is_array_like(x: Any) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray, np.generic, int, float, complex))
+
+
+def _place(x: Any, axis: Any) -> Any:
+  """Moves pmap's mapped axis (0) of one output to `axis`; None keeps one copy."""
+  if not _is_array_like(x):
+    return x
+  if axis is None:
+    return x[0]
+  return jnp.moveaxis(x, 0, axis) if axis != 0 else x
+
+
+def _node_axis(spec: Any, path: tuple, var: Any, what: str) -> Any:
+  if isinstance(spec, StateAxes):
+    return spec.map_prefix(path, var)
+  if isinstance(spec, State):
+    return sm.state_prefix_value(spec, path, what, "out_axes")
+  return spec
+
+
+def _place_outputs(spec: Any, sub: Any, what: str, where: str = "output") -> Any:
+  """Places outputs stacked along axis 0 as `out_axes` (a prefix of them) says.
+
+  A graph object created inside (a `NodeOut` marker) may take a StateAxes or
+  an `nnx.prefix` State: each Variable gets its own axis.
+
+  Raises:
+    TransformError: out_axes does not fit the output; a StateAxes for an
+      output that is not a graph object.
+  """
+  if isinstance(sub, lift.NodeOut):
+    pairs = [(p, jax.tree.map(functools.partial(_place, axis=_node_axis(spec, p, v, what)), v))
+             for p, v in sub.state.flat_state()]
+    return lift.NodeOut(sub.graphdef, State.from_flat_path(pairs))
+  if isinstance(sub, lift.InputRef):
+    return sub
+  if spec is None or isinstance(spec, int):
+    return jax.tree.map(functools.partial(_place, axis=spec), sub)
+  if isinstance(spec, StateAxes):
+    raise errors.TransformError(
+        f"{what}: out_axes gives a StateAxes at {where}, an output that is not a "
+        f"graph object created inside ({type(sub).__name__}); use an int or None.",
+        paths=[where])
+  spec_kids, spec_def = jax.tree_util.tree_flatten(spec, is_leaf=lambda x: x is not spec)
+  sub_kids, sub_def = jax.tree_util.tree_flatten(sub, is_leaf=lambda x: x is not sub)
+  if spec_def != sub_def:
+    raise errors.TransformError(
+        f"{what}: out_axes at {where} has structure {spec_def} but the output there "
+        f"has structure {sub_def}; give one int/None for it or a matching pytree.",
+        paths=[where])
+  keys = [jax.tree_util.keystr(p) for p, _ in
+          jax.tree_util.tree_flatten_with_path(sub, is_leaf=lambda x: x is not sub)[0]]
+  placed = [_place_outputs(s, x, what, where + k) for k, s, x in zip(keys, spec_kids, sub_kids)]
+  return jax.tree_util.tree_unflatten(sub_def, placed)
+
+
 def pmap(f: Callable | None = None, *, axis_name: Any = None, in_axes: Any = 0,
          out_axes: Any = 0, static_broadcasted_argnums: Any = (), axis_size: int | None = None,
          devices: Any = None, backend: str | None = None, donate_argnums: Any = (),
          graph: bool | None = None, graph_updates: bool | None = None) -> Callable:
-  """`jax.pmap` whose arguments may be graph objects.
+  """`jax.pmap` whose arguments and results may be graph objects.
 
-  A graph-object argument's in_axes (an int or None) applies to all of its
-  Variables; their new values come out on the same axis (None: one copy).
+  A graph-object argument's in_axes (an int, None, a `StateAxes` or an
+  `nnx.prefix` State) gives the axis of each of its Variables; their new
+  values come out on the same axis (None: one copy). Graph objects created
+  inside (``create_block`` patterns) are returned with their state placed
+  by ``out_axes``, which may give them a StateAxes or a prefix State too.
+  Other results that are not arrays (a GraphDef from `nnx.split`) come out
+  as they are.
+
+  >>> import jax.numpy as jnp
+  >>> import spmdnnx as nnx
+  >>> make = nnx.pmap(lambda x: nnx.Linear(2, 3, rngs=nnx.Rngs(0)), axis_size=1)
+  >>> make(jnp.zeros(1)).kernel.shape
+  (1, 2, 3)
 
   Raises:
-    TransformError: `f` is bound; an object argument's in_axes is not an int
-      or None; the function changed the graph's structure.
+    TransformError: `f` is bound; an object argument's in_axes is not an int,
+      None, StateAxes or prefix State; out_axes does not fit the output; the
+      function changed the graph's structure.
   """
   graph, graph_updates = guards.resolve_modes(graph, graph_updates)
   if f is None:
@@ -163,48 +233,50 @@ def pmap(f: Callable | None = None, *, axis_name: Any = None, in_axes: Any = 0,
         "lifted pmap; close over static values with functools.partial.")
   updates = graph and graph_updates
   name = lift.fun_name(f)
+  what = f"pmap({name})"
 
   @functools.wraps(f)
   def wrapper(*args):
     specs = in_axes if isinstance(in_axes, (tuple, list)) else (in_axes,) * len(args)
     if len(specs) != len(args):
       raise errors.TransformError(
-          f"pmap({name}): in_axes has {len(specs)} entries for {len(args)} arguments.")
+          f"{what}: in_axes has {len(specs)} entries for {len(args)} arguments.")
+    all_axes, _ = sm.broadcast_specs(args, tuple(specs), what, "in_axes")
     ex = lift.extract(tuple(args), aliasing=updates, who="pmap")
-    node_arg = node_arg_index(args)
-    leaf_axes = [_leaf_axis(specs[node_arg[p[0]]], p, leaf)
+    node_axes: dict = {}
+    for x, spec in zip(ex.arg_leaves, all_axes):
+      if isinstance(x, lift.NodeSlot):
+        node_axes.setdefault(x.index, spec)
+    leaf_axes = [_leaf_axis(node_axes[p[0]], p, leaf, what)
                  for p, leaf in zip(ex.paths, ex.leaves)]
-    plain_axes = []
-    for arg, spec in zip(args, specs):
-      leaves = jax.tree_util.tree_leaves(arg, is_leaf=graphlib.is_graph_node)
-      plain = [x for x in leaves if not graphlib.is_graph_node(x)]
-      if not plain:
-        continue
-      if isinstance(spec, (int, type(None))):
-        plain_axes.extend([spec] * len(plain))
-      else:
-        sub = [x for x in jax.tree_util.tree_leaves(
-            jax.tree_util.tree_map(lambda s, a: [s] * len(jax.tree_util.tree_leaves(a)),
-                                   spec, arg, is_leaf=lambda x: x is None))]
-        plain_axes.extend(sub)
+    plain_axes = [s for x, s in zip(ex.arg_leaves, all_axes)
+                  if not isinstance(x, lift.NodeSlot)]
     cell: dict = {}
 
     def inner(vals, plain):
       new_leaves, restructure, out, has_nodes = lift.run_inside(
           ex.graphdef, ex.treedef, vals, lift.fill_plain(ex, plain),
-          lambda a: f(*a), f"pmap({name})")
+          lambda a: f(*a), what)
       guards.check_kept_structure(restructure, "pmap", name)
-      if has_nodes:
-        raise errors.TransformError(
-            f"pmap({name}): returning graph objects is not supported; return their "
-            "state (nnx.split) or arrays.")
-      return [lift._raw(x) for x in new_leaves], out
+      if has_nodes and not updates:
+        guards.check_no_returned_inputs(out, "pmap", name)
+      # Results that are not arrays (a GraphDef) stay out of pmap.
+      leaves, treedef = jax.tree_util.tree_flatten(out)
+      cell["has_nodes"], cell["treedef"] = has_nodes, treedef
+      cell["static"] = [None if _is_array_like(x) else x for x in leaves]
+      return [lift._raw(x) for x in new_leaves], [x for x in leaves if _is_array_like(x)]
 
     mapped = jax.pmap(inner, axis_name=axis_name, in_axes=(leaf_axes, plain_axes),
-                      out_axes=(leaf_axes, out_axes), axis_size=axis_size,
+                      out_axes=(leaf_axes, 0), axis_size=axis_size,
                       devices=devices, backend=backend)
-    new_vals, out = mapped([lift._raw(x) for x in ex.leaves], lift.plain_leaves(ex))
+    new_vals, dynamic = mapped([lift._raw(x) for x in ex.leaves], lift.plain_leaves(ex))
     lift.apply_updates(ex, new_vals, None)
+    it = iter(dynamic)
+    leaves = [next(it) if x is None else x for x in cell["static"]]
+    out = jax.tree_util.tree_unflatten(cell["treedef"], leaves)
+    out = _place_outputs(out_axes, out, what)
+    if cell["has_nodes"]:
+      out = lift.unmark_outputs(ex.nodes, out)
     return out
 
   return wrapper

@@ -1,4 +1,4 @@
-"""`remat`, `eval_shape` and `shard_map` over graph objects.
+"""`remat` and `eval_shape` over graph objects (`shard_map` lives in `shmap`).
 
 >>> import jax.numpy as jnp
 >>> from spmdnnx._module import Module
@@ -18,16 +18,12 @@ from typing import Any, Callable
 
 import jax
 from jax.ad_checkpoint import checkpoint_name as _jax_checkpoint_name
-from jax.sharding import PartitionSpec
 
 from spmdnnx import errors
-from spmdnnx import _filters as filterlib
-from spmdnnx import _graph as graphlib
 from spmdnnx._transforms import guards
 from spmdnnx._transforms import lift
-from spmdnnx._transforms.axes import node_arg_index
-from spmdnnx._transforms import prefixes
 from spmdnnx._transforms.prefixes import StateSharding  # noqa: F401 (re-exported name)
+from spmdnnx._transforms.shmap import shard_map  # noqa: F401 (re-exported name)
 
 #: Remat policies by name (see `jax.checkpoint_policies`).
 POLICIES = {
@@ -154,64 +150,3 @@ def eval_shape(f: Callable, *args: Any, graph: bool | None = None,
   return _lifted(call, f"eval_shape({lift.fun_name(f)})",
                  lambda inner: functools.partial(jax.eval_shape, inner), update=False,
                  who="eval_shape", updates=graph and graph_updates)(*call_args)
-
-
-def shard_map(f: Callable | None = None, *, mesh: Any = None, in_specs: Any,
-              out_specs: Any, check_vma: bool = True, axis_names: Any = None,
-              graph: bool | None = None, graph_updates: bool | None = None) -> Callable:
-  """`jax.shard_map` whose arguments may be graph objects.
-
-  For a graph-node argument the in_spec is one PartitionSpec for all of its
-  state or a `StateSharding({filter: spec})`; its state comes out with the
-  same specs.
-  """
-  graph, graph_updates = guards.resolve_modes(graph, graph_updates)
-  if f is None:
-    return functools.partial(shard_map, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                             check_vma=check_vma, axis_names=axis_names, graph=graph,
-                             graph_updates=graph_updates)
-  guards.check_unbound(f, "shard_map")
-  updates = graph and graph_updates
-  what = f"shard_map({lift.fun_name(f)})"
-
-  @functools.wraps(f)
-  def wrapper(*args):
-    specs = in_specs if isinstance(in_specs, tuple) else (in_specs,) * len(args)
-    if len(specs) != len(args):
-      raise errors.TransformError(
-          f"{what}: in_specs has {len(specs)} entries for {len(args)} arguments.")
-    ex = lift.extract(tuple(args), aliasing=updates, who="shard_map")
-    node_arg = node_arg_index(args)
-    leaf_specs = []
-    for path, leaf in zip(ex.paths, ex.leaves):
-      spec = specs[node_arg[path[0]]]
-      leaf_specs.append(prefixes.leaf_value(spec, path[1:], leaf, "shard_map"))
-    plain_specs = []
-    for arg, spec in zip(args, specs):
-      for leaf in jax.tree_util.tree_leaves(arg, is_leaf=graphlib.is_graph_node):
-        if not graphlib.is_graph_node(leaf):
-          plain_specs.append(spec)
-    plain = lift.plain_leaves(ex)
-    vals = [lift._raw(x) for x in ex.leaves]
-
-    def inner(leaves, plain_leaves):
-      new_leaves, restructure, out, has_nodes = lift.run_inside(
-          ex.graphdef, ex.treedef, leaves, lift.fill_plain(ex, plain_leaves),
-          lambda call_args: f(*call_args), what)
-      if restructure is not None or has_nodes:
-        raise errors.TransformError(
-            f"{what}: the function must keep the graph's structure and return arrays "
-            "(it added or removed Variables or sub-modules, or returned a graph "
-            "object); create Modules outside shard_map and return their outputs.")
-      return [lift._raw(x) for x in new_leaves], out
-
-    kwargs = {"mesh": mesh} if mesh is not None else {}
-    if axis_names is not None:
-      kwargs["axis_names"] = axis_names
-    mapped = jax.shard_map(inner, in_specs=(leaf_specs, plain_specs),
-                           out_specs=(leaf_specs, out_specs), check_vma=check_vma, **kwargs)
-    new_vals, out = mapped(vals, plain)
-    lift.apply_updates(ex, new_vals, None)
-    return out
-
-  return wrapper

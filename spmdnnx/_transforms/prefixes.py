@@ -16,6 +16,7 @@ from any of these.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Mapping
 
 import jax
@@ -27,6 +28,15 @@ from spmdnnx import _modes as modeslib
 from spmdnnx._state import State
 from spmdnnx._transforms.guards import PrefixMap
 from spmdnnx._variables import Variable
+
+
+@dataclasses.dataclass(frozen=True)
+class _PathIs:
+  """Matches exactly one path (the filters of a StateSharding built from a State)."""
+  path: tuple
+
+  def __call__(self, path, value):
+    return tuple(path) == self.path
 
 
 class StateSharding(PrefixMap):
@@ -43,6 +53,8 @@ class StateSharding(PrefixMap):
   """
 
   def __init__(self, filter_sharding: Mapping | Any, /):
+    if isinstance(filter_sharding, State):  # one exact-path filter per entry
+      filter_sharding = [(_PathIs(tuple(p)), s) for p, s in filter_sharding.flat_state()]
     items = tuple(filter_sharding.items() if isinstance(filter_sharding, Mapping)
                   else filter_sharding)
     self.filters = tuple(f for f, _ in items)

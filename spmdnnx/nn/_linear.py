@@ -112,7 +112,8 @@ class Linear(Module):
           bias_axes, _bias_default(self.kernel.logical_axes, 1), metadata=bias_metadata)
 
   def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
-    _common.check_features(self, inputs, -1, self.in_features, "in features")
+    # The kernel's own size: inside shard_map it is the local shard's.
+    _common.check_features(self, inputs, -1, self.kernel.value.shape[0], "in features")
     bias = self.bias.value if self.bias is not None else None
     x, kernel, bias = self.promote_dtype((inputs, self.kernel.value, bias), dtype=self.dtype)
     y = self.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
