@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from spmdnnx import errors
-from spmdnnx._variables import Param, check_logical_axes, initializer_metadata
+from spmdnnx._variables import Param, check_logical_axes, initializer_metadata, unbox
 
 Axes = Sequence[str | None] | None
 
@@ -73,7 +73,9 @@ def make_param(owner: str, pname: str, init: Callable, key: jax.Array,
   if meta_axes:
     given = tuple(meta_axes[0]) if meta_axes[0] is not None else None
     if given is not None and len(given) < len(shape):
-      # a PartitionSpec shorter than the rank leaves the trailing dims unsharded
+      # a PartitionSpec shorter than the rank leaves the trailing dims unsharded;
+      # the Param keeps the tuple as given for `out_sharding` (Flax's spelling)
+      extra["sharding_names"] = given
       given = given + (None,) * (len(shape) - len(given))
     if axes is not None and given is not None and tuple(axes) != given:
       raise errors.MetadataError(
@@ -82,7 +84,7 @@ def make_param(owner: str, pname: str, init: Callable, key: jax.Array,
     axes = axes if axes is not None else given
   logical = param_axes(owner, pname, init, axes, default, shape)
   extra.update({k: v for k, v in initializer_metadata(init).items() if k != "logical_axes"})
-  value = init(key, tuple(shape), param_dtype)
+  value = unbox(init(key, tuple(shape), param_dtype))
   return Param(value, logical_axes=logical, **extra)
 
 

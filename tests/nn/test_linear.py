@@ -116,8 +116,12 @@ def test_einsum_errors():
     Einsum("bd,dh", (2, 3), rngs=nnx.Rngs(0))
   with pytest.raises(errors.ConfigError, match=r"kernel operand 'dh' .* has 2 axes but kernel_shape"):
     Einsum("bd,dh->bh", (2, 3, 4), rngs=nnx.Rngs(0))
-  with pytest.raises(errors.ConfigError, match=r"bias_shape \(2,\) must equal the sizes \(3,\)"):
-    Einsum("bd,dh->bh", (2, 3), (2,), rngs=nnx.Rngs(0))
+  wrong_bias = Einsum("bd,dh->bh", (2, 3), (2,), rngs=nnx.Rngs(0))  # checked when called
+  assert wrong_bias.bias.shape == (2,)
+  with pytest.raises(errors.ConfigError,
+                     match=r"Einsum: bias_shape \(2,\) must equal the sizes \(3,\) of the "
+                     r"output letters 'h' of 'bd,dh->bh' that appear in the kernel"):
+    wrong_bias(jnp.ones((1, 2)))
   layer = Einsum("bd,dh->bh", (2, 3), rngs=nnx.Rngs(0))
   with pytest.raises(errors.ShapeError, match=r"Einsum: the input operand 'bd' .* has 2 axes"):
     layer(jnp.ones((1, 2, 2)))
