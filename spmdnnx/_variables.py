@@ -265,7 +265,7 @@ def _normalize_metadata(metadata: dict, value: Any, cls_name: str) -> dict:
         continue
       alias_axes = _as_names(alias_axes)
       flax_axes = alias_axes if flax_axes is None else flax_axes
-      if axes is not None and _pad(alias_axes, ndim) != _pad(_as_names(axes), ndim):
+      if axes is not None and _strip(alias_axes) != _strip(_as_names(axes)):
         raise errors.MetadataError(
             f"{cls_name}: logical_axes={axes!r} conflicts with "
             f"{alias}={alias_axes!r}; pass only one of them.")
@@ -276,16 +276,26 @@ def _normalize_metadata(metadata: dict, value: Any, cls_name: str) -> dict:
         f"{physical!r} were both given; pass logical names (a tuple, resolved by "
         "rules) or a PartitionSpec/NamedSharding, not both.")
   if axes is not None:
-    given = isinstance(flax_axes, tuple) and ndim is not None and len(flax_axes) != ndim
-    if given and len(flax_axes) < ndim:
+    axes = _as_names(axes) if flax_axes is None else _pad(_as_names(axes), ndim)
+    if isinstance(flax_axes, tuple) and isinstance(axes, tuple) and len(flax_axes) < len(axes):
       metadata[SHORT_AXES] = check_logical_axes(flax_axes, None, f"{cls_name}: ")
-      axes = _pad(flax_axes, ndim)
-    elif given and metadata.get("eager_sharding") is False:
+    elif ndim is not None and isinstance(axes, tuple) and len(axes) != ndim \
+        and flax_axes is not None and metadata.get("eager_sharding") is False:
       value = None  # Flax's deferred check: the resolver refuses a mismatch
     metadata["logical_axes"] = check_logical_axes(axes, value, f"{cls_name}: ")
   if physical is not None:
     metadata["out_sharding"] = physical
   return metadata
+
+
+def _strip(axes: Any) -> Any:
+  """`axes` without trailing None entries (equal specs under PartitionSpec rules)."""
+  if not isinstance(axes, tuple):
+    return axes
+  end = len(axes)
+  while end and axes[end - 1] is None:
+    end -= 1
+  return axes[:end]
 
 
 def _pad(axes: Any, ndim: int | None) -> Any:
