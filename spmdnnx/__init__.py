@@ -295,6 +295,7 @@ from spmdnnx import extract as extract
 # (end of pgraph block)
 
 # Flax NNX parity (pshard): names added by that part; keep each block separate
+from spmdnnx._variables import VariableMetadata as VariableMetadata
 # (end of pshard block)
 
 # `checkpointing` (orbax) and `train` (grain, tensorboardX, orbax) are imported

@@ -218,6 +218,7 @@ def filters_to_predicates(filters: tuple) -> tuple[Predicate, ...]:
   for i, f in enumerate(filters[:-1]):
     if is_everything(f) and not all(is_everything(g) for g in filters[i + 1:]):
       raise errors.FilterError(
+          "`...` or `True` can only be used as the last filters. "
           f"Filter '...' (Everything) appears at position {i} of {len(filters)}; "
           "it matches all remaining state, so the filters after it would get "
           "nothing. Put '...' last.", argument="filters", value=i)

@@ -95,7 +95,8 @@ def split_pairs(pairs, filters: tuple, exhaustive: bool) -> list[list]:
       listed = errors.format_paths(
           [f"{errors.path_str(p)} ({type(v).__name__})" for p, v in rest])
       raise errors.FilterError(
-          f"Filters {filters!r} are not exhaustive: {len(rest)} state leaves match "
+          "Non-exhaustive filters, got a non-empty remainder: "
+          f"filters {filters!r} are not exhaustive: {len(rest)} state leaves match "
           f"none of them: {listed}. Add '...' as the last filter to collect the rest.")
     return buckets
   return buckets + [rest]

@@ -40,6 +40,11 @@ def current_frame() -> TraceFrame | None:
   return frames[-1] if frames else None
 
 
+def active_names() -> tuple[str, ...]:
+  """The names of the active transform frames, outermost first."""
+  return tuple(f.name for f in _LOCAL.frames)
+
+
 @contextlib.contextmanager
 def frame(name: str) -> Iterator[TraceFrame]:
   """Runs the body inside a new transform frame."""

@@ -36,6 +36,9 @@ A = TypeVar("A")
 
 #: Flax metadata names accepted as aliases of `logical_axes`.
 AXES_ALIASES = ("sharding", "out_sharding", "sharding_names")
+#: Metadata entry keeping a Flax axes tuple shorter than the rank as the user
+#: gave it (``logical_axes`` holds it padded with None); read by `out_sharding`.
+SHORT_AXES = "given_sharding"
 
 #: Bumped whenever metadata or structure of a *watched* object changes, so that
 #: cached graph traversals (used by jit) know to rebuild. See `graph.py`.
@@ -228,21 +231,41 @@ def check_logical_axes(axes: Any, value: Any, where: str = "") -> tuple | None:
   return axes
 
 
+def _as_names(axes: Any) -> Any:
+  """A Flax axes spelling as a tuple (a bare str is one name); else unchanged."""
+  if isinstance(axes, str):
+    return (axes,)
+  try:
+    return tuple(axes)
+  except TypeError:
+    return axes
+
+
 def _normalize_metadata(metadata: dict, value: Any, cls_name: str) -> dict:
   # Flax's `out_sharding` (and its older spellings) is our `logical_axes` when it
   # is a tuple of names; a PartitionSpec, NamedSharding or layout names mesh axes
-  # and is kept as `out_sharding` (see spmdnnx/_eager.py).
+  # and is kept as `out_sharding` (see spmdnnx/_eager.py). A Flax spelling
+  # follows PartitionSpec rules: shorter than the rank, the trailing dimensions
+  # are unsharded (``logical_axes`` is padded with None and the tuple as given
+  # is kept as `SHORT_AXES` for `Variable.out_sharding`); with
+  # ``eager_sharding=False`` its length is not checked here at all (resolving a
+  # sharding refuses a mismatch later), as Flax defers it.
   axes = metadata.pop("logical_axes", None)
-  physical = None
+  physical = flax_axes = None
   if axes is not None and _eager.is_physical(axes):
     axes, physical = None, axes
-  for alias in AXES_ALIASES:
+  ndim = getattr(value, "ndim", None)
+  for alias in AXES_ALIASES + (SHORT_AXES,):
     if alias in metadata:
       alias_axes = metadata.pop(alias)
       if alias_axes is not None and _eager.is_physical(alias_axes):
         physical = alias_axes
         continue
-      if axes is not None and alias_axes is not None and tuple(alias_axes) != tuple(axes):
+      if alias_axes is None:
+        continue
+      alias_axes = _as_names(alias_axes)
+      flax_axes = alias_axes if flax_axes is None else flax_axes
+      if axes is not None and _strip(alias_axes) != _strip(_as_names(axes)):
         raise errors.MetadataError(
             f"{cls_name}: logical_axes={axes!r} conflicts with "
             f"{alias}={alias_axes!r}; pass only one of them.")
@@ -253,10 +276,33 @@ def _normalize_metadata(metadata: dict, value: Any, cls_name: str) -> dict:
         f"{physical!r} were both given; pass logical names (a tuple, resolved by "
         "rules) or a PartitionSpec/NamedSharding, not both.")
   if axes is not None:
+    axes = _as_names(axes) if flax_axes is None else _pad(_as_names(axes), ndim)
+    if isinstance(flax_axes, tuple) and isinstance(axes, tuple) and len(flax_axes) < len(axes):
+      metadata[SHORT_AXES] = check_logical_axes(flax_axes, None, f"{cls_name}: ")
+    elif ndim is not None and isinstance(axes, tuple) and len(axes) != ndim \
+        and flax_axes is not None and metadata.get("eager_sharding") is False:
+      value = None  # Flax's deferred check: the resolver refuses a mismatch
     metadata["logical_axes"] = check_logical_axes(axes, value, f"{cls_name}: ")
   if physical is not None:
     metadata["out_sharding"] = physical
   return metadata
+
+
+def _strip(axes: Any) -> Any:
+  """`axes` without trailing None entries (equal specs under PartitionSpec rules)."""
+  if not isinstance(axes, tuple):
+    return axes
+  end = len(axes)
+  while end and axes[end - 1] is None:
+    end -= 1
+  return axes[:end]
+
+
+def _pad(axes: Any, ndim: int | None) -> Any:
+  """`axes` padded with None to ``ndim`` entries (PartitionSpec rules)."""
+  if ndim is None or not isinstance(axes, tuple) or len(axes) >= ndim:
+    return axes
+  return axes + (None,) * (ndim - len(axes))
 
 
 def _drop_axes(meta: dict, new: dict) -> None:
@@ -264,6 +310,7 @@ def _drop_axes(meta: dict, new: dict) -> None:
   if "logical_axes" in new or any(a in new for a in AXES_ALIASES):
     meta.pop("logical_axes", None)
     meta.pop("out_sharding", None)
+    meta.pop(SHORT_AXES, None)
 
 
 #: "argument not given" (``None`` and ``...`` are meaningful values).
@@ -349,6 +396,9 @@ class Variable(Generic[A]):
   def __init__(self, value: Any, *, logical_axes: Any = None, **metadata: Any):
     if isinstance(value, Variable):
       metadata = {**value._metadata(), **metadata}
+      value = value.raw_value
+    elif isinstance(value, VariableMetadata):
+      metadata = {**value.metadata, **metadata}
       value = value.raw_value
     if logical_axes is not None:
       metadata["logical_axes"] = logical_axes
@@ -452,8 +502,7 @@ class Variable(Generic[A]):
 
   # Flax spellings. ``v.sharding`` is the value's placement (as in Flax), found
   # through __getattr__; these two read the annotation.
-  out_sharding = property(
-      lambda self: self._metadata().get("out_sharding", self.logical_axes))
+  out_sharding = property(lambda self: _out_sharding(self._metadata()))
   sharding_names = out_sharding
 
   def _metadata(self) -> dict:
@@ -793,14 +842,17 @@ def detach(var: Variable, value: Any = ...) -> Variable:
                       meta=var._meta, frozen=var._frozen)
 
 
-def with_logical_axes(var: Variable, axes: tuple) -> Variable:
+def with_logical_axes(var: Variable, axes: tuple | None, **entries: Any) -> Variable:
   """A detached copy whose ``logical_axes`` are `axes`, unchecked against the value.
 
   Transforms use it where the value's rank changes later (a stacked axis
-  removed from the metadata before vmap slices the value).
+  removed from the metadata before vmap slices the value). ``axes`` None keeps
+  them; ``entries`` replace other metadata entries, unchecked too.
   """
   meta = dict(var._metadata())
-  meta["logical_axes"] = tuple(axes)
+  if axes is not None:
+    meta["logical_axes"] = tuple(axes)
+  meta.update(entries)
   return new_variable(type(var), var.raw_value, meta=meta)
 
 
@@ -822,6 +874,14 @@ def write_back(var: Variable, leaf: Any) -> None:
 def watch_variable(var: Variable) -> None:
   """Marks a Variable so that metadata changes bump the structure epoch."""
   object.__setattr__(var, "_watched", True)
+
+
+def _out_sharding(meta: dict) -> Any:
+  """Flax's ``out_sharding``: the mesh sharding, else the axes as given."""
+  for key in ("out_sharding", SHORT_AXES, "logical_axes"):
+    if meta.get(key) is not None:
+      return meta[key]
+  return None
 
 
 def _repr_value(value: Any) -> str:
@@ -980,17 +1040,51 @@ class OptVariable(OptState[A]):
   """An optimizer-state leaf that mirrors a parameter (same logical axes)."""
 
 
-def with_metadata(initializer: Callable, **metadata: Any) -> Callable:
-  """Wraps an initializer so layers attach metadata to the Variable they create.
+class VariableMetadata:
+  """A value and the metadata its Variable gets: what a `with_metadata` (or
+  `with_partitioning`) initializer returns, as in Flax.
 
-  The returned callable behaves exactly like ``initializer``; layers read
-  ``.metadata`` from it when making the Param.
+  ``Variable(box)`` takes the value and the metadata (keywords given to the
+  Variable win); `unbox` gives the plain value.
+
+  >>> import jax, jax.numpy as jnp
+  >>> init = with_partitioning(jax.nn.initializers.ones, ("embed",))
+  >>> Param(init(jax.random.key(0), (2,))).logical_axes
+  ('embed',)
+  """
+
+  __slots__ = ("raw_value", "metadata")
+
+  def __init__(self, raw_value: Any, metadata: Mapping | None = None):
+    self.raw_value = raw_value
+    self.metadata = dict(metadata or {})
+
+  def __repr__(self) -> str:
+    return f"VariableMetadata({_repr_value(self.raw_value)}, metadata={self.metadata!r})"
+
+
+def unbox(value: Any) -> Any:
+  """The plain value of a `VariableMetadata` (anything else as is)."""
+  return value.raw_value if isinstance(value, VariableMetadata) else value
+
+
+def with_metadata(initializer: Callable, **metadata: Any) -> Callable:
+  """Wraps an initializer so the value it makes carries Variable metadata.
+
+  The wrapped initializer returns a `VariableMetadata` (``Param(init(...))``
+  gets the metadata; `unbox` gives the array); layers also read
+  ``.metadata`` from it when making their Params.
+
+  >>> import jax
+  >>> init = with_metadata(jax.nn.initializers.zeros, note="n")
+  >>> Param(init(jax.random.key(0), (2,))).note
+  'n'
   """
   inner_meta = dict(getattr(initializer, "metadata", {}))
   inner = getattr(initializer, "initializer", initializer)
 
   def wrapped(*args, **kwargs):
-    return inner(*args, **kwargs)
+    return VariableMetadata(inner(*args, **kwargs), wrapped.metadata)
 
   wrapped.initializer = inner
   wrapped.metadata = {**inner_meta, **metadata}

@@ -169,7 +169,8 @@ def test_filter_error_is_type_error():
 
 def test_ellipsis_not_last_error():
   with pytest.raises(errors.FilterError,
-                     match=r"Filter '\.\.\.' \(Everything\) appears at position 0 of 2; "
+                     match=r"^`\.\.\.` or `True` can only be used as the last filters\. "
+                     r"Filter '\.\.\.' \(Everything\) appears at position 0 of 2; "
                      r"it matches all remaining state, so the filters after it would get "
                      r"nothing\. Put '\.\.\.' last\."):
     filters_to_predicates((..., nnx.Param))

@@ -154,7 +154,8 @@ def test_merge_later_wins():
 def test_split_not_exhaustive_lists_paths_and_suggests_ellipsis():
   s = make_state()
   with pytest.raises(errors.FilterError,
-                     match=r"are not exhaustive: 3 state leaves match none of them: "
+                     match=r"^Non-exhaustive filters, got a non-empty remainder: filters "
+                     r".* are not exhaustive: 3 state leaves match none of them: "
                      r"bn/mean \(BatchStat\), bn/var \(BatchStat\), count \(Count\)\. "
                      r"Add '\.\.\.' as the last filter to collect the rest\."):
     s.split(nnx.Param)

@@ -424,10 +424,21 @@ def test_repr_shows_value_and_metadata():
 def test_with_partitioning_wraps_initializer():
   init = nnx.with_partitioning(jax.nn.initializers.ones, ("embed", "mlp"))
   x = init(jax.random.key(0), (2, 3), jnp.float32)
-  np.testing.assert_array_equal(x, np.ones((2, 3)))
+  assert isinstance(x, nnx.VariableMetadata)
+  np.testing.assert_array_equal(x.raw_value, np.ones((2, 3)))
   assert init.metadata == {"logical_axes": ("embed", "mlp")}
-  p = nnx.Param(x, **init.metadata)
+  assert x.metadata == {"logical_axes": ("embed", "mlp")}
+  p = nnx.Param(x)  # Flax's spelling: the box carries the names into the Param
   assert p.logical_axes == ("embed", "mlp")
+  np.testing.assert_array_equal(p.value, np.ones((2, 3)))
+
+
+def test_with_partitioning_box_keywords_win_and_are_checked():
+  init = nnx.with_metadata(jax.nn.initializers.ones, note="box", logical_axes=("a",))
+  p = nnx.Param(init(jax.random.key(0), (2,)), note="kw")
+  assert (p.note, p.logical_axes) == ("kw", ("a",))
+  with pytest.raises(errors.MetadataError, match=r"conflicts with out_sharding=\('b',\)"):
+    nnx.Param(init(jax.random.key(0), (2,)), out_sharding=("b",))
 
 
 def test_with_partitioning_single_name_and_extra_metadata():
@@ -438,14 +449,14 @@ def test_with_partitioning_single_name_and_extra_metadata():
 def test_with_partitioning_nested_with_metadata():
   init = nnx.with_partitioning(nnx.with_metadata(jax.nn.initializers.ones, a=1), ("x",))
   assert init.metadata == {"a": 1, "logical_axes": ("x",)}
-  np.testing.assert_array_equal(init(jax.random.key(0), (2,)), [1.0, 1.0])
+  np.testing.assert_array_equal(init(jax.random.key(0), (2,)).raw_value, [1.0, 1.0])
 
 
 def test_with_partitioning_axes_checked_when_param_made():
   init = nnx.with_partitioning(jax.nn.initializers.ones, ("embed", "mlp"))
   x = init(jax.random.key(0), (4,), jnp.float32)
   with pytest.raises(errors.MetadataError, match=r"has 2 entries but the shape \(4,\)"):
-    nnx.Param(x, **init.metadata)
+    nnx.Param(x)
 
 
 # --- the one Variable factory (issue 9) ------------------------------------------

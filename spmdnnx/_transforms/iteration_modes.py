@@ -24,6 +24,7 @@ from spmdnnx import errors
 from spmdnnx import _graph as graph
 from spmdnnx import _graph as graphlib
 from spmdnnx import _modes as modes
+from spmdnnx import _stacked as stacked
 from spmdnnx import _tracectx as tracectx
 from spmdnnx._graphdef import NodeSpec, PytreeSpec, RefSpec, VariableSpec
 from spmdnnx._transforms import axes as axeslib
@@ -508,10 +509,64 @@ def transform_metadata(f: Callable | None = None, *, in_axes: Any = 0, out_axes:
 
   @functools.wraps(f)
   def wrapper(*args, **kwargs):
-    return f(*args, **kwargs)
+    if any(n.startswith(("vmap(", "scan(")) for n in tracectx.active_names()):
+      return f(*args, **kwargs)  # the enclosing vmap/scan names the axis itself
+    return _moved_call(f, args, kwargs, in_axes, out_axes, partition)
 
   setattr(wrapper, PARTITION_ATTR, partition)
   return wrapper
+
+
+def _variables_at(tree: Any, axes: Any) -> list[tuple[Variable, int]]:
+  """``(Variable, axis)`` for the Variables of ``tree`` (a tuple of args or an
+  output) that an int prefix of ``axes`` maps, each once."""
+  found: dict = {}
+
+  def visit(x: Any, axis: Any) -> None:
+    if axis is None or isinstance(axis, bool) or not isinstance(axis, (int, tuple)):
+      return
+    if isinstance(axis, tuple):
+      if isinstance(x, (tuple, list)) and len(x) == len(axis):
+        for xi, ai in zip(x, axis):
+          visit(xi, ai)
+      return
+    if isinstance(x, Variable):
+      found.setdefault(id(x), (x, axis))
+    elif graph.is_graph_node(x):
+      for _, v in graph.iter_graph(x):
+        if isinstance(v, Variable):
+          found.setdefault(id(v), (v, axis))
+    else:
+      for v in jax.tree.leaves(x, is_leaf=lambda y: isinstance(y, Variable)
+                               or graph.is_graph_node(y)):
+        visit(v, axis)
+
+  visit(tree, axes)
+  return list(found.values())
+
+
+def _moved_call(f: Callable, args: tuple, kwargs: dict, in_axes: Any, out_axes: Any,
+                partition: str | None) -> Any:
+  """Calls ``f`` outside vmap/scan as Flax's ``transform_metadata`` does.
+
+  The mapped axis is removed from the metadata of the Variables in ``args``
+  (per ``in_axes``) while ``f`` runs and put back afterwards; the Variables
+  in the output get it added (per ``out_axes``). Values are left alone.
+  """
+  inputs = _variables_at(tuple(args), in_axes if isinstance(in_axes, tuple)
+                         else (in_axes,) * len(args))
+  for var, axis in inputs:
+    var._set_meta(dict(stacked.move_axis(var, axis, partition, False)._metadata()))
+  try:
+    out = f(*args, **kwargs)
+  finally:
+    for var, axis in inputs:
+      var._set_meta(dict(stacked.move_axis(var, axis, partition, True)._metadata()))
+  seen = {id(v) for v, _ in inputs}
+  for var, axis in _variables_at(out, out_axes):
+    if id(var) not in seen:
+      var._set_meta(dict(stacked.move_axis(var, axis, partition, True)._metadata()))
+  return out
 
 
 def partition_of(f: Callable) -> str | None:

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from spmdnnx import errors
-from spmdnnx._variables import Param, check_logical_axes, initializer_metadata
+from spmdnnx._variables import Param, check_logical_axes, initializer_metadata, unbox
 
 Axes = Sequence[str | None] | None
 
@@ -73,7 +73,9 @@ def make_param(owner: str, pname: str, init: Callable, key: jax.Array,
   if meta_axes:
     given = tuple(meta_axes[0]) if meta_axes[0] is not None else None
     if given is not None and len(given) < len(shape):
-      # a PartitionSpec shorter than the rank leaves the trailing dims unsharded
+      # a PartitionSpec shorter than the rank leaves the trailing dims unsharded;
+      # the Param keeps the tuple as given for `out_sharding` (Flax's spelling)
+      extra["sharding_names"] = given
       given = given + (None,) * (len(shape) - len(given))
     if axes is not None and given is not None and tuple(axes) != given:
       raise errors.MetadataError(
@@ -82,7 +84,7 @@ def make_param(owner: str, pname: str, init: Callable, key: jax.Array,
     axes = axes if axes is not None else given
   logical = param_axes(owner, pname, init, axes, default, shape)
   extra.update({k: v for k, v in initializer_metadata(init).items() if k != "logical_axes"})
-  value = init(key, tuple(shape), param_dtype)
+  value = unbox(init(key, tuple(shape), param_dtype))
   return Param(value, logical_axes=logical, **extra)
 
 
@@ -130,8 +132,31 @@ def promote_dtypes(args: tuple, /, *, dtype: Any = None, inexact: bool = True) -
 def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
   """``y + bias`` with standard promotion (a ``preferred_element_type`` output
   may differ from the bias dtype), also under strict promotion."""
+  bias = _match_explicit(y, bias)
   with jax.numpy_dtype_promotion("standard"):
     return y + bias
+
+
+def _match_explicit(y: jax.Array, bias: jax.Array) -> jax.Array:
+  """On an Explicit-axes mesh, the bias resharded like the output dims it
+  broadcasts against (jax refuses an add whose operands shard a dim
+  differently, e.g. a bias sharded like its kernel's output axis while the
+  caller asked for another ``out_sharding``); elsewhere the bias as is."""
+  try:
+    y_sharding, b_sharding = jax.typeof(y).sharding, jax.typeof(bias).sharding
+  except (AttributeError, TypeError):
+    return bias
+  mesh = getattr(y_sharding, "mesh", None)
+  if mesh is None or getattr(mesh, "empty", True) or not mesh.are_all_axes_explicit:
+    return bias
+  y_spec = tuple(y_sharding.spec) + (None,) * (y.ndim - len(y_sharding.spec))
+  lead = y.ndim - bias.ndim
+  want = tuple(y_spec[lead + i] if bias.shape[i] == y.shape[lead + i] else None
+               for i in range(bias.ndim))
+  have = tuple(b_sharding.spec) + (None,) * (bias.ndim - len(b_sharding.spec))
+  if have == want or lead < 0:
+    return bias
+  return jax.sharding.reshard(bias, jax.sharding.PartitionSpec(*want))
 
 
 def call_kwargs(out_sharding: Any = None, preferred_element_type: Any = None) -> dict:

@@ -39,6 +39,7 @@ from spmdnnx._module import Module
 from spmdnnx.nn import _common
 from spmdnnx.nn import initializers
 from spmdnnx._rngs import Rngs
+from spmdnnx._variables import unbox
 from spmdnnx.spmd._constrain import constrain, layout_activation
 from spmdnnx.spmd._context import current_context
 
@@ -201,7 +202,7 @@ class LinearGeneral(Module):
             math.prod(self.out_features))
 
     def flat_init(key, _shape, dtype):
-      return kernel_init(key, flat, dtype).reshape(shape)
+      return unbox(kernel_init(key, flat, dtype)).reshape(shape)
 
     flat_init.metadata = getattr(kernel_init, "metadata", {})
     self.kernel = _common.make_param(
@@ -212,7 +213,7 @@ class LinearGeneral(Module):
       bias_shape = batch_shape + self.out_features
 
       def flat_bias_init(key, _shape, dtype):
-        return bias_init(key, (math.prod(bias_shape),), dtype).reshape(bias_shape)
+        return unbox(bias_init(key, (math.prod(bias_shape),), dtype)).reshape(bias_shape)
 
       flat_bias_init.metadata = getattr(bias_init, "metadata", {})
       self.bias = _common.make_param(
@@ -318,12 +319,8 @@ class Einsum(Module):
       if "..." not in kernel_letters:
         own = [c for c in out if c in kernel_letters]
         sizes = tuple(kernel_shape[kernel_letters.index(c)] for c in own)
-        if bias_shape != sizes:
-          raise errors.ConfigError(
-              f"Einsum: bias_shape {bias_shape} must equal the sizes {sizes} of "
-              f"the output letters {''.join(own)!r} that appear in the kernel.")
         k_axes = self.kernel.logical_axes
-        if k_axes is not None:
+        if k_axes is not None and bias_shape == sizes:  # else: refused when called
           default = tuple(k_axes[kernel_letters.index(c)] for c in own)
       self.bias_shape = bias_shape
       self.bias = _common.make_param(
@@ -360,16 +357,30 @@ class Einsum(Module):
           f"{_common.layer_name(self)}: input of shape {tuple(x.shape)} does not fit "
           f"{eq!r} with kernel shape {self.kernel_shape}: {e}") from None
     if bias is not None:
-      y = _common.add_bias(y, jnp.reshape(bias, self._bias_broadcast(eq, x, kernel)))
+      y = _common.add_bias(y, jnp.reshape(bias, self._bias_broadcast(eq, x, kernel, bias)))
     if isinstance(self.activation_axes, tuple) and out_sharding is None:
       y = constrain(y, self.activation_axes, name=_common.layer_name(self))
     return y
 
-  def _bias_broadcast(self, eq: str, x: jax.Array, kernel: jax.Array) -> list:
-    """The bias reshaped to broadcast against the output of ``eq`` (ellipses expanded)."""
+  def _bias_broadcast(self, eq: str, x: jax.Array, kernel: jax.Array,
+                      bias: jax.Array) -> list:
+    """The bias reshaped to broadcast against the output of ``eq`` (ellipses expanded).
+
+    Raises:
+      ConfigError: the bias does not have the sizes of the output letters that
+        appear in the kernel (checked here, when called, as Flax does).
+    """
     operands, result, _ = opt_einsum.parser.parse_einsum_input((eq, x, kernel))
     rhs = {c: i for i, c in enumerate(operands.split(",")[1])}
-    return [self.kernel_shape[rhs[c]] if c in rhs else 1 for c in result]
+    sizes = tuple(kernel.shape[rhs[c]] for c in result if c in rhs)
+    if tuple(bias.shape) != sizes:
+      raise errors.ConfigError(
+          f"{_common.layer_name(self)}: bias_shape {tuple(bias.shape)} must equal the "
+          f"sizes {sizes} of the output letters "
+          f"{''.join(c for c in result if c in rhs)!r} of {eq!r} that appear in the "
+          "kernel; build the Einsum with that bias_shape.", paths=["bias"],
+          shapes=[tuple(bias.shape), sizes])
+    return [kernel.shape[rhs[c]] if c in rhs else 1 for c in result]
 
 
 def _layout_output(layer: Any, y: jax.Array, n_out: int) -> jax.Array:

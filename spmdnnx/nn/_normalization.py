@@ -34,7 +34,7 @@ from spmdnnx._pytree import data
 from spmdnnx.nn import _common
 from spmdnnx.nn import initializers
 from spmdnnx._rngs import Rngs
-from spmdnnx._variables import BatchStat, Param
+from spmdnnx._variables import BatchStat, Param, unbox
 
 DEFAULT_NORM_AXES = ("norm",)
 Axes = Sequence[str | None] | None
@@ -529,8 +529,8 @@ class WeightNorm(Module):
       for path, param in _params_of(layer_instance):
         if self.variable_filter(path, param):
           axes = _axes_of(param.ndim, self.feature_axes)
-          scales[path] = scale_init(rngs.params(), tuple(param.shape[a] for a in axes),
-                                    param_dtype)
+          scales[path] = unbox(scale_init(rngs.params(), tuple(param.shape[a] for a in axes),
+                                          param_dtype))
     self.scales = data(scales)
 
   def _normalize_param(self, path: tuple, param: Param) -> None:

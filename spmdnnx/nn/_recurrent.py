@@ -35,7 +35,7 @@ from spmdnnx.nn import initializers
 from spmdnnx.nn.activations import sigmoid, tanh
 from spmdnnx.nn._linear import Linear
 from spmdnnx._rngs import Rngs, RngStream
-from spmdnnx._variables import RngState
+from spmdnnx._variables import RngState, unbox
 
 _NO_METADATA: Mapping[str, Any] = MappingProxyType({})
 
@@ -69,7 +69,7 @@ def _carry_part(cell: Any, stream: Any, input_shape: tuple, carry_init: Callable
   init = carry_init or cell.carry_init or initializers.zeros
   key = stream() if stream is not None else jax.random.key(0)
   shape = tuple(input_shape[:-1]) + (cell.hidden_features,)
-  return init(key, shape, cell.param_dtype)
+  return unbox(init(key, shape, cell.param_dtype))
 
 
 class RNNCellBase(Module):

@@ -116,8 +116,12 @@ def test_einsum_errors():
     Einsum("bd,dh", (2, 3), rngs=nnx.Rngs(0))
   with pytest.raises(errors.ConfigError, match=r"kernel operand 'dh' .* has 2 axes but kernel_shape"):
     Einsum("bd,dh->bh", (2, 3, 4), rngs=nnx.Rngs(0))
-  with pytest.raises(errors.ConfigError, match=r"bias_shape \(2,\) must equal the sizes \(3,\)"):
-    Einsum("bd,dh->bh", (2, 3), (2,), rngs=nnx.Rngs(0))
+  wrong_bias = Einsum("bd,dh->bh", (2, 3), (2,), rngs=nnx.Rngs(0))  # checked when called
+  assert wrong_bias.bias.shape == (2,)
+  with pytest.raises(errors.ConfigError,
+                     match=r"Einsum: bias_shape \(2,\) must equal the sizes \(3,\) of the "
+                     r"output letters 'h' of 'bd,dh->bh' that appear in the kernel"):
+    wrong_bias(jnp.ones((1, 2)))
   layer = Einsum("bd,dh->bh", (2, 3), rngs=nnx.Rngs(0))
   with pytest.raises(errors.ShapeError, match=r"Einsum: the input operand 'bd' .* has 2 axes"):
     layer(jnp.ones((1, 2, 2)))
@@ -220,3 +224,19 @@ def test_einsum_bias_covers_output_letters_in_the_kernel_even_if_shared():
   ell = Einsum("...d,dh->...h", (3, 4), 4, bias_init=initializers.ones, rngs=nnx.Rngs(0))
   close(ell(x), np.einsum("btd,dh->bth", np.asarray(x), np.asarray(ell.kernel.value)) + 1,
         1e-4)
+
+
+def test_bias_follows_out_sharding_on_explicit_mesh():
+  # The bias defaults to the kernel's output axis ("Y"); an out_sharding that
+  # puts that dim on "X" must reshard the bias, not fail the add or drop it.
+  from jax.sharding import AxisType, PartitionSpec as P
+  mesh = jax.make_mesh((2, 2), ("X", "Y"), axis_types=(AxisType.Explicit,) * 2,
+                       devices=jax.devices()[:4])
+  with jax.set_mesh(mesh):
+    layer = Linear(4, 8, kernel_metadata={"out_sharding": P(None, "Y")},
+                   bias_init=initializers.ones, rngs=nnx.Rngs(0))
+    assert tuple(layer.bias.value.sharding.spec) == ("Y",)
+    x = jax.sharding.reshard(jnp.arange(16.0).reshape(4, 4), P("X", None))
+    y = layer(x, out_sharding=P(None, "X"))
+    assert str(jax.typeof(y)) == "float32[4,8@X]"
+  close(np.asarray(y), np.asarray(x) @ np.asarray(layer.kernel.value) + 1.0, 1e-5)
