@@ -114,6 +114,11 @@ def _get(root: Any, path: tuple) -> Any:
 class Optimizer(Object):
   """Holds a model, an optax transformation and its state.
 
+  ``update(model, grads)`` steps the model given, which may be another
+  object than ``optimizer.model`` with the same parameters (paths and
+  shapes): a model rebuilt with `merge`, as Flax NNX's functional style does.
+  ``update(grads)`` steps ``optimizer.model``.
+
   Args:
     model: the Module to optimize (kept as ``optimizer.model``).
     tx: any optax ``GradientTransformation`` (chains, schedules, masks...).
@@ -154,6 +159,7 @@ class Optimizer(Object):
       path = tuple(_key_name(k) for k in keypath)
       pairs.append((path, self._wrap(path, leaf, by_path, lengths, optimizer_axes)))
     self._opt_paths = tuple(p for p, _ in pairs)
+    self._param_paths = tuple(p for p, _ in params.flat_state())
     self._opt_treedef = treedef
     self.opt_state = _nest(pairs)
 
@@ -179,10 +185,12 @@ class Optimizer(Object):
     """Applies one optimizer step: ``update(model, grads)`` or ``update(grads)``.
 
     Args:
-      *args: ``(model, grads)`` or ``(grads,)``; grads is a State (or nested
-        mapping) with the structure of the ``wrt`` parameters, e.g. from
-        ``nnx.grad``. Extra entries (gradients of Variables outside ``wrt``)
-        are ignored.
+      *args: ``(model, grads)`` or ``(grads,)`` (steps ``optimizer.model``);
+        ``model`` must have the parameters the optimizer was built for.
+        grads holds the gradients of the ``wrt`` parameters: a State (or nested mapping) as ``nnx.grad`` returns, or
+        an object shaped like the model (tree-mode ``nnx.grad``,
+        ``jax.grad`` of a Module). Extra entries (gradients of Variables
+        outside ``wrt``) are ignored.
       **kwargs: passed to ``tx.update`` (e.g. ``value=`` for optax
         transformations that need the loss; ``value_fn=`` and ``grad=`` for
         line searches such as ``optax.lbfgs``).
@@ -191,8 +199,10 @@ class Optimizer(Object):
       the updates applied (a State of raw arrays shaped like the parameters).
 
     Raises:
-      ConfigError: for a wrong number of arguments or a different model.
-      GraphError: when grads miss parameters.
+      ConfigError: for a wrong number of arguments or a model that is not a
+        graph object.
+      GraphError: when the model's parameters are not the ones the optimizer
+        was built for, or grads miss parameters.
       ShapeError: when a gradient's shape differs from its parameter's.
       DonatedArrayError: when an array was deleted by a donating `nnx.jit` step.
     """
@@ -205,11 +215,7 @@ class Optimizer(Object):
           f"Optimizer.update takes (model, grads) or (grads,), got {len(args)} "
           "positional arguments.", argument="args", value=len(args))
     if model is not self.model:
-      raise errors.ConfigError(
-          f"Optimizer.update: the {type(model).__name__} passed is not the model this "
-          "optimizer was built for (optimizer.model). Pass optimizer.model, or pass "
-          "model and optimizer to one transform/split together so the reference is kept.",
-          argument="model")
+      self._check_model(model)
     params = pure(graph.state(model, self.wrt))
     grads = self._match_grads(params, grads)
     # Line searches take the gradient again (``grad=``): same raw-array form.
@@ -231,11 +237,37 @@ class Optimizer(Object):
     self.step.value = self.step.value + jnp.uint32(1)
     return updates
 
+  def _check_model(self, model: Any) -> None:
+    """The model's ``wrt`` parameters must be the ones the state was built for."""
+    if not graph.is_graph_node(model):
+      raise errors.ConfigError(
+          f"Optimizer.update: the model must be a Module (or graph object), got "
+          f"{type(model).__name__}: call optimizer.update(model, grads).",
+          argument="model", value=type(model).__name__)
+    have = {p for p, _ in graph.state(model, self.wrt).flat_state()}
+    want = set(self._param_paths)
+    if have != want:
+      missing = sorted(errors.path_str(p) for p in want - have)
+      extra = sorted(errors.path_str(p) for p in have - want)
+      detail = []
+      if missing:
+        detail.append(f"missing {errors.format_paths(missing)}")
+      if extra:
+        detail.append(f"not in the optimizer state {errors.format_paths(extra)}")
+      raise errors.GraphError(
+          f"Optimizer.update: the {type(model).__name__} passed does not have the "
+          f"parameters this optimizer was built for (wrt={self.wrt!r}): "
+          f"{'; '.join(detail)}. Pass the model the optimizer was created with (or "
+          "one of the same structure).", paths=missing + extra)
+
   @staticmethod
   def _match_grads(params: State, grads: Any) -> State:
+    if graph.is_graph_node(grads) and not isinstance(grads, Variable):
+      grads = graph.state(grads)  # a Module-shaped gradient (tree mode, jax.grad)
     if not isinstance(grads, Mapping):
       raise errors.GraphError(
-          f"Optimizer.update: grads must be a State (e.g. from nnx.grad), got "
+          f"Optimizer.update: grads must be a State (e.g. from nnx.grad) or an object "
+          f"shaped like the model, got "
           f"{type(grads).__name__}.", argument="grads", value=type(grads).__name__)
     given = dict(pure(grads).flat_state())
     wanted = dict(params.flat_state())
@@ -260,7 +292,7 @@ class Optimizer(Object):
 class ModelAndOptimizer(Optimizer):
   """An `Optimizer` whose ``update`` takes only the gradients.
 
-  Flax NNX's older convenience form: ``state.update(grads)`` steps
+  Flax NNX's convenience form: ``state.update(grads)`` steps
   ``state.model``. `Optimizer` accepts ``update(grads)`` too, so this class
   only fixes that signature.
 

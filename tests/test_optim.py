@@ -43,7 +43,6 @@ def _mse(model, x, y):
 def test_trains_mlp_with_functional_jit():
   model = MLP(nnx.Rngs(0))
   opt = Optimizer(model, optax.adamw(1e-2, weight_decay=1e-4), wrt=nnx.Param)
-  assert opt.model is model
   graphdef, state = nnx.split((model, opt))
   x, y = _regression_data()
 
@@ -132,12 +131,18 @@ def test_optimizer_axes_override():
 
 def test_update_forms_are_equivalent_and_grads_may_be_superset():
   x, y = _regression_data()
-  a, b = MLP(nnx.Rngs(0)), MLP(nnx.Rngs(0))
-  opt_a, opt_b = Optimizer(a, optax.adam(1e-2)), Optimizer(b, optax.adam(1e-2))
-  grads = nnx.grad(_mse)(a, x, y)
-  opt_a.update(a, grads)
+  a, b, t = MLP(nnx.Rngs(0)), MLP(nnx.Rngs(0)), MLP(nnx.Rngs(0))
+  opt_a, opt_t = Optimizer(a, optax.adam(1e-2)), Optimizer(t, optax.adam(1e-2))
+  opt_b = nnx.ModelAndOptimizer(b, optax.adam(1e-2))
+  opt_a.update(a, nnx.grad(_mse)(a, x, y))
   opt_b.update(nnx.grad(_mse)(b, x, y))
+  # A gradient shaped like the model (tree-mode grad, jax.grad of a Module).
+  tree_grads = nnx.grad(_mse, graph=False)(t, x, y)
+  assert isinstance(tree_grads, MLP)
+  opt_t.update(t, tree_grads)
   np.testing.assert_allclose(a.l1.kernel.value, b.l1.kernel.value)
+  np.testing.assert_allclose(a.l1.kernel.value, t.l1.kernel.value)
+  assert opt_a.model is a and opt_b.model is b
   # Only the first layer is optimized; gradients of the others are ignored.
   c = MLP(nnx.Rngs(0))
   opt_c = Optimizer(c, optax.sgd(1.0), wrt=nnx.All(nnx.Param, nnx.PathContains("l1")))
@@ -186,10 +191,16 @@ def test_errors():
     Optimizer(model, optax.sgd(1.0), wrt=nnx.BatchStat)
   opt = Optimizer(model, optax.sgd(1.0))
   grads = nnx.state(model, nnx.Param)
-  with pytest.raises(errors.ConfigError, match=r"the MLP passed is not the model this optimizer"):
-    opt.update(MLP(nnx.Rngs(1)), grads)
+  with pytest.raises(errors.GraphError, match=r"the Linear passed does not have the parameters "
+                     r"this optimizer was built for .*missing l1/bias, .*; not in the optimizer "
+                     r"state bias, kernel") as e:
+    opt.update(nnx.Linear(2, 1, rngs=nnx.Rngs(0)), grads)
+  assert "l2/kernel" in e.value.paths and "kernel" in e.value.paths
   with pytest.raises(errors.ConfigError, match=r"takes \(model, grads\) or \(grads,\), got 3"):
     opt.update(model, grads, grads)
+  with pytest.raises(errors.ConfigError, match=r"the model must be a Module .*got State: call "
+                                               r"optimizer.update\(model, grads\)"):
+    opt.update(grads, grads)
   partial = nnx.state(model.l1, nnx.Param)
   with pytest.raises(errors.GraphError, match=r"grads have no entry for 4 optimized Variable\(s\): "
                                               r"l1/bias, l1/kernel, l2/bias, l2/kernel"):
@@ -199,10 +210,27 @@ def test_errors():
   with pytest.raises(errors.ShapeError, match=r"l1/bias \(param \(16,\), grad \(3,\)\)") as e:
     opt.update(model, bad)
   assert e.value.paths == ["l1/bias"] and e.value.shapes == [((16,), (3,))]
-  with pytest.raises(errors.GraphError, match=r"grads must be a State \(e.g. from nnx.grad\), "
-                                              r"got list") as e:
+  with pytest.raises(errors.GraphError, match=r"grads must be a State \(e.g. from nnx.grad\) or "
+                                              r"an object shaped like the model, got list") as e:
     opt.update(model, [1.0])
   assert e.value.argument == "grads"
   with pytest.raises(errors.GraphError, match="grads have no entry") as e:
     opt.update(model, partial)
   assert e.value.paths == ["l1/bias", "l1/kernel", "l2/bias", "l2/kernel"]
+
+
+def test_optimizer_steps_a_model_rebuilt_by_merge():
+  """Flax's functional style: a model merged from a State is stepped, not optimizer.model."""
+  x, y = _regression_data()
+  model = MLP(nnx.Rngs(0))
+  opt = Optimizer(model, optax.adam(1e-2))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  before = np.asarray(params["l1"]["kernel"].value)
+  rebuilt = nnx.merge(graphdef, params, rest)
+  assert rebuilt is not model
+  opt.update(rebuilt, nnx.grad(_mse)(rebuilt, x, y))
+  assert not np.allclose(rebuilt.l1.kernel.value, before)
+  # merge reuses the State's Variables, so the State sees the step too.
+  np.testing.assert_array_equal(params["l1"]["kernel"].value, rebuilt.l1.kernel.value)
+  assert int(opt.step.value) == 1
+
