@@ -291,6 +291,9 @@ from spmdnnx._pipeline import stage_layers as stage_layers
 # (end of pshmap block)
 
 # Flax NNX parity (pgraph): names added by that part; keep each block separate
+from spmdnnx._graph_context import from_tree as from_tree
+from spmdnnx._graph_context import NodeStates as NodeStates
+from spmdnnx._graph_context import to_tree as to_tree
 # (end of pgraph block)
 
 # Flax NNX parity (pshard): names added by that part; keep each block separate
