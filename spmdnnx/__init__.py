@@ -294,6 +294,7 @@ from spmdnnx._pipeline import stage_layers as stage_layers
 from spmdnnx._graph_context import from_tree as from_tree
 from spmdnnx._graph_context import NodeStates as NodeStates
 from spmdnnx._graph_context import to_tree as to_tree
+from spmdnnx._graph_api import with_vars as with_vars
 # (end of pgraph block)
 
 # Flax NNX parity (pshard): names added by that part; keep each block separate

@@ -120,7 +120,7 @@ def test_clear_non_graph_nodes_keeps_only_nodes():
   assert out == {"m": m, "n": None, "arr": None, "v": m.a}
 
 
-@pytest.mark.parametrize("name", ["spmdnnx._graph_context", "spmdnnx._object"])
+@pytest.mark.parametrize("name", ["spmdnnx._graph_context", "spmdnnx._object", "spmdnnx._graph_api"])
 def test_docstring_examples(name):
   import doctest  # noqa: PLC0415  (test-only)
   import importlib  # noqa: PLC0415
