@@ -349,10 +349,21 @@ class List(list):
     if self._object__watched:
       bump_epoch()
 
+  def __reduce__(self):
+    # copy/deepcopy/pickle rebuild through __init__-free `_rebuild_list`.
+    return _rebuild_list, (list(self), self._list__flags)
+
   def is_data_item(self, index: int) -> bool | None:
     """The marker of item `index`: True (`data`), False (`static`), None (none)."""
     flags = self._list__flags
     return None if flags is None else flags[index]
+
+
+def _rebuild_list(items: list, flags: list | None) -> List:
+  out = List()
+  list.extend(out, items)
+  out._list__flags = None if flags is None else list(flags)
+  return out
 
 
 def _unwrap_items(items) -> tuple[list, list | None]:

@@ -99,3 +99,16 @@ def test_tracked_dict_and_cycles_keep_identity():
   cyc.append(cyc)
   out = nnx.merge(*nnx.split(cyc))
   assert out[1] is out
+
+
+def test_copy_deepcopy_and_pickle_keep_markers():
+  import copy  # noqa: PLC0415
+  import pickle  # noqa: PLC0415
+  xs = nnx.List([nnx.data(1), nnx.static("a"), [2]])
+  for out in (copy.copy(xs), copy.deepcopy(xs), pickle.loads(pickle.dumps(xs))):
+    assert type(out) is nnx.List and list(out) == [1, "a", [2]]
+    assert jax.tree.leaves(out) == [1, 2]
+  assert copy.deepcopy(xs)[2] is not xs[2]
+  out = copy.copy(xs)
+  out.append(nnx.static("b"))  # a copy is a working List
+  assert jax.tree.leaves(out) == [1, 2] and len(xs) == 3
