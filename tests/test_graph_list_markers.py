@@ -1,5 +1,8 @@
 """nnx.List items marked nnx.data / nnx.static, and plain lists/dicts as copies in graph mode."""
 
+import copy
+import pickle
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -102,8 +105,6 @@ def test_tracked_dict_and_cycles_keep_identity():
 
 
 def test_copy_deepcopy_and_pickle_keep_markers():
-  import copy  # noqa: PLC0415
-  import pickle  # noqa: PLC0415
   xs = nnx.List([nnx.data(1), nnx.static("a"), [2]])
   for out in (copy.copy(xs), copy.deepcopy(xs), pickle.loads(pickle.dumps(xs))):
     assert type(out) is nnx.List and list(out) == [1, "a", [2]]

@@ -1,6 +1,8 @@
 """to_tree / from_tree / NodeStates: graph nodes of a pytree as (GraphDef, States) and back."""
 
+import doctest
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -122,8 +124,6 @@ def test_clear_non_graph_nodes_keeps_only_nodes():
 
 @pytest.mark.parametrize("name", ["spmdnnx._graph_context", "spmdnnx._object", "spmdnnx._graph_api"])
 def test_docstring_examples(name):
-  import doctest  # noqa: PLC0415  (test-only)
-  import importlib  # noqa: PLC0415
   with jax.numpy_dtype_promotion("standard"):
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
   assert result.attempted > 0 and result.failed == 0
