@@ -23,10 +23,12 @@ seen by the next step and by the caller.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jax_core
 
 from spmdnnx import errors
 from spmdnnx import _graph as graphlib
@@ -37,6 +39,61 @@ from spmdnnx._transforms import iteration_modes as modes
 from spmdnnx._transforms import lift
 from spmdnnx._transforms.axes import Carry
 from spmdnnx._variables import Variable, detach
+
+
+_CACHE_SIZE = 16
+
+
+class _Dyn:
+  """Marks a dynamic slot (carried, scanned or broadcast array) in a layout."""
+
+  __slots__ = ()
+
+  def __repr__(self) -> str:
+    return "_DYN"
+
+
+_DYN = _Dyn()
+
+
+class _Layout(NamedTuple):
+  """What a scan step closes over for one call: static and hashable."""
+  graphdef: Any
+  treedef: Any
+  arg_leaves: tuple
+  carry_state: tuple
+  scan_state: tuple
+  carry_plain: tuple
+  scan_plain: tuple
+  dyn_bcast: tuple
+  carry_treedef: Any
+  node_arg: tuple
+
+
+class _Entry:
+  """A traced step: jax caches its trace on the step's identity."""
+
+  __slots__ = ("trace_state", "body", "info")
+
+  def __init__(self, trace_state: Any, body: Callable, info: dict):
+    self.trace_state = trace_state
+    self.body = body
+    self.info = info
+
+
+def _is_array(x: Any) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def _cache_key(layout: _Layout, operands: Any) -> Any:
+  """``(layout, operand structure, avals)``, or None when not hashable."""
+  try:
+    leaves, treedef = jax.tree_util.tree_flatten(operands)
+    key = (layout, treedef, tuple(jax.typeof(x) for x in leaves))
+    hash(key)
+  except TypeError:
+    return None
+  return key
 
 
 def _moveaxis(leaf: Any, src: int, dst: int) -> Any:
@@ -165,6 +222,83 @@ def scan(f: Callable | None = None, *, length: int | None = None, reverse: bool 
   what = f"scan({getattr(f, '__qualname__', getattr(f, '__name__', 'fun'))})"
   _validate_axes(in_axes, out_axes, what)
 
+  def make_body(lay: _Layout, n_leaves: int) -> tuple:
+    """A step function for one call layout, and the facts its trace records."""
+    carry_state, scan_state = lay.carry_state, lay.scan_state
+    carry_plain, scan_plain, dyn_bcast = lay.carry_plain, lay.scan_plain, lay.dyn_bcast
+    carry_treedef, node_arg = lay.carry_treedef, lay.node_arg
+    carry_args = carry_treedef is not None
+    info: dict = {"ys_axes": [], "has_nodes": False, "nodes": None}
+
+    def body(carry, x):
+      c_state, c_plain, bcast = carry
+      x_state, x_plain = x
+      leaves = [None] * n_leaves
+      for i, v in zip(carry_state, c_state):
+        leaves[i] = v
+      for i, v in zip(scan_state, x_state):
+        leaves[i] = v
+      arg_leaves = list(lay.arg_leaves)
+      for group, values in ((carry_plain, c_plain), (scan_plain, x_plain),
+                            (dyn_bcast, bcast)):
+        for i, v in zip(group, values):
+          arg_leaves[i] = v
+      new_leaves, restructure, out, has_nodes = modes.run_inside(
+          simple, lay.graphdef, lay.treedef, leaves, arg_leaves,
+          lambda call_args: f(*call_args), what, regraph=True)
+      lift.require_kept_structure(
+          restructure, what, "the step function",
+          "a scan body must keep the graph's structure. Create the state before "
+          "the scan (e.g. with vmap over the constructor).")
+      info["has_nodes"] = info["has_nodes"] or has_nodes
+      carry_out, ys = _split_out(out, out_axes, what)
+      if simple and has_nodes:
+        refs = [m for _, y, _ in ys for m in
+                jax.tree_util.tree_leaves(y, is_leaf=lift._is_marker)
+                if isinstance(m, lift.InputRef)]
+        if refs:
+          node = info["nodes"][refs[0].index]
+          for key in refs[0].path:
+            node = graphlib.child(node, key)
+          modes.raise_duplicate("scan", node, (node_arg[refs[0].index],) + refs[0].path,
+                                ("output",))
+      if has_nodes and carry_args and any(
+          isinstance(m, lift.NodeOut)
+          for m in jax.tree_util.tree_leaves(carry_out, is_leaf=lift._is_marker)):
+        rule = ("scan Variable identity must be preserved across iterations" if simple
+                else "Carry references must be the same between iterations")
+        raise errors.TransformError(
+            f"{what}: {rule}: the step returned, in its carry, graph objects or "
+            "Variables it created; a carry cannot hold graph objects created inside "
+            "the step. Update the carried objects in place and return them, or return "
+            "new objects as per-step outputs (out_axes int) to get them stacked.")
+      new_c_plain = []
+      if carry_args:
+        c_leaves, c_treedef = jax.tree_util.tree_flatten(carry_out, is_leaf=lift._is_marker)
+        expected = [arg_leaves[i] for i in carry_plain]
+        new_c_plain = [v for v in c_leaves if not lift._is_marker(v)]
+        if len(new_c_plain) != len(expected):
+          raise errors.TransformError(
+              f"{what}: the carry returned by the step has structure {c_treedef}, "
+              f"but the carry passed in has {carry_treedef}; return a carry with "
+              "the same structure, shapes and dtypes.")
+        if _avals(new_c_plain) != _avals(expected):
+          raise errors.TransformError(
+              f"{what}: the carry changes shape or dtype across steps: in "
+              f"{_avals(expected)}, out {_avals(new_c_plain)}. A scan carry must keep "
+              "its shapes and dtypes (cast or pad inside the step).")
+      new_c_state = [new_leaves[i] for i in carry_state]
+      if _avals(new_c_state) != _avals([leaves[i] for i in carry_state]):
+        raise errors.TransformError(
+            f"{what}: carried Module state changes shape or dtype across steps.")
+      new_x_state = [new_leaves[i] for i in scan_state]
+      info["ys_axes"] = [axis for _, _, axis in ys]
+      return (new_c_state, new_c_plain, bcast), (new_x_state, [v for _, v, _ in ys])
+
+    return body, info
+
+  cache: dict = {}
+
   @functools.wraps(f)
   def wrapper(*args, **kwargs):
     args = axeslib.resolve_kwargs(f, args, kwargs, what)
@@ -205,87 +339,46 @@ def scan(f: Callable | None = None, *, length: int | None = None, reverse: bool 
                   and plain_specs[i] is not Carry]
     bcast_plain = [i for i in plain_idx if plain_specs[i] is None]
 
+    dyn_bcast = [i for i in bcast_plain if _is_array(ex.arg_leaves[i])]
     init_state = [ex.leaves[i] for i in carry_state]
     xs_state = [_moveaxis(stacked.remove_axis_name(ex.leaves[i], leaf_ax[i], name),
                           leaf_ax[i], 0) for i in scan_state]
     init_plain = [ex.arg_leaves[i] for i in carry_plain]
     xs_plain = [jnp.moveaxis(ex.arg_leaves[i], plain_specs[i], 0) for i in scan_plain]
-    bcast = [ex.arg_leaves[i] for i in bcast_plain]
+    bcast = [ex.arg_leaves[i] for i in dyn_bcast]
     carry_treedef = None
     if carry_args:
       carry_treedef = jax.tree_util.tree_structure(args[carry_args[0]],
                                                    is_leaf=graphlib.is_graph_node)
-    ys_axes: list = []
-    cell: dict = {}
-
-    def body(carry, x):
-      c_state, c_plain = carry
-      x_state, x_plain = x
-      leaves = list(ex.leaves)
-      for i, v in zip(carry_state, c_state):
-        leaves[i] = v
-      for i, v in zip(scan_state, x_state):
-        leaves[i] = v
-      arg_leaves = list(ex.arg_leaves)
-      for group, values in ((carry_plain, c_plain), (scan_plain, x_plain),
-                            (bcast_plain, bcast)):
-        for i, v in zip(group, values):
-          arg_leaves[i] = v
-      new_leaves, restructure, out, has_nodes = modes.run_inside(
-          simple, ex.graphdef, ex.treedef, leaves, arg_leaves,
-          lambda call_args: f(*call_args), what, regraph=True)
-      lift.require_kept_structure(
-          restructure, what, "the step function",
-          "a scan body must keep the graph's structure. Create the state before "
-          "the scan (e.g. with vmap over the constructor).")
-      cell["has_nodes"] = cell.get("has_nodes", False) or has_nodes
-      carry_out, ys = _split_out(out, out_axes, what)
-      if simple and has_nodes:
-        refs = [m for _, y, _ in ys for m in
-                jax.tree_util.tree_leaves(y, is_leaf=lift._is_marker)
-                if isinstance(m, lift.InputRef)]
-        if refs:
-          node = ex.nodes[refs[0].index]
-          for key in refs[0].path:
-            node = graphlib.child(node, key)
-          modes.raise_duplicate("scan", node, (node_arg[refs[0].index],) + refs[0].path,
-                                ("output",))
-      if has_nodes and carry_args and any(
-          isinstance(m, lift.NodeOut)
-          for m in jax.tree_util.tree_leaves(carry_out, is_leaf=lift._is_marker)):
-        rule = ("scan Variable identity must be preserved across iterations" if simple
-                else "Carry references must be the same between iterations")
-        raise errors.TransformError(
-            f"{what}: {rule}: the step returned, in its carry, graph objects or "
-            "Variables it created; a carry cannot hold graph objects created inside "
-            "the step. Update the carried objects in place and return them, or return "
-            "new objects as per-step outputs (out_axes int) to get them stacked.")
-      new_c_plain = []
-      if carry_args:
-        c_leaves, c_treedef = jax.tree_util.tree_flatten(carry_out, is_leaf=lift._is_marker)
-        expected = [arg_leaves[i] for i in carry_plain]
-        new_c_plain = [v for v in c_leaves if not lift._is_marker(v)]
-        if len(new_c_plain) != len(expected):
-          raise errors.TransformError(
-              f"{what}: the carry returned by the step has structure {c_treedef}, "
-              f"but the carry passed in has {carry_treedef}; return a carry with "
-              "the same structure, shapes and dtypes.")
-        if _avals(new_c_plain) != _avals(expected):
-          raise errors.TransformError(
-              f"{what}: the carry changes shape or dtype across steps: in "
-              f"{_avals(expected)}, out {_avals(new_c_plain)}. A scan carry must keep "
-              "its shapes and dtypes (cast or pad inside the step).")
-      new_c_state = [new_leaves[i] for i in carry_state]
-      if _avals(new_c_state) != _avals([leaves[i] for i in carry_state]):
-        raise errors.TransformError(
-            f"{what}: carried Module state changes shape or dtype across steps.")
-      new_x_state = [new_leaves[i] for i in scan_state]
-      ys_axes[:] = [axis for _, _, axis in ys]
-      return (new_c_state, new_c_plain), (new_x_state, [v for _, v, _ in ys])
-
-    (c_state, c_plain), (y_state, ys) = jax.lax.scan(
-        body, (init_state, init_plain), (xs_state, xs_plain), length=steps,
-        reverse=reverse, unroll=unroll, _split_transpose=_split_transpose)
+    # Everything the step closes over that depends on this call; dynamic
+    # values (carried, scanned, broadcast arrays) are replaced by _DYN.
+    template = list(ex.arg_leaves)
+    for i in (*carry_plain, *scan_plain, *dyn_bcast):
+      template[i] = _DYN
+    layout = _Layout(ex.graphdef, ex.treedef, tuple(template), tuple(carry_state),
+                     tuple(scan_state), tuple(carry_plain), tuple(scan_plain),
+                     tuple(dyn_bcast), carry_treedef, tuple(node_arg))
+    operands = ((init_state, init_plain, bcast), (xs_state, xs_plain))
+    key = _cache_key(layout, operands)
+    entry = cache.get(key) if key is not None else None
+    trace_state = jax_core.get_opaque_trace_state()
+    if entry is None or not entry.trace_state == trace_state:
+      body, info = make_body(layout, len(ex.leaves))
+      entry = _Entry(trace_state, body, info)
+    # The nodes of this call, for error messages raised while tracing.
+    entry.info["nodes"] = ex.nodes
+    try:
+      (c_state, c_plain, _), (y_state, ys) = jax.lax.scan(
+          entry.body, operands[0], operands[1], length=steps,
+          reverse=reverse, unroll=unroll, _split_transpose=_split_transpose)
+    finally:
+      entry.info["nodes"] = None
+    if key is not None:
+      cache.pop(key, None)
+      cache[key] = entry
+      while len(cache) > _CACHE_SIZE:
+        cache.pop(next(iter(cache)))
+    ys_axes, has_nodes = entry.info["ys_axes"], entry.info["has_nodes"]
 
     new_leaves = list(ex.leaves)
     for i, v in zip(carry_state, c_state):
@@ -296,7 +389,7 @@ def scan(f: Callable | None = None, *, length: int | None = None, reverse: bool 
 
     ys = [jax.tree.map(lambda y, a=axis: jnp.moveaxis(y, 0, a), y)
           for y, axis in zip(ys, ys_axes)]
-    if cell.get("has_nodes"):
+    if has_nodes:
       ys = [lift.unmark_outputs(ex.nodes, _stack_node_outputs(y, axis, name))
             for y, axis in zip(ys, ys_axes)]
     carry_value = None
