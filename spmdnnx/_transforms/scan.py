@@ -10,7 +10,14 @@ Graph state follows its spec: scanned Variables are sliced per step (their
 stacked logical axis name is removed inside, restored outside) and updates
 are stacked back; carried and broadcast Variables are threaded through the
 loop, so updates made in one step (BatchNorm statistics, Rngs counters) are
-seen by the next step and by the caller.
+seen by the next step and by the caller. A `State` of axes from `nnx.prefix`
+gives each Variable of a graph argument its own spec.
+
+The step is traced once per layout (graph structure, specs, shapes and
+dtypes): later calls with the same layout reuse that trace, as
+`jax.lax.scan` does for a function it has seen. Like there, values the step
+reads from its closure (not its arguments) are those of the first trace:
+pass state the step should see fresh as an argument.
 
 >>> import jax.numpy as jnp
 >>> def step(total, x):
@@ -34,6 +41,7 @@ from spmdnnx import errors
 from spmdnnx import _graph as graphlib
 from spmdnnx import _stacked as stacked
 from spmdnnx._stacked import LAYERS_AXIS
+from spmdnnx._state import State
 from spmdnnx._transforms import axes as axeslib
 from spmdnnx._transforms import iteration_modes as modes
 from spmdnnx._transforms import lift
@@ -99,9 +107,43 @@ def _cache_key(layout: _Layout, operands: Any) -> Any:
 def _moveaxis(leaf: Any, src: int, dst: int) -> Any:
   if src == dst:
     return leaf
+  move = lambda a: jnp.moveaxis(a, src, dst)
   if isinstance(leaf, Variable):
-    return detach(leaf, jnp.moveaxis(leaf.raw_value, src, dst))
-  return jnp.moveaxis(leaf, src, dst)
+    # A Variable may hold a pytree (a capture's dict of sown values).
+    return detach(leaf, jax.tree.map(move, leaf.raw_value))
+  return move(leaf)
+
+
+def _tree_copy(node: Any) -> Any:
+  """Tree mode: a carried object comes back as a new object sharing its Variables.
+
+  Objects are pytrees there, so the returned carry is a fresh pytree (its
+  Variables are the caller's, updated in place), as `jax.lax.scan` returns.
+  """
+  return jax.tree.map(lambda x: x, node, is_leaf=lambda x: isinstance(x, Variable))
+
+
+def _state_specs(specs: tuple, args: tuple) -> tuple:
+  """Turns a `State` of axes given for a graph-node argument (`nnx.prefix`) into StateAxes."""
+  return tuple(axeslib.StateAxes(s) if isinstance(s, State) and graphlib.is_graph_node(a)
+               else s for s, a in zip(specs, args))
+
+
+def _check_mapped(paths: list, leaves: list, axes: list, what: str) -> int | None:
+  """`axes.check_mapped`, looking into Variables whose value is a pytree.
+
+  A Variable holding a pytree (``capture``'s dict of sown values) is mapped
+  leaf by leaf; an empty one (nothing sown yet) has nothing to check.
+  """
+  flat_paths, flat_leaves, flat_axes = [], [], []
+  for path, leaf, axis in zip(paths, leaves, axes):
+    value = leaf.raw_value if isinstance(leaf, Variable) else leaf
+    subs = [value] if hasattr(value, "shape") else jax.tree.leaves(value)
+    for sub in subs:
+      flat_paths.append(path)
+      flat_leaves.append(sub)
+      flat_axes.append(axis)
+  return axeslib.check_mapped(flat_paths, flat_leaves, flat_axes, None, what)
 
 
 def _avals(tree: Any) -> list:
@@ -307,14 +349,14 @@ def scan(f: Callable | None = None, *, length: int | None = None, reverse: bool 
           f"{what}: When in_axes=Carry, the function must take exactly one argument "
           f"(the carry), got {len(args)}. Give one spec per argument, e.g. "
           "in_axes=(nnx.Carry, 0).")
-    specs = axeslib.broadcast_arg_specs(in_axes, len(args), what)
+    specs = _state_specs(axeslib.broadcast_arg_specs(in_axes, len(args), what), args)
     carry_args = [i for i, s in enumerate(specs) if s is Carry]
     ex = modes.extract(tuple(args), graph_mode, "scan")
     if graph_mode:
       modes.check_consistent(ex, specs, "scan")
     node_arg = axeslib.node_arg_index(args)
     leaf_ax = axeslib.leaf_axes(ex.paths, ex.leaves, node_arg, specs, what)
-    n = axeslib.check_mapped(ex.paths, ex.leaves, leaf_ax, None, what)
+    n = _check_mapped(ex.paths, ex.leaves, leaf_ax, what)
 
     # Plain (non-graph) argument leaves, each with its spec (prefix trees expanded).
     plain_specs = axeslib.arg_leaf_specs(args, specs, what)
@@ -397,7 +439,8 @@ def scan(f: Callable | None = None, *, length: int | None = None, reverse: bool 
       carry_in = args[carry_args[0]]
       c_leaves = jax.tree_util.tree_leaves(carry_in, is_leaf=graphlib.is_graph_node)
       it = iter(c_plain)
-      filled = [leaf if graphlib.is_graph_node(leaf) else next(it) for leaf in c_leaves]
+      filled = [(leaf if graph_mode else _tree_copy(leaf)) if graphlib.is_graph_node(leaf)
+                else next(it) for leaf in c_leaves]
       carry_value = jax.tree_util.tree_unflatten(carry_treedef, filled)
     if out_axes is Carry:
       return carry_value

@@ -88,3 +88,117 @@ def test_trace_not_reused_across_enclosing_jit_traces():
   # The static k forces a second jit trace with the same scan operands.
   assert float(g(jnp.float32(1), jnp.arange(3.0), 0)) == 3.0
   assert float(g(jnp.float32(2), jnp.arange(3.0), 1)) == 7.0
+
+
+class Summer(nnx.Module):
+  def __init__(self):
+    self.w = nnx.Param(jnp.full((2,), 2.0, jnp.float32))
+
+  def __call__(self, c, x):
+    y = c + self.w * x
+    self.sow(nnx.Intermediate, "y", y)
+    return y, None
+
+
+def test_sow_into_capture_is_stacked_per_step():
+  m = Summer()
+
+  def run(m, c, xs):
+    axes = nnx.StateAxes({nnx.Intermediate: 0, ...: None})
+    return nnx.scan(lambda m, c, x: m(c, x), in_axes=(axes, nnx.Carry, 0),
+                    out_axes=(nnx.Carry, 0))(m, c, xs)
+
+  (c, _), inter = nnx.capture(run, nnx.Intermediate)(m, jnp.zeros((2,)), jnp.ones((3, 2)))
+  np.testing.assert_allclose(c, [6.0, 6.0])
+  (ys,) = inter["y"].value
+  np.testing.assert_allclose(ys, [[2.0, 2.0], [4.0, 4.0], [6.0, 6.0]])
+  assert "__captures__" not in vars(m)
+
+
+@pytest.mark.parametrize("graph", [True, False])
+def test_prefix_state_as_scan_axes(graph):
+  # A State of axes from nnx.prefix gives each Variable its own spec.
+  m = Summer()
+  m.w = nnx.Param(jnp.asarray([[1.0, 1.0], [10.0, 10.0]], jnp.float32))
+  m.n = nnx.BatchStat(jnp.zeros((), jnp.float32))
+  axes = nnx.prefix(m, {nnx.Param: 0, ...: None}, graph=graph)
+
+  @nnx.scan(in_axes=(axes, nnx.Carry), out_axes=nnx.Carry, graph=graph,
+            graph_updates=False)
+  def f(m, c):
+    m.n[...] = m.n + 1.0
+    return c + m.w
+
+  np.testing.assert_allclose(f(m, jnp.zeros((2,))), [11.0, 11.0])
+  assert float(m.n.value) == 2.0
+  assert m.w.shape == (2, 2)
+
+
+def test_prefix_state_missing_a_variable_is_an_error():
+  m = Summer()
+  axes = nnx.prefix(m, {...: None})
+  m.extra = nnx.BatchStat(jnp.zeros(()))  # not in the prefix
+
+  @nnx.scan(in_axes=(axes, nnx.Carry), out_axes=nnx.Carry, length=2)
+  def f(m, c):
+    return c
+
+  with pytest.raises(nnx.errors.TransformError, match="do not cover 1 state leaves: extra"):
+    f(m, jnp.zeros(()))
+
+
+def test_tree_mode_carry_object_comes_back_new_with_shared_variables():
+  class Box(nnx.Pytree):
+    def __init__(self):
+      self.total = jnp.zeros((), jnp.float32)
+      self.count = nnx.BatchStat(jnp.zeros((), jnp.float32))
+
+  @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, graph=False,
+            graph_updates=False)
+  def f(box, x):
+    box.total = box.total + x
+    box.count[...] = box.count + 1.0
+    return box
+
+  box = Box()
+  out = f(box, jnp.arange(4.0))
+  assert out is not box and out.count is box.count
+  assert float(out.total) == 6.0 and float(box.count.value) == 4.0
+
+  # Returned from a tree-mode jit (which refuses returning an input object).
+  @nnx.jit(graph=False, graph_updates=False)
+  def g(box, xs):
+    return f(box, xs)
+
+  assert float(g(Box(), jnp.arange(3.0)).total) == 3.0
+
+
+@pytest.mark.parametrize("graph", [True, False])
+def test_with_rngs_broadcast_keys_scanned_by_prefix(graph):
+  # Every step gets one key of the broadcast batch: the same mask each step.
+  drop = nnx.Dropout(0.5, rngs=nnx.Rngs(dropout=1))
+  axes = nnx.prefix(drop, {"dropout": 0, ...: None}, graph=graph)
+
+  @nnx.with_rngs(broadcast={"dropout": 3}, graph=graph, graph_updates=False)
+  @nnx.scan(in_axes=(axes, 0), out_axes=0, graph=graph, graph_updates=False)
+  def f(d, x):
+    return d(x)
+
+  masks = f(drop, jnp.ones((3, 32))) != 0
+  assert masks.shape == (3, 32)
+  assert bool((masks[0] == masks[1]).all()) and bool((masks[1] == masks[2]).all())
+  assert 0 < int(masks[0].sum()) < 32
+
+
+@pytest.mark.parametrize("graph", [True, False])
+def test_split_keys_scanned_by_prefix_differ_per_step(graph):
+  rngs = nnx.Rngs(params=0).split({"params": 3})
+  axes = nnx.prefix(rngs, {...: 0}, graph=graph)
+
+  @nnx.scan(in_axes=(axes,), out_axes=0, graph=graph, graph_updates=False)
+  def f(r):
+    return jax.random.key_data(r.params())
+
+  keys = f(rngs)
+  assert keys.shape[0] == 3
+  assert len({tuple(np.asarray(k).tolist()) for k in keys}) == 3
