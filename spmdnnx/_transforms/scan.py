@@ -15,9 +15,12 @@ gives each Variable of a graph argument its own spec.
 
 The step is traced once per layout (graph structure, specs, shapes and
 dtypes): later calls with the same layout reuse that trace, as
-`jax.lax.scan` does for a function it has seen. Like there, values the step
-reads from its closure (not its arguments) are those of the first trace:
-pass state the step should see fresh as an argument.
+`jax.lax.scan` does for a function it has seen. A step whose closure holds
+arrays, Variables or graph objects (or a bound method, or a partial over
+them) is traced on every call instead, so it always reads current values;
+state reached only through module globals is not detected (as with
+`jax.lax.scan`, the first trace's values would be reused): pass it as an
+argument.
 
 >>> import jax.numpy as jnp
 >>> def step(total, x):
@@ -91,6 +94,39 @@ class _Entry:
 
 def _is_array(x: Any) -> bool:
   return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def _captures_state(f: Any, depth: int = 3) -> bool:
+  """Whether `f` closes over arrays, Variables or graph objects (looked for in
+  closure cells, partial arguments, a bound method's object and, `depth`
+  levels down, the functions found there).
+
+  A trace of such a step would bake in the values it read, so it is not
+  reused: each call traces afresh, seeing the current values.
+  """
+  objs: list = []
+  fn = f
+  while isinstance(fn, functools.partial):
+    objs += [*fn.args, *fn.keywords.values()]
+    fn = fn.func
+  if getattr(fn, "__self__", None) is not None:
+    objs.append(fn.__self__)
+  fn = getattr(fn, "__func__", fn)
+  fn = getattr(fn, "__wrapped__", fn) if not getattr(fn, "__closure__", None) else fn
+  for cell in getattr(fn, "__closure__", None) or ():
+    try:
+      objs.append(cell.cell_contents)
+    except ValueError:  # an empty cell
+      pass
+  is_state = lambda x: isinstance(x, (Variable, jax.Array, np.ndarray)) or graphlib.is_graph_node(x)
+  for obj in objs:
+    if callable(obj) and not is_state(obj):
+      if depth > 0 and obj is not f and _captures_state(obj, depth - 1):
+        return True
+      continue
+    if any(is_state(x) for x in jax.tree.leaves(obj, is_leaf=is_state)):
+      return True
+  return False
 
 
 def _cache_key(layout: _Layout, operands: Any) -> Any:
@@ -401,7 +437,7 @@ def scan(f: Callable | None = None, *, length: int | None = None, reverse: bool 
                      tuple(scan_state), tuple(carry_plain), tuple(scan_plain),
                      tuple(dyn_bcast), carry_treedef, tuple(node_arg))
     operands = ((init_state, init_plain, bcast), (xs_state, xs_plain))
-    key = _cache_key(layout, operands)
+    key = None if _captures_state(f) else _cache_key(layout, operands)
     entry = cache.get(key) if key is not None else None
     trace_state = jax_core.get_opaque_trace_state()
     if entry is None or not entry.trace_state == trace_state:

@@ -1,5 +1,7 @@
 """Tests for spmdnnx._transforms.scan: Flax parity (trace reuse, sow, batched keys)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -202,3 +204,22 @@ def test_split_keys_scanned_by_prefix_differ_per_step(graph):
   keys = f(rngs)
   assert keys.shape[0] == 3
   assert len({tuple(np.asarray(k).tolist()) for k in keys}) == 3
+
+
+def test_step_closing_over_a_module_sees_its_current_values():
+  # A step that reads a Module from its closure is traced again on each
+  # call: reusing the trace would silently keep the old weights.
+  m = Summer()
+
+  @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+  def f(c, x):
+    return c + m.w * x
+
+  np.testing.assert_allclose(f(jnp.zeros((2,)), jnp.ones((3, 2))), [6.0, 6.0])
+  m.w[...] = jnp.full((2,), 5.0, jnp.float32)
+  np.testing.assert_allclose(f(jnp.zeros((2,)), jnp.ones((3, 2))), [15.0, 15.0])
+
+  w = jnp.ones((2,), jnp.float32)
+  g = nnx.scan(functools.partial(lambda w, c, x: c + w * x, w), in_axes=(nnx.Carry, 0),
+               out_axes=nnx.Carry)
+  np.testing.assert_allclose(g(jnp.zeros((2,)), jnp.ones((3, 2))), [3.0, 3.0])
