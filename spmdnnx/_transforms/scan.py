@@ -15,12 +15,13 @@ gives each Variable of a graph argument its own spec.
 
 The step is traced once per layout (graph structure, specs, shapes and
 dtypes): later calls with the same layout reuse that trace, as
-`jax.lax.scan` does for a function it has seen. A step whose closure holds
-arrays, Variables or graph objects (or a bound method, or a partial over
-them) is traced on every call instead, so it always reads current values;
-state reached only through module globals is not detected (as with
-`jax.lax.scan`, the first trace's values would be reused): pass it as an
-argument.
+`jax.lax.scan` does for a function it has seen. A step whose closure or
+the module globals it names hold arrays, Variables or graph objects (or a
+bound method, or a partial over them) is traced on every call instead, so it
+always reads current values. State reached in other ways (through a
+function it calls, more than three closures deep) is not detected: as with
+`jax.lax.scan`, the first trace's values would be reused, so pass such state
+as an argument.
 
 >>> import jax.numpy as jnp
 >>> def step(total, x):
@@ -33,6 +34,7 @@ argument.
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
@@ -98,8 +100,8 @@ def _is_array(x: Any) -> bool:
 
 def _captures_state(f: Any, depth: int = 3) -> bool:
   """Whether `f` closes over arrays, Variables or graph objects (looked for in
-  closure cells, partial arguments, a bound method's object and, `depth`
-  levels down, the functions found there).
+  closure cells, the module globals its code names, partial arguments, a
+  bound method's object and, `depth` levels down, the functions found there).
 
   A trace of such a step would bake in the values it read, so it is not
   reused: each call traces afresh, seeing the current values.
@@ -118,6 +120,11 @@ def _captures_state(f: Any, depth: int = 3) -> bool:
       objs.append(cell.cell_contents)
     except ValueError:  # an empty cell
       pass
+  # Module globals the code names (attribute names looked up too: harmless).
+  code, env = getattr(fn, "__code__", None), getattr(fn, "__globals__", None)
+  if code is not None and env is not None:
+    objs += [env[n] for n in code.co_names if n in env and not isinstance(env[n], type)
+             and not inspect.ismodule(env[n])]
   is_state = lambda x: isinstance(x, (Variable, jax.Array, np.ndarray)) or graphlib.is_graph_node(x)
   for obj in objs:
     if callable(obj) and not is_state(obj):

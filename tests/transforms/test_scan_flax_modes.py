@@ -223,3 +223,19 @@ def test_step_closing_over_a_module_sees_its_current_values():
   g = nnx.scan(functools.partial(lambda w, c, x: c + w * x, w), in_axes=(nnx.Carry, 0),
                out_axes=nnx.Carry)
   np.testing.assert_allclose(g(jnp.zeros((2,)), jnp.ones((3, 2))), [3.0, 3.0])
+
+
+_GLOBAL_MODEL = None
+
+
+@nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+def _global_step(c, x):
+  return c + _GLOBAL_MODEL.w * x
+
+
+def test_step_reading_a_module_global_sees_its_current_values():
+  global _GLOBAL_MODEL
+  _GLOBAL_MODEL = Summer()
+  np.testing.assert_allclose(_global_step(jnp.zeros((2,)), jnp.ones((3, 2))), [6.0, 6.0])
+  _GLOBAL_MODEL.w[...] = jnp.full((2,), 5.0, jnp.float32)
+  np.testing.assert_allclose(_global_step(jnp.zeros((2,)), jnp.ones((3, 2))), [15.0, 15.0])
