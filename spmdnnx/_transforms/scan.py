@@ -99,11 +99,11 @@ def _is_array(x: Any) -> bool:
 
 
 def _captures_state(f: Any, depth: int = 3) -> bool:
-  """Whether `f` closes over arrays, Variables or graph objects (looked for in
-  closure cells, the module globals its code names, partial arguments, a
-  bound method's object and, `depth` levels down, the functions found there).
+  """Whether `f` can read arrays, Variables or graph objects besides its arguments.
 
-  A trace of such a step would bake in the values it read, so it is not
+  Looked for in closure cells, the module globals its code names, partial
+  arguments, a bound method's object and, `depth` levels down, the functions
+  found there. A trace of such a step would bake in the values it read, so it is not
   reused: each call traces afresh, seeing the current values.
   """
   objs: list = []
