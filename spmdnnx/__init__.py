@@ -292,6 +292,10 @@ from spmdnnx import extract as extract
 # (end of pshmap block)
 
 # Flax NNX parity (pgraph): names added by that part; keep each block separate
+from spmdnnx._graph_context import from_tree as from_tree
+from spmdnnx._graph_context import NodeStates as NodeStates
+from spmdnnx._graph_context import to_tree as to_tree
+from spmdnnx._graph_api import with_vars as with_vars
 # (end of pgraph block)
 
 # Flax NNX parity (pshard): names added by that part; keep each block separate

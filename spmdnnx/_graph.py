@@ -46,7 +46,7 @@ from spmdnnx._object import Dict, List, Object, has_data, init_object_slots, is_
 from spmdnnx._object import set_explicit
 from spmdnnx._state import GraphState, State, split_pairs
 from spmdnnx._typing import PathParts
-from spmdnnx._variables import Variable, detach, new_variable, write_back
+from spmdnnx._variables import Variable, detach, freeze, new_variable, write_back
 
 
 class GraphDef:
@@ -158,9 +158,11 @@ class Walk:
   graph contains: Objects, Variables, lists/dicts/tuples, arrays and
   registered pytrees (dataclasses, namedtuples) holding any of those.
 
-  Each node with identity (Object, Variable, list/dict) gets an index at its
+  Each node with identity (Object, Variable, List/Dict) gets an index at its
   first path; later references become `RefSpec`s, which also ends cycles.
-  (`index` maps ``id(node)`` to that index.)
+  (`index` maps ``id(node)`` to that index.) A plain list/dict is indexed
+  only while it is being visited: a cycle through it is a `RefSpec`, but a
+  second, separate reference is walked again (a copy after `merge`).
 
   Attributes:
     pairs: ``(path, state leaf)`` per Variable / raw array, DFS order (leaves
@@ -230,7 +232,15 @@ class Walk:
       self.nodes.append(value)
       items = value.items() if typ in (dict, Dict) else enumerate(value)
       visit = self.visit
-      children = tuple([(k, visit(v, path + (k,))) for k, v in items])
+      if typ is List and value._list__flags is not None:  # nnx.data/static items
+        children = tuple([(k, self._list_item(v, f, path + (k,)))
+                          for (k, v), f in zip(items, value._list__flags)])
+      else:
+        children = tuple([(k, visit(v, path + (k,))) for k, v in items])
+      if typ is list or typ is dict:
+        # A plain list/dict is a pytree (no identity, as in Flax NNX): a second
+        # reference is a separate copy; only a cycle (met while inside) is a ref.
+        del self.index[id(value)]
       self.trail.append((path, value))
       return _new(NodeSpec, ("NodeSpec", typ, idx, children))
     if typ is tuple:
@@ -256,10 +266,15 @@ class Walk:
 
   def _marked(self, owner: Object, name: str, value: Any, path: PathParts) -> Any:
     """The spec of an attribute that may be marked `nnx.data` / `nnx.static`."""
-    is_data = owner.is_data_attribute(name)
-    if not is_data:
+    return self._flagged(value, owner.is_data_attribute(name), path)
+
+  def _flagged(self, value: Any, is_data: bool | None, path: PathParts) -> Any:
+    """The spec of a value marked data (True), static (False) or neither (None)."""
+    if is_data is False:
       return _new(StaticSpec, ("StaticSpec", Static(value)))
     spec = self.visit(value, path)
+    if is_data is None:
+      return spec
     if type(spec) is StaticSpec:  # nnx.data(...) on a plain value: a State leaf
       self.has_raw = True
       self.variables.append(None)
@@ -267,6 +282,31 @@ class Walk:
       self.trail.append((path, value))
       return _new(ArraySpec, ("ArraySpec",))
     return spec
+
+  def _list_item(self, value: Any, is_data: bool | None, path: PathParts) -> Any:
+    """The spec of an `nnx.List` item: a static-marked one stays marked in the spec."""
+    if is_data is False:
+      return _new(StaticSpec, ("StaticSpec", Static(_StaticItem(value))))
+    return self._flagged(value, is_data, path)
+
+
+class _StaticItem:
+  """An `nnx.List` item marked ``nnx.static`` (so `merge` marks it again)."""
+
+  __slots__ = ("value", "_key")
+
+  def __init__(self, value: Any):
+    self.value, self._key = value, freeze(value)
+
+  def __eq__(self, other):
+    return isinstance(other, _StaticItem) and type(other.value) is type(self.value) \
+        and other._key == self._key
+
+  def __hash__(self):
+    return hash(self._key)
+
+  def __repr__(self):
+    return f"static({self.value!r})"
 
 
 def _holds_itself(container: Any) -> bool:
@@ -324,6 +364,8 @@ class Builder:
         out = typ()
         self.nodes[idx] = out
         list.extend(out, (self.build(sub, path + (k,)) for k, sub in children))
+        if typ is List:
+          _restore_list_flags(out, children)
         return out
       if typ in (dict, Dict):
         out = typ()
@@ -352,6 +394,24 @@ class Builder:
     raise errors.GraphError(
         f"Corrupt GraphDef spec at {errors.path_str(path)}: {spec!r}; build "
         "GraphDefs with split()/graphdef(), not by hand.", paths=[path])
+
+
+def _restore_list_flags(out: List, children: tuple) -> None:
+  """Marks again the `nnx.data` / `nnx.static` items of a rebuilt `nnx.List`."""
+  flags = None
+  for i, ((_, sub), v) in enumerate(zip(children, out)):
+    if type(v) is _StaticItem:
+      flag = False
+      list.__setitem__(out, i, v.value)
+    elif type(sub) is ArraySpec and not is_array(v):
+      flag = True
+    else:
+      continue
+    if flags is None:
+      flags = [None] * len(out)
+    flags[i] = flag
+  if flags is not None:
+    out._list__flags = flags
 
 
 def variable_from(spec: VariableSpec, leaf: Any) -> Variable:
@@ -412,9 +472,9 @@ def split(node: Any, *filters, graph: bool | None = None) -> tuple:
   """
   graphdef, pairs = flat_pairs(node, graph, "split")
   if not filters:
-    return graphdef, _as_state(pairs)
+    return graphdef, as_state(pairs)
   parts = split_pairs(pairs, filters, exhaustive=True)
-  return (graphdef, *(_as_state(p) for p in parts))
+  return (graphdef, *(as_state(p) for p in parts))
 
 
 def graphdef(node: Any, *, graph: bool | None = None) -> GraphDef:
@@ -431,9 +491,9 @@ def state(node: Any, *filters, graph: bool | None = None) -> State | tuple[State
   """
   _, pairs = flat_pairs(node, graph, "state")
   if not filters:
-    return _as_state(pairs)
+    return as_state(pairs)
   parts = split_pairs(pairs, filters, exhaustive=False)[:len(filters)]
-  states = tuple(_as_state(p) for p in parts)
+  states = tuple(as_state(p) for p in parts)
   return states[0] if len(states) == 1 else states
 
 
@@ -457,13 +517,13 @@ def variables(node: Any, *filters, graph: bool | None = None) -> State | tuple[S
   _, pairs = flat_pairs(node, graph, "variables")
   pairs = [(p, v) for p, v in pairs if isinstance(v, Variable)]
   if not filters:
-    return _as_state(pairs)
+    return as_state(pairs)
   parts = split_pairs(pairs, filters, exhaustive=False)[:len(filters)]
-  states = tuple(_as_state(p) for p in parts)
+  states = tuple(as_state(p) for p in parts)
   return states[0] if len(states) == 1 else states
 
 
-def _as_state(pairs: list) -> Any:
+def as_state(pairs: list) -> Any:
   """A State of the pairs; a graph that *is* one Variable/array gives that leaf."""
   if len(pairs) == 1 and pairs[0][0] == ():
     return pairs[0][1]

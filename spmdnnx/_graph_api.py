@@ -338,3 +338,56 @@ def map_state(f: Callable[[PathParts, Any], Any], state: Any) -> State:
   """A new State with ``f(path, leaf)`` for each leaf."""
   return State.from_flat_path(
       [(p, f(p, v)) for p, v in _state_of(state).flat_state()])
+
+
+def with_vars(node: Any, /, *, hijax: bool | None = None, ref: bool | None = None,
+              mutable: bool | None = None, only: Any = ..., allow_duplicates: bool = False,
+              graph: bool | None = None) -> Any:
+  """A copy of `node` whose selected Variables are copies with new metadata.
+
+  Only Variables matching `only` whose ``hijax`` / ``ref`` / ``mutable``
+  differ from the values given are copied; the others stay shared with
+  `node`. `node` may be a Module, a State or any graph.
+
+  Args:
+    node: the graph.
+    hijax, ref, mutable: the metadata to set (None: leave as is).
+    only: a filter selecting the Variables to change.
+    allow_duplicates: allow a selected Variable reachable at several paths
+      (each path then gets its own copy).
+    graph: graph or tree mode for the traversal (None: the mode in force).
+
+  Raises:
+    GraphError: a selected Variable is reachable twice and not
+      ``allow_duplicates``.
+    MetadataError: ``ref=True`` (jax.Ref-backed Variables are not supported).
+
+  >>> import jax.numpy as jnp, spmdnnx as nnx
+  >>> m = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+  >>> m2 = nnx.with_vars(m, hijax=True)
+  >>> m2.kernel.hijax, m.kernel.hijax, m2.kernel is m.kernel
+  (True, False, False)
+  """
+  new = {k: v for k, v in (("hijax", hijax), ("ref", ref), ("mutable", mutable))
+         if v is not None}
+  base = filterlib.to_predicate(only)
+
+  def selected(path: PathParts, x: Any) -> bool:
+    return isinstance(x, Variable) and base(path, x) and any(
+        getattr(x, k, None) != v for k, v in new.items())
+
+  if not allow_duplicates:
+    dups = find_duplicates(node, only=selected)
+    if dups:
+      listing = errors.format_paths(
+          " and ".join(errors.path_str(p) for p in group) for group in dups)
+      raise errors.GraphError(
+          f"with_vars: Found duplicate at paths: {listing}: a Variable reachable "
+          "at several paths would become several copies. Pass "
+          "allow_duplicates=True, or narrow `only=`.",
+          paths=[p for group in dups for p in group])
+
+  def change(path: PathParts, x: Any) -> Any:
+    return x.replace(**new) if selected(path, x) else x
+
+  return map(change, node, graph=graph, recreate_variables=False)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import math
 from typing import Any, Callable, Iterator
 
 import jax
@@ -30,7 +31,7 @@ from spmdnnx._graph import iter_graph as _iter_graph
 from spmdnnx._rngs import RngStream
 from spmdnnx._state import State
 from spmdnnx._typing import PathParts
-from spmdnnx._variables import Intermediate, Perturbation, Variable
+from spmdnnx._variables import Intermediate, Perturbation, RngState, Variable
 
 
 def _append(xs: tuple, x: Any) -> tuple:
@@ -118,10 +119,12 @@ class Module(Object):
         yield name, value
 
   def set_attributes(self, *filters, raise_if_not_found: bool = True,
-                     **attributes: Any) -> None:
+                     graph: bool | None = None, **attributes: Any) -> None:
     """Sets attributes on this Module and sub-Modules that already have them.
 
-    With filters, only Modules matching one of them are changed.
+    With filters, only Modules matching one of them are changed. `graph`
+    picks the traversal (graph mode reaches shared Modules once; tree mode
+    refuses shared Variables); None: the mode in force.
 
     Raises:
       GraphError: if an attribute exists on no (matching) Module and
@@ -129,7 +132,7 @@ class Module(Object):
     """
     pred = filterlib.to_predicate(filters) if filters else None
     found = set()
-    for path, module in self.iter_modules():
+    for path, module in iter_modules(self, graph=graph):
       if pred is not None and not pred(path, module):
         continue
       for name, value in attributes.items():
@@ -191,11 +194,57 @@ def _repr_node(node: Any, depth: int, seen: set) -> str:
     return f"<shared {type(node).__name__}>"
   seen.add(id(node))
   pad = "  " * (depth + 1)
-  lines = [f"{type(node).__name__}("]
+  stats = _size_comment(node) if depth == 0 else ""
+  lines = [f"{type(node).__name__}({stats}"]
   for name, value in node.__dict__.items():
     lines.append(f"{pad}{name}={_repr_node(value, depth + 1, seen)},")
   lines.append("  " * depth + ")")
   return "\n".join(lines) if len(lines) > 2 else f"{type(node).__name__}()"
+
+
+def _size_comment(node: Object) -> str:
+  """``"  # Param: 6 (24 B), ..., Total: ..."``: element counts and bytes per Variable type.
+
+  Rng key and count Variables add up under ``RngState`` (as Flax NNX).
+  """
+  sizes: dict[str, list] = {}
+  for _, var in graph.flat_pairs(node, graph=True)[1]:
+    if not isinstance(var, Variable):
+      continue
+    name = "RngState" if isinstance(var, RngState) else type(var).__name__
+    count, nbytes = sizes.setdefault(name, [0, 0])
+    for leaf in jax.tree.leaves(var.value):
+      shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
+      if shape is None or dtype is None:
+        continue
+      n = math.prod(shape)
+      count += n
+      nbytes += n * _itemsize(dtype)
+    sizes[name] = [count, nbytes]
+  if not sizes:
+    return ""
+  parts = [f"{name}: {_size_str(*cb)}" for name, cb in sizes.items()]
+  if len(sizes) > 1:
+    parts.append("Total: " + _size_str(sum(c for c, _ in sizes.values()),
+                                      sum(b for _, b in sizes.values())))
+  return "  # " + ", ".join(parts)
+
+
+def _itemsize(dtype: Any) -> int:
+  try:
+    return jnp.dtype(dtype).itemsize
+  except TypeError:  # extended dtypes (typed PRNG keys)
+    return getattr(dtype, "itemsize", 0) or 0
+
+
+def _size_str(count: int, nbytes: int) -> str:
+  value, unit = float(nbytes), "B"
+  for next_unit in ("KB", "MB", "GB", "TB"):
+    if value < 1000:
+      break
+    value, unit = value / 1000, next_unit
+  size = f"{nbytes} B" if unit == "B" else f"{value:.1f} {unit}"
+  return f"{count:,} ({size})"
 
 
 def reseed(node: Any, /, *, graph: bool | None = None, policy: Any = "scalars_only",

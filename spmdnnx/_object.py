@@ -53,6 +53,8 @@ def has_data(value: Any, _active: set | None = None) -> bool:
   if isinstance(value, (str, bytes, int, float, bool, complex, type(None), type)):
     return False
   if isinstance(value, (list, tuple, dict)):
+    if type(value) is List and value._list__flags is not None and True in value._list__flags:
+      return True  # an nnx.data(...) item
     # A container may hold itself (``d["self"] = d``): visit each one once.
     active = set() if _active is None else _active
     if id(value) in active:
@@ -175,7 +177,35 @@ class Object:
       return flag
     return has_data(self.__dict__.get(name))
 
+  @property
+  def _pytree__nodes(self) -> dict[str, bool]:
+    """``{attribute: is_data}`` for this object's attributes (Flax NNX's name)."""
+    return {name: self.is_data_attribute(name) for name in self.__dict__}
+
+  @property
+  def _pytree__state(self) -> "ObjectState":
+    """The object's bookkeeping (Flax NNX's name): the transform it was created in."""
+    return ObjectState(self._object__trace)
+
   __hash__ = object.__hash__
+
+
+class ObjectState:
+  """Bookkeeping of an `Object`, read through ``obj._pytree__state``.
+
+  Attributes:
+    trace: the lifted transform frame the object was created in (None: outside).
+    initializing: always False (spmdnnx has no lazy initialisation).
+  """
+
+  __slots__ = ("trace",)
+  initializing = False
+
+  def __init__(self, trace: Any):
+    self.trace = trace
+
+  def __repr__(self) -> str:
+    return f"ObjectState(trace={self.trace!r})"
 
 
 class _Aux:
@@ -293,34 +323,187 @@ def set_explicit(obj: Object, name: str, is_data: bool) -> None:
 
 
 class List(list):
-  """A list attribute of a graph object; mutations are tracked."""
+  """A list attribute of a graph object; mutations are tracked.
 
-  __slots__ = ("_object__watched", "__weakref__")
+  Items may be wrapped in `nnx.data` / `nnx.static` markers (as Flax NNX's
+  ``nnx.List``): a ``static`` item is kept in the list's pytree aux data (no
+  leaf), a ``data`` item is a leaf even when it is a Python scalar. The list
+  stores the unwrapped values.
+
+  >>> import jax
+  >>> from spmdnnx._pytree import data, static
+  >>> xs = List([data(1), static("tag"), 2])
+  >>> xs[1], jax.tree.leaves(xs)
+  ('tag', [1, 2])
+  """
+
+  __slots__ = ("_object__watched", "_list__flags", "__weakref__")
 
   def __init__(self, items=()):
-    super().__init__(track(x) for x in items)
+    values, flags = _unwrap_items(items)
+    super().__init__(track(x) for x in values)
     self._object__watched = False
+    self._list__flags = flags
 
   def _changed(self):
     if self._object__watched:
       bump_epoch()
 
+  def __reduce__(self):
+    # copy/deepcopy/pickle rebuild through __init__-free `_rebuild_list`.
+    return _rebuild_list, (list(self), self._list__flags)
 
-def _tracked_method(name: str):
-  base = getattr(list, name)
-
-  def method(self, *args):
-    result = base(self, *args)
-    self._changed()
-    return result
-
-  method.__name__ = name
-  return method
+  def is_data_item(self, index: int) -> bool | None:
+    """The marker of item `index`: True (`data`), False (`static`), None (none)."""
+    flags = self._list__flags
+    return None if flags is None else flags[index]
 
 
-for _m in ("append", "extend", "insert", "pop", "remove", "clear", "sort",
-           "reverse", "__setitem__", "__delitem__", "__iadd__", "__imul__"):
-  setattr(List, _m, _tracked_method(_m))
+def _rebuild_list(items: list, flags: list | None) -> List:
+  out = List()
+  list.extend(out, items)
+  out._list__flags = None if flags is None else list(flags)
+  return out
+
+
+def _unwrap_items(items) -> tuple[list, list | None]:
+  """Unwraps `data`/`static` markers: ``(values, flags or None when unmarked)``."""
+  values, flags = [], None
+  for x in items:
+    x, is_data = _pytree.unwrap_marker(x)
+    if is_data is False and has_data(x):
+      raise errors.GraphError(
+          f"Found data in value of type {type(x).__name__!r} marked nnx.static(...) "
+          f"as item {len(values)} of an nnx.List: static items hold no arrays, "
+          "Variables or Objects. Drop the nnx.static marker, or use nnx.data(...).",
+          paths=[(len(values),)])
+    if is_data is not None and flags is None:
+      flags = [None] * len(values)
+    if flags is not None:
+      flags.append(is_data)
+    values.append(x)
+  return values, flags
+
+
+def _flags_of(xs: List, n_before: int, new_flags: list | None) -> list | None:
+  """The flags list of `xs` (created for its `n_before` items when new items carry markers)."""
+  flags = xs._list__flags
+  if flags is None and new_flags is None:
+    return None
+  if flags is None:
+    flags = [None] * n_before
+    xs._list__flags = flags
+  return flags
+
+
+def _list_append(self, x):
+  (x,), new = _unwrap_items((x,))
+  flags = _flags_of(self, len(self), new)
+  list.append(self, x)
+  if flags is not None:
+    flags.append(new[0] if new else None)
+  self._changed()
+
+
+def _list_extend(self, xs):
+  values, new = _unwrap_items(list(xs))
+  flags = _flags_of(self, len(self), new)
+  list.extend(self, values)
+  if flags is not None:
+    flags.extend(new or [None] * len(values))
+  self._changed()
+
+
+def _list_iadd(self, xs):
+  _list_extend(self, xs)
+  return self
+
+
+def _list_insert(self, index, x):
+  (x,), new = _unwrap_items((x,))
+  flags = _flags_of(self, len(self), new)
+  list.insert(self, index, x)
+  if flags is not None:
+    flags.insert(index, new[0] if new else None)
+  self._changed()
+
+
+def _list_setitem(self, index, value):
+  if isinstance(index, slice):
+    values, new = _unwrap_items(list(value))
+    flags = _flags_of(self, len(self), new)
+    list.__setitem__(self, index, values)
+    if flags is not None:
+      flags[index] = new or [None] * len(values)
+  else:
+    (value,), new = _unwrap_items((value,))
+    flags = _flags_of(self, len(self), new)
+    list.__setitem__(self, index, value)
+    if flags is not None:
+      flags[index] = new[0] if new else None
+  self._changed()
+
+
+def _list_delitem(self, index):
+  list.__delitem__(self, index)
+  if self._list__flags is not None:
+    del self._list__flags[index]
+  self._changed()
+
+
+def _list_pop(self, index=-1):
+  out = list.pop(self, index)
+  if self._list__flags is not None:
+    self._list__flags.pop(index)
+  self._changed()
+  return out
+
+
+def _list_remove(self, x):
+  _list_delitem(self, self.index(x))
+
+
+def _list_clear(self):
+  list.clear(self)
+  self._list__flags = None
+  self._changed()
+
+
+def _list_reverse(self):
+  list.reverse(self)
+  if self._list__flags is not None:
+    self._list__flags.reverse()
+  self._changed()
+
+
+def _list_sort(self, *, key=None, reverse=False):
+  flags = self._list__flags
+  if flags is None:
+    list.sort(self, key=key, reverse=reverse)
+  else:
+    get = (lambda i: key(self[i])) if key is not None else self.__getitem__
+    order = sorted(range(len(self)), key=get, reverse=reverse)
+    list.__setitem__(self, slice(None), [self[i] for i in order])
+    flags[:] = [flags[i] for i in order]
+  self._changed()
+
+
+def _list_imul(self, n):
+  list.__imul__(self, n)
+  if self._list__flags is not None:
+    self._list__flags *= n
+  self._changed()
+  return self
+
+
+for _name, _fn in (("append", _list_append), ("extend", _list_extend),
+                   ("__iadd__", _list_iadd), ("insert", _list_insert),
+                   ("__setitem__", _list_setitem), ("__delitem__", _list_delitem),
+                   ("pop", _list_pop), ("remove", _list_remove), ("clear", _list_clear),
+                   ("reverse", _list_reverse), ("sort", _list_sort),
+                   ("__imul__", _list_imul)):
+  _fn.__name__ = _name
+  setattr(List, _name, _fn)
 
 
 class Dict(dict):
@@ -374,13 +557,54 @@ for _m in ("__setitem__", "__delitem__", "pop", "popitem", "clear", "update",
   setattr(Dict, _m, _tracked_dict_method(_m))
 
 
+class _ListAux:
+  """Pytree aux data of a List with markers: the flags and the static items."""
+
+  __slots__ = ("flags", "statics", "_key")
+
+  def __init__(self, flags: tuple, statics: tuple):
+    self.flags, self.statics = flags, statics
+    self._key = (flags, freeze(statics))
+
+  def __eq__(self, other):
+    return isinstance(other, _ListAux) and self._key == other._key
+
+  def __hash__(self):
+    return hash(self._key)
+
+  def __repr__(self):
+    return f"ListAux(static={list(self.statics)})"
+
+
+def _list_parts(xs: List) -> tuple[list, Any]:
+  flags = xs._list__flags
+  if flags is None:
+    return list(enumerate(xs)), None
+  children = [(i, v) for i, (v, f) in enumerate(zip(xs, flags)) if f is not False]
+  statics = tuple(v for v, f in zip(xs, flags) if f is False)
+  return children, _ListAux(tuple(flags), statics)
+
+
 def _list_flatten_with_keys(xs):
-  return [(jax.tree_util.SequenceKey(i), v) for i, v in enumerate(xs)], None
+  children, aux = _list_parts(xs)
+  return [(jax.tree_util.SequenceKey(i), v) for i, v in children], aux
 
 
-def _list_unflatten(_, children):
+def _list_flatten(xs):
+  if xs._list__flags is None:
+    return list(xs), None
+  children, aux = _list_parts(xs)
+  return [v for _, v in children], aux
+
+
+def _list_unflatten(aux, children):
   out = List()
-  list.extend(out, children)
+  if aux is None:
+    list.extend(out, children)
+    return out
+  it, st = iter(children), iter(aux.statics)
+  list.extend(out, [next(st) if f is False else next(it) for f in aux.flags])
+  out._list__flags = list(aux.flags)
   return out
 
 
@@ -397,6 +621,6 @@ def _dict_unflatten(keys, children):
 
 
 jax.tree_util.register_pytree_with_keys(
-    List, _list_flatten_with_keys, _list_unflatten, lambda xs: (list(xs), None))
+    List, _list_flatten_with_keys, _list_unflatten, _list_flatten)
 jax.tree_util.register_pytree_with_keys(
     Dict, _dict_flatten_with_keys, _dict_unflatten, lambda d: (list(d.values()), tuple(d)))

@@ -8,3 +8,4 @@ True
 
 from spmdnnx._transforms.prefixes import TreeState as TreeState
 from spmdnnx._transforms.prefixes import prefix as prefix
+from spmdnnx._graph_context import clear_non_graph_nodes as clear_non_graph_nodes

@@ -267,7 +267,7 @@ def test_train_eval_change_graphdef():
 def test_repr_is_readable_tree():
   m = Norm()
   assert repr(m) == (
-      "Norm(\n"
+      "Norm(  # BatchStat: 2 (8 B)\n"
       "  mean=BatchStat(value=Array([0., 0.], dtype=float32)),\n"
       "  use_running_average=False,\n"
       ")")
@@ -304,4 +304,25 @@ def test_deepcopy_is_clone():
 def test_display_prints(capsys):
   nnx.display(Norm())
   out = capsys.readouterr().out
-  assert out.startswith("Norm(\n  mean=BatchStat(")
+  assert out.startswith("Norm(  # BatchStat: 2 (8 B)\n  mean=BatchStat(")
+
+
+def test_repr_header_counts_each_variable_type():
+  m = nnx.Module()
+  m.lin = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  m.bn = nnx.BatchNorm(2, rngs=nnx.Rngs(0))
+  m.rngs = nnx.Rngs(0)
+  first = repr(m).splitlines()[0]
+  # Param: 3*2 + 2 (+ BatchNorm's 2 + 2); BatchStat: 2 + 2; RngState: key and count.
+  assert first.startswith("Module(  # Param: 12 (48 B), BatchStat: 4 (16 B), RngState: 2")
+  assert "Total: 18 " in first
+  assert repr(m.lin).splitlines()[0] == "Linear(  # Param: 8 (32 B)"  # one type: no total
+
+
+def test_pytree_nodes_and_state_attributes():
+  m = Block(rngs=nnx.Rngs(0))
+  m.name = "blk"
+  nodes = m._pytree__nodes
+  assert nodes["w"] is True and nodes["name"] is False
+  assert m._pytree__state.initializing is False
+  assert m._pytree__state.trace is None

@@ -1,6 +1,7 @@
 """nnx.view / view_info / with_attributes / compat: copies in another mode, inputs untouched."""
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import spmdnnx as nnx
@@ -83,3 +84,32 @@ def test_compat_defaults_to_graph_mode():
     out = nnx.merge(gd, state)
     assert out[0] is out[1]
     assert len(list(nnx.compat.iter_graph([p, p]))) == 2  # p once, then the list
+
+
+class Block(nnx.Module):
+
+  def __init__(self, rngs):
+    self.linear = nnx.Linear(2, 4, rngs=rngs)
+    self.bn = nnx.BatchNorm(4, rngs=rngs)
+    self.dropout = nnx.Dropout(0.5, rngs=rngs)
+
+
+def test_builtin_layers_have_set_view_options():
+  info = nnx.view_info(Block(nnx.Rngs(0)))
+  assert info.count("BatchNorm:") == 1 and info.count("Dropout:") == 1
+  assert "use_running_average: bool | None = None" in info
+  assert "Linear:" not in info  # no set_view, no block
+  only = nnx.view_info(Block(nnx.Rngs(0)), only=nnx.Dropout)
+  assert "Dropout:" in only and "BatchNorm:" not in only
+  assert nnx.view_info(Block(nnx.Rngs(0)), only=nnx.MultiHeadAttention) == ""
+
+
+def test_view_through_builtin_set_view_changes_only_the_copy():
+  m = Block(nnx.Rngs(0))
+  v = nnx.view(m, deterministic=True, use_running_average=True)
+  assert v.dropout.deterministic and v.bn.use_running_average
+  assert not m.dropout.deterministic and not m.bn.use_running_average
+  x = jnp.ones((3, 4))
+  np.testing.assert_array_equal(v.dropout(x), x)  # identity in the view
+  v2 = nnx.view(v, deterministic=None)  # None keeps the mode
+  assert v2.dropout.deterministic

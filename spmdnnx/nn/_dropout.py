@@ -95,6 +95,15 @@ class Dropout(Module):
                       deterministic=deterministic, rng_collection=rng_collection,
                       rngs=own_stream(rngs, rng_collection))
 
+  def set_view(self, deterministic: bool | None = None) -> None:
+    """Sets the layer's default mode (used by ``nnx.view``).
+
+    Args:
+      deterministic: True makes the layer the identity; None keeps it.
+    """
+    if deterministic is not None:
+      self.deterministic = deterministic
+
   def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
                rngs: Any = None) -> jax.Array:
     """Applies dropout; `deterministic` and `rngs` override the layer's own."""

@@ -296,6 +296,16 @@ class BatchNorm(Module):
     _init_affine(self, "BatchNorm", rngs, use_scale, use_bias, scale_init, bias_init,
                  scale_axes, bias_axes, scale_metadata, bias_metadata)
 
+  def set_view(self, use_running_average: bool | None = None) -> None:
+    """Sets the layer's default mode (used by ``nnx.view``).
+
+    Args:
+      use_running_average: True normalizes with the stored statistics
+        (evaluation); False with the batch's (training); None keeps it.
+    """
+    if use_running_average is not None:
+      self.use_running_average = use_running_average
+
   def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
                mask: jax.Array | None = None) -> jax.Array:
     if use_running_average is None:
