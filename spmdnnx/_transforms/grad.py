@@ -271,6 +271,8 @@ def _grad_transform(f: Callable, argnums, has_aux: bool, wrt, return_value: bool
             f"grad({name}): argnum {d.argnum} is out of range for "
             f"{len(args)} positional argument(s).")
     argnums_ = [d.argnum % len(args) for d in diffs]
+    if graph_mode and not updates and len(args) > 1:
+      _check_diff_aliasing(args, set(argnums_), name)
     ex = lift.extract(tuple(args), aliasing=graph_mode, who=who)
     layout = _layout(args, ex)
     root_leaves: dict = {}
@@ -341,6 +343,42 @@ def _grad_transform(f: Callable, argnums, has_aux: bool, wrt, return_value: bool
     return (grads_out, aux) if has_aux else grads_out
 
   return wrapper
+
+
+def _nodes_of(arg: Any) -> dict[int, tuple]:
+  """id -> path of every object and Variable reachable from ``arg``."""
+  out: dict[int, tuple] = {}
+  keyed = jax.tree_util.tree_flatten_with_path(arg, is_leaf=graph.is_graph_node)[0]
+  for keypath, leaf in keyed:
+    if graph.is_graph_node(leaf):
+      base = tuple(graph._key_name(k) for k in keypath)
+      for path, value in graph.iter_graph(leaf, graph=True):
+        if graph.is_graph_node(value):
+          out.setdefault(id(value), base + tuple(path))
+  return out
+
+
+def _check_diff_aliasing(args: tuple, diff: set, name: str) -> None:
+  """graph_updates=False: an object reached from a differentiated and another argument.
+
+  Its Variables would get a gradient through one argument and not the other,
+  and without updates there is no single object to write back to.
+  """
+  seen: dict[int, tuple] = {}  # id -> (argnum, path) of the first occurrence
+  clashes = []
+  for n, arg in enumerate(args):
+    for key, path in _nodes_of(arg).items():
+      if key in seen and (seen[key][0] in diff) != (n in diff):
+        first = seen[key]
+        clashes.append(f"argument {first[0]} at {errors.path_str(first[1]) or '<root>'} "
+                       f"and argument {n} at {errors.path_str(path) or '<root>'}")
+      seen.setdefault(key, (n, path))
+  if clashes:
+    raise errors.TransformError(
+        f"grad({name}) with graph_updates=False: Inconsistent aliasing detected: the same "
+        f"object or Variable is reached from a differentiated and a non-differentiated "
+        f"argument ({errors.format_paths(clashes)}). Pass it once, pass a copy "
+        f"(nnx.clone), or use graph updates: nnx.grad(..., graph_updates=True).")
 
 
 def _describe(out) -> str:

@@ -155,3 +155,20 @@ def test_without_updates_moves_inside_grad_are_dropped_and_values_follow_identit
   nnx.grad(swap_and_count, graph_updates=False)(m)
   assert m.a is a and m.b is b
   assert float(b.bias[...][0]) == 1.0 and float(a.bias[...][0]) == 0.0
+
+
+def test_no_updates_refuses_an_object_shared_by_diff_and_nondiff_arguments():
+  v = nnx.Param(jnp.array(1.0))
+  with pytest.raises(errors.TransformError, match=r"Inconsistent aliasing detected.*argument 0 "
+                     r"at <root> and argument 1 at <root>"):
+    nnx.grad(lambda a, b: a[...] + b[...], argnums=0, graph_updates=False)(v, v)
+  m = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+  with pytest.raises(errors.TransformError, match=r"argument 0 at kernel and argument 1 at <root>"):
+    nnx.grad(lambda a, b: jnp.sum(a(jnp.ones(2))) + jnp.sum(b[...]), argnums=0,
+             graph_updates=False)(m, m.kernel)
+  # With updates the reference is shared: both reads are the one traced value (d v^2 = 2v).
+  g = nnx.grad(lambda a, b: a[...] * b[...], argnums=0)(v, v)
+  assert float(g[...]) == 2.0
+  # Both differentiated, or a copy: no clash.
+  g = nnx.grad(lambda a, b: a[...] + b[...], argnums=0, graph_updates=False)(v, nnx.clone(v))
+  assert float(g[...]) == 1.0
