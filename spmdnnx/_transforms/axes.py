@@ -193,15 +193,25 @@ def leaf_axes(paths: list, leaves: list, node_arg: list[int], arg_specs: tuple,
 
 def check_mapped(paths: list, leaves: list, axes: list, size: int | None,
                  what: str) -> int | None:
-  """Checks mapped leaves have the axis and agree on its size; returns the size."""
+  """Checks mapped leaves have the axis and agree on its size; returns the size.
+
+  A Variable holding a pytree (``capture``'s dict of sown values) is checked
+  leaf by leaf; an empty one (nothing sown yet) has nothing to check.
+  """
+  flat: list = []
+  for path, leaf, axis in zip(paths, leaves, axes):
+    value = leaf.raw_value if isinstance(leaf, Variable) else leaf
+    if hasattr(value, "shape") or not isinstance(axis, int):
+      flat.append((path, value, axis))
+    else:
+      flat.extend((path, sub, axis) for sub in jax.tree.leaves(value))
   problems = []
   bad_paths: list = []
   bad_shapes: list = []
   sizes: dict[int, list] = {}
-  for path, leaf, axis in zip(paths, leaves, axes):
+  for path, value, axis in flat:
     if not isinstance(axis, int) or axis is Carry:
       continue
-    value = leaf.raw_value if isinstance(leaf, Variable) else leaf
     shape = getattr(value, "shape", ())
     ndim = len(shape)
     if not -ndim <= axis < max(ndim, 1) or ndim == 0:

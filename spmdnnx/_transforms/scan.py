@@ -173,23 +173,6 @@ def _state_specs(specs: tuple, args: tuple) -> tuple:
                else s for s, a in zip(specs, args))
 
 
-def _check_mapped(paths: list, leaves: list, axes: list, what: str) -> int | None:
-  """`axes.check_mapped`, looking into Variables whose value is a pytree.
-
-  A Variable holding a pytree (``capture``'s dict of sown values) is mapped
-  leaf by leaf; an empty one (nothing sown yet) has nothing to check.
-  """
-  flat_paths, flat_leaves, flat_axes = [], [], []
-  for path, leaf, axis in zip(paths, leaves, axes):
-    value = leaf.raw_value if isinstance(leaf, Variable) else leaf
-    subs = [value] if hasattr(value, "shape") else jax.tree.leaves(value)
-    for sub in subs:
-      flat_paths.append(path)
-      flat_leaves.append(sub)
-      flat_axes.append(axis)
-  return axeslib.check_mapped(flat_paths, flat_leaves, flat_axes, None, what)
-
-
 def _avals(tree: Any) -> list:
   return [(tuple(jnp.shape(x)), jnp.result_type(x)) for x in jax.tree.leaves(tree)]
 
@@ -401,7 +384,7 @@ def scan(f: Callable | None = None, *, length: int | None = None, reverse: bool 
       modes.check_consistent(ex, specs, "scan")
     node_arg = axeslib.node_arg_index(args)
     leaf_ax = axeslib.leaf_axes(ex.paths, ex.leaves, node_arg, specs, what)
-    n = _check_mapped(ex.paths, ex.leaves, leaf_ax, what)
+    n = axeslib.check_mapped(ex.paths, ex.leaves, leaf_ax, None, what)
 
     # Plain (non-graph) argument leaves, each with its spec (prefix trees expanded).
     plain_specs = axeslib.arg_leaf_specs(args, specs, what)

@@ -308,3 +308,19 @@ def test_error_plain_argument_lacks_the_mapped_axis():
   with pytest.raises(errors.TransformError, match=r"in_axes asks to map argument leaf 0 "
                      r"\(shape \(2, 3\)\) along axis 2, which it lacks; use None"):
     nnx.vmap(lambda x: x, in_axes=2)(jnp.ones((2, 3)))
+
+
+def test_vmap_maps_variables_holding_pytrees_leaf_by_leaf():
+  """A Variable whose value is a dict (capture's sown values) is mapped per leaf."""
+  class Holder(nnx.Module):
+    def __init__(self):
+      self.sown = nnx.Intermediate({"a": jnp.arange(6.0).reshape(3, 2), "b": jnp.ones((3,))})
+
+  h = Holder()
+  out = nnx.vmap(lambda m: m.sown.value["a"].sum() + m.sown.value["b"], in_axes=0)(h)
+  assert close(out, jnp.array([2.0, 6.0, 10.0]))
+  bad = Holder()
+  bad.sown = nnx.Intermediate({"a": jnp.ones((3, 2)), "b": jnp.ones(())})
+  with pytest.raises(errors.TransformError, match=r"their arrays lack it: sown \(shape \(\), "
+                     r"axis 0\)"):
+    nnx.vmap(lambda m: m.sown.value["a"], in_axes=0)(bad)
