@@ -48,6 +48,9 @@ FIRST_STEP_FACTOR = 5
 _HANG_AFTER_STEP_ENV = "SPMDNNX_TEST_HANG_AFTER_STEP"
 _HANG_PROCESS_ENV = "SPMDNNX_TEST_HANG_PROCESS"
 _HANG_SECONDS = 3600.0
+#: Test-only: every step sleeps this many seconds in ``on_step_end`` (a slow
+#: job, so a signal sent mid-run reaches every process before the last step).
+_STEP_SECONDS_ENV = "SPMDNNX_TEST_STEP_SECONDS"
 
 
 def stacks_path(workdir: str | os.PathLike, process_index: int) -> pathlib.Path:
@@ -248,6 +251,7 @@ class FaultHooks:
                                  process_index=process_index)
     self.guard = PreemptionGuard()
     self._hang_after = _injected_hang_step(process_index)
+    self._step_seconds = float(os.environ.get(_STEP_SECONDS_ENV) or 0.0)
 
   def start(self, last_step: int | None = None) -> "FaultHooks":
     """Arms the watchdog and installs the SIGTERM guard."""
@@ -263,6 +267,8 @@ class FaultHooks:
       print(f"spmdnnx: test fault injection: process {self.process_index} hangs after step "
             f"{step}", file=sys.stderr, flush=True)
       time.sleep(_HANG_SECONDS)
+    if self._step_seconds > 0:
+      time.sleep(self._step_seconds)
 
   def should_stop(self) -> bool:
     """The loop's stop predicate (preemption)."""

@@ -174,7 +174,10 @@ def test_checkpoint_restores_across_process_counts(reference_runs, tmp_path, wri
 @pytest.mark.parametrize("procs", [1, 2])
 def test_sigterm_then_rerun_is_bit_exact(reference_runs, tmp_path, procs):
   ref_dir, _ = reference_runs[procs]
-  job = lh.train_local(procs, 8 // procs, tmp_path, steps=STEPS)
+  # Slow steps (1 s each, values unchanged) leave the signal time to reach every
+  # process's preemption sync point before the last step.
+  job = lh.train_local(procs, 8 // procs, tmp_path, steps=STEPS,
+                       env_extra={"SPMDNNX_TEST_STEP_SECONDS": 1})
   job.wait_for(r"^\[0\] step +2/6 \| loss")
   job.proc.send_signal(signal.SIGTERM)
   assert job.finish(timeout=600) == 0, job.text[-4000:]
