@@ -44,7 +44,7 @@ def _branch(ex: lift.Extraction, f: Callable, what: str, cell: dict,
   def inner(leaves, plain):
     new_leaves, restructure, out, has_nodes = modes.run_inside(
         simple, ex.graphdef, ex.treedef, leaves, lift.fill_plain(ex, plain),
-        lambda args: f(*args), what)
+        lambda args: f(*args), what, identity="moved")
     lift.require_kept_structure(
         restructure, what, name,
         "branches and loop bodies must keep the graph's structure.")

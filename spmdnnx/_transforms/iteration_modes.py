@@ -404,8 +404,11 @@ def check_captured(out: Any, walk: Any, what: str, simple: bool) -> None:
 
 def run_inside(simple: bool, graphdef: graph.GraphDef, treedef: Any, leaves: list,
                arg_leaves: list, call: Callable, what: str, *,
-               regraph: bool = False) -> tuple:
+               regraph: bool = False, identity: bool | str = False) -> tuple:
   """`lift.run_inside` in graph mode, `run_inside_simple` otherwise.
+
+  With ``identity`` (graph mode), objects that moved inside (swapped
+  sub-modules) are a structure change, so they come back moved.
 
   Raises:
     TransformError: the function returned an object captured from outside.
@@ -420,7 +423,7 @@ def run_inside(simple: bool, graphdef: graph.GraphDef, treedef: Any, leaves: lis
     return out
 
   return lift.run_inside(graphdef, treedef, leaves, arg_leaves, checked, what,
-                         regraph=regraph)
+                         regraph=regraph, identity=identity)
 
 
 def check_same_variables(fresh: list, nodes: tuple, who: str) -> None:

@@ -231,11 +231,13 @@ class Restructure:
     self.paths = paths          # paths of the new state leaves
 
 
-def collect(rebuilt: Rebuilt, out: Any, *, identity: bool = False) -> tuple:
+def collect(rebuilt: Rebuilt, out: Any, *, identity: bool | str = False) -> tuple:
   """Inside a transform, after the user's function: new state and marked outputs.
 
   With `identity`, objects or Variables that moved (e.g. two sub-modules of
-  one type swapped) count as a structure change even if the GraphDef is equal.
+  one type swapped) or were replaced by new ones count as a structure change
+  even if the GraphDef is equal; with ``identity="moved"`` only moves do
+  (a new Variable at an old one's place takes its value by position).
 
   Returns:
     ``(new_leaves, restructure, out, has_nodes)``: the state leaves of the
@@ -246,8 +248,11 @@ def collect(rebuilt: Rebuilt, out: Any, *, identity: bool = False) -> tuple:
   new_leaves = [v for _, v in w.pairs]
   restructure = None
   origin = rebuilt.origin
-  if graphdef != rebuilt.graphdef or (identity and any(
-      origin.get(id(n)) != i for i, n in enumerate(w.nodes))):
+  if identity == "moved":
+    changed = any(origin.get(id(n), i) != i for i, n in enumerate(w.nodes))
+  else:
+    changed = bool(identity) and any(origin.get(id(n)) != i for i, n in enumerate(w.nodes))
+  if graphdef != rebuilt.graphdef or changed:
     reuse = {i: origin[id(n)] for i, n in enumerate(w.nodes) if id(n) in origin}
     restructure = Restructure(graphdef, reuse, [p for p, _ in w.pairs])
   out, has_nodes = mark_outputs(rebuilt.nodes, w, out)
@@ -256,7 +261,7 @@ def collect(rebuilt: Rebuilt, out: Any, *, identity: bool = False) -> tuple:
 
 def run_inside(graphdef: graph.GraphDef, treedef: Any, leaves: list, arg_leaves: list,
                call: Any, what: str, *, regraph: bool = False,
-               identity: bool = False) -> tuple:
+               identity: bool | str = False) -> tuple:
   """Inside a transform: rebuild the arguments, run ``call(args)``, collect.
 
   Runs in a fresh trace frame named `what`. Returns what `collect` returns.
@@ -271,7 +276,7 @@ def require_kept_structure(restructure: "Restructure | None", what: str, who: st
   """Raises if the function added or removed Variables or sub-modules."""
   if restructure is not None:
     raise errors.TransformError(
-        f"{what}: {who} added or removed Variables or sub-modules (paths "
+        f"{what}: {who} added, removed or swapped Variables or sub-modules (paths "
         f"{errors.format_paths(map(errors.path_str, restructure.paths))}); {hint}")
 
 

@@ -21,6 +21,7 @@ from jax.ad_checkpoint import checkpoint_name as _jax_checkpoint_name
 
 from spmdnnx import errors
 from spmdnnx._transforms import guards
+from spmdnnx._transforms import jit_plan
 from spmdnnx._transforms import lift
 from spmdnnx._transforms.prefixes import StateSharding  # noqa: F401 (re-exported name)
 from spmdnnx._transforms.shmap import shard_map  # noqa: F401 (re-exported name)
@@ -77,11 +78,17 @@ def _lifted(f: Callable, what: str, transform: Callable, *, update: bool = True,
     def inner(leaves, plain_leaves):
       new_leaves, restructure, out, has_nodes = lift.run_inside(
           ex.graphdef, ex.treedef, leaves, lift.fill_plain(ex, plain_leaves),
-          lambda call_args: f(*call_args), what)
+          lambda call_args: f(*call_args), what, identity="moved")
       cell["restructure"], cell["has_nodes"] = restructure, has_nodes
       return new_leaves, out
 
     new_leaves, out = transform(inner)(list(ex.leaves), plain)
+    write = update
+    if not updates and jit_plan.only_moved(cell["restructure"], ex.graphdef):
+      # Objects swapped inside: the moves are dropped, values follow identity.
+      if update:
+        jit_plan.write_moved(ex.all_nodes, new_leaves, cell["restructure"])
+      write, cell["restructure"] = False, None
     if not updates:
       r = cell["restructure"]
       if r is not None and list(r.paths) == list(ex.paths):
@@ -89,7 +96,7 @@ def _lifted(f: Callable, what: str, transform: Callable, *, update: bool = True,
       guards.check_kept_structure(cell["restructure"], who, lift.fun_name(f))
       if cell["has_nodes"]:
         guards.check_no_returned_inputs(out, who, lift.fun_name(f))
-    if update:
+    if write:
       lift.apply_updates(ex, new_leaves, cell["restructure"])
     if cell["has_nodes"]:
       out = lift.unmark_outputs(ex.nodes, out)

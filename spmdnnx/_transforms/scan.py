@@ -315,7 +315,7 @@ def scan(f: Callable | None = None, *, length: int | None = None, reverse: bool 
           arg_leaves[i] = v
       new_leaves, restructure, out, has_nodes = modes.run_inside(
           simple, lay.graphdef, lay.treedef, leaves, arg_leaves,
-          lambda call_args: f(*call_args), what, regraph=True)
+          lambda call_args: f(*call_args), what, regraph=True, identity="moved")
       lift.require_kept_structure(
           restructure, what, "the step function",
           "a scan body must keep the graph's structure. Create the state before "

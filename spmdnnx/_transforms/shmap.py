@@ -228,11 +228,11 @@ def shard_map(f: Callable | None = None, *, mesh: Any = None, in_specs: Any,
     def inner(leaves, plain_leaves):
       new_leaves, restructure, out, has_nodes = lift.run_inside(
           ex.graphdef, ex.treedef, leaves, lift.fill_plain(ex, plain_leaves),
-          lambda call_args: f(*call_args), what)
+          lambda call_args: f(*call_args), what, identity="moved")
       if restructure is not None or has_nodes:
         raise errors.TransformError(
             f"{what}: the function must keep the graph's structure and return arrays "
-            "(it added or removed Variables or sub-modules, or returned a graph "
+            "(it added, removed or swapped Variables or sub-modules, or returned a graph "
             "object); create Modules outside shard_map and return their outputs.")
       return [lift._raw(x) for x in new_leaves], out
 

@@ -154,7 +154,7 @@ def vmap(f: Callable | None = None, *, in_axes: Any = 0, out_axes: Any = 0,
       def inner(leaves, plain_leaves):
         new_leaves, restructure, out, has_nodes = modes.run_inside(
             simple, ex.graphdef, ex.treedef, leaves, lift.fill_plain(ex, plain_leaves),
-            lambda call_args: f(*call_args), what, regraph=True)
+            lambda call_args: f(*call_args), what, regraph=True, identity="moved")
         if restructure is not None and first:
           raise _Retry(restructure, [_abstract(v) for v in new_leaves])
         cell.has_nodes, cell.restructure = has_nodes, restructure

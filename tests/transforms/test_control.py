@@ -149,7 +149,7 @@ def test_error_cond_branch_adds_variable():
     c.extra = nnx.Variable(jnp.array(1))
 
   with pytest.raises(errors.TransformError,
-                     match=r"cond: .*grow added or removed Variables.*extra.*keep the graph"):
+                     match=r"cond: .*grow added, removed or swapped Variables.*extra.*keep the graph"):
     nnx.cond(True, grow, lambda c: None, c)
   assert not hasattr(c, "extra")
 
@@ -186,7 +186,7 @@ def test_error_while_loop_body_adds_variable():
     return c
 
   with pytest.raises(errors.TransformError,
-                     match=r"while_loop\(.*body\): the body added or removed Variables.*extra"):
+                     match=r"while_loop\(.*body\): the body added, removed or swapped Variables.*extra"):
     nnx.while_loop(lambda c: c.count.value < 3, body, c)
   assert not hasattr(c, "extra")
 
@@ -205,3 +205,44 @@ def test_cond_branches_returning_different_objects_error():
 def test_switch_needs_a_branch():
   with pytest.raises(errors.TransformError, match=r"switch: needs at least one branch function"):
     nnx.switch(0, [], Counter())
+
+
+class _Pair(nnx.Module):
+  def __init__(self):
+    self.a = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+    self.b = nnx.Linear(2, 2, rngs=nnx.Rngs(1))
+
+
+def _swap(m):
+  m.a, m.b = m.b, m.a
+  m.a.kernel[...] = m.a.kernel[...] + 1.0
+
+
+@pytest.mark.parametrize("run", [
+    lambda m: nnx.vmap(_swap, in_axes=None, out_axes=None, axis_size=2)(m),
+    lambda m: nnx.remat(_swap)(m),
+    lambda m: nnx.jit(_swap)(m),
+])
+def test_swapped_submodules_come_back_swapped(run):
+  """A swap inside keeps each sub-module's identity and values (no write by position)."""
+  m = _Pair()
+  a, b = m.a, m.b
+  ka, kb = a.kernel[...], b.kernel[...]
+  run(m)
+  assert m.a is b and m.b is a
+  assert jnp.array_equal(a.kernel[...], ka) and jnp.array_equal(b.kernel[...], kb + 1.0)
+
+
+@pytest.mark.parametrize("run, who", [
+    (lambda m: nnx.cond(True, _swap, _swap, m), "cond"),
+    (lambda m: nnx.scan(lambda m, x: (_swap(m), (m, x))[1], in_axes=(nnx.Carry, 0),
+                        out_axes=(nnx.Carry, 0))(m, jnp.arange(2)), "scan"),
+])
+def test_swapped_submodules_in_branches_and_loops_are_refused(run, who):
+  m = _Pair()
+  a = m.a
+  ka = a.kernel[...]
+  with pytest.raises(errors.TransformError, match=rf"{who}.*added, removed or swapped Variables "
+                                                  r"or sub-modules \(paths 0/a/bias"):
+    run(m)
+  assert m.a is a and jnp.array_equal(a.kernel[...], ka)  # nothing written back

@@ -332,7 +332,7 @@ def test_error_body_adds_variable():
 
   f = nnx.scan(step, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
   with pytest.raises(errors.TransformError,
-                     match=r"added or removed Variables.*extra.*Create the state before"):
+                     match=r"added, removed or swapped Variables.*extra.*Create the state before"):
     f(counter, jnp.arange(3.0))
   assert not hasattr(counter, "extra")
   assert int(counter.count.value) == 0
