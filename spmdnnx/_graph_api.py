@@ -263,11 +263,7 @@ def _children(x: Any) -> list:
 
 def to_flat_state(state: Any) -> FlatState:
   """The ``(path, leaf)`` pairs of a State (or nested dict), sorted by path."""
-  if isinstance(state, GraphState):
-    state = state.state
-  if not isinstance(state, State):
-    state = State(state)
-  return state.flat_state()
+  return _state_of(state).flat_state()
 
 
 def as_pure(tree: Any) -> Any:
@@ -285,11 +281,7 @@ def as_pure(tree: Any) -> Any:
 
 def to_pure_dict(state: Any) -> dict:
   """Nested plain dicts of raw values (no Variable boxes) of a State."""
-  if isinstance(state, GraphState):
-    state = state.state
-  if not isinstance(state, State):
-    state = State(state)
-  return state.to_pure_dict()
+  return _state_of(state).to_pure_dict()
 
 
 def _state_of(state: Any) -> State:
