@@ -137,6 +137,39 @@ def _as_decorator(node: Any) -> bool:
   return node is MISSING or node is None or (callable(node) and not graph.is_graph_node(node))
 
 
+def _decorator(node: Any, in_place: bool, graph_mode: Any, apply: Callable) -> Callable:
+  """`split_rngs`/`fork_rngs` as a decorator: ``apply(tree, graph, graph_updates)``
+  rekeys a call's arguments (in place for the call, or on a copy)."""
+  def decorator(f: Callable) -> Callable:
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+      if in_place:
+        with apply((args, kwargs), True, True):
+          return f(*args, **kwargs)
+      args, kwargs = apply((args, kwargs), graph_mode, False)
+      return f(*args, **kwargs)
+    return wrapper
+  return decorator(node) if callable(node) and node is not MISSING else decorator
+
+
+def _rekey(node: Any, plan: Callable[[tuple, RngStream], tuple | None],
+           in_place: bool) -> Any:
+  """Gives the streams ``plan(path, stream)``'s ``(key, count_shape)``.
+
+  In place: returns a `SplitBackups` restoring the old keys; else the copy.
+  """
+  if not in_place:
+    return _on_copy(node, plan)
+  backups = []
+  for path, stream in _streams(node):
+    new = plan(path, stream)
+    if new is not None:
+      backups.append((stream, stream.key.value, stream.count.value))
+      stream.key.value = new[0]
+      stream.count.value = jnp.zeros(new[1], dtype=jnp.uint32)
+  return SplitBackups(backups)
+
+
 def split_rngs(node: Any = MISSING, /, *, splits: int | tuple, only: Any = ...,
                squeeze: bool = False, graph: bool | None = None,
                graph_updates: bool | None = None) -> Any:
@@ -166,30 +199,11 @@ def split_rngs(node: Any = MISSING, /, *, splits: int | tuple, only: Any = ...,
   _check_splits(splits, squeeze)
   in_place = modes.resolve_graph(graph) and modes.resolve_graph_updates(graph_updates)
   if _as_decorator(node):
-    def decorator(f: Callable) -> Callable:
-      @functools.wraps(f)
-      def wrapper(*args, **kwargs):
-        if in_place:
-          with split_rngs((args, kwargs), splits=splits, only=only, squeeze=squeeze,
-                          graph=True, graph_updates=True):
-            return f(*args, **kwargs)
-        args, kwargs = split_rngs((args, kwargs), splits=splits, only=only,
-                                  squeeze=squeeze, graph=graph, graph_updates=False)
-        return f(*args, **kwargs)
-      return wrapper
-    return decorator(node) if callable(node) and node is not MISSING else decorator
+    return _decorator(node, in_place, graph, lambda tree, g, gu: split_rngs(
+        tree, splits=splits, only=only, squeeze=squeeze, graph=g, graph_updates=gu))
   pred = filterlib.to_predicate(only)
-  if not in_place:
-    return _on_copy(node, lambda path, s: _split_key(s, splits, squeeze)
-                    if _selected(s, path, pred) else None)
-  backups = []
-  for path, stream in _streams(node):
-    if _selected(stream, path, pred):
-      key, count_shape = _split_key(stream, splits, squeeze)
-      backups.append((stream, stream.key.value, stream.count.value))
-      stream.key.value = key
-      stream.count.value = jnp.zeros(count_shape, dtype=jnp.uint32)
-  return SplitBackups(backups)
+  return _rekey(node, lambda path, s: _split_key(s, splits, squeeze)
+                if _selected(s, path, pred) else None, in_place)
 
 
 def _rules(how: Any) -> list:
@@ -218,17 +232,8 @@ def fork_rngs(node: Any = MISSING, /, *, split: Any = None, graph: bool | None =
   """
   in_place = modes.resolve_graph(graph) and modes.resolve_graph_updates(graph_updates)
   if _as_decorator(node):
-    def decorator(f: Callable) -> Callable:
-      @functools.wraps(f)
-      def wrapper(*args, **kwargs):
-        if in_place:
-          with fork_rngs((args, kwargs), split=split, graph=True, graph_updates=True):
-            return f(*args, **kwargs)
-        args, kwargs = fork_rngs((args, kwargs), split=split, graph=graph,
-                                 graph_updates=False)
-        return f(*args, **kwargs)
-      return wrapper
-    return decorator(node) if callable(node) and node is not MISSING else decorator
+    return _decorator(node, in_place, graph, lambda tree, g, gu: fork_rngs(
+        tree, split=split, graph=g, graph_updates=gu))
   rules = _rules({...: None} if split is None else split)
 
   def plan(path, stream):
@@ -238,16 +243,7 @@ def fork_rngs(node: Any = MISSING, /, *, split: Any = None, graph: bool | None =
         return forked.key.value, jnp.shape(forked.count.value)
     return None
 
-  if not in_place:
-    return _on_copy(node, plan)
-  backups = []
-  for path, stream in _streams(node):
-    new = plan(path, stream)
-    if new is not None:
-      backups.append((stream, stream.key.value, stream.count.value))
-      stream.key.value = new[0]
-      stream.count.value = jnp.zeros(new[1], dtype=jnp.uint32)
-  return SplitBackups(backups)
+  return _rekey(node, plan, in_place)
 
 
 def with_rngs(node: Any = MISSING, /, *, split: Any = None, fork: Any = None,
